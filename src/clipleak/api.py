@@ -1,0 +1,129 @@
+"""The small public API the CLI is built on: one function per stage of the data path.
+
+    obs, truth = make_observation(method="coop", batch_size=2)          # client side
+    obs.save("runs/obs"); truth.save("runs/obs.truth")
+    rec = attack_observation("runs/obs.safetensors", name="ig")          # attacker side
+    rec.save("runs/rec")
+    report, metrics = evaluate_reconstruction("runs/rec", "runs/obs.truth.safetensors", "runs/rec")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .attacks import AttackConfig, run_attack
+from .data import DataSpec, load_public
+from .engine import ProgressFn
+from .errors import ClipleakError
+from .evaluate import evaluate
+from .models import build_model
+from .observation import Observation, Truth, rebuild_victim, share
+from .peft import PeftConfig, build_victim
+from .reconstruction import Reconstruction
+from .report import write_report
+
+
+def make_observation(
+    *,
+    arch: str = "tiny-32",
+    weights: str | None = None,
+    init_seed: int = 0,
+    data: str = "mnist",
+    split_seed: int = 0,
+    method: str = "coop",
+    n_ctx: int = 4,
+    class_specific: bool = False,
+    classnames: list[str] | None = None,
+    batch_size: int = 1,
+    classes: list[int] | None = None,
+    seed: int = 0,
+    include_labels: bool = False,
+    peft_seed: int = 0,
+) -> tuple[Observation, Truth]:
+    """Client side: build the victim, draw a private batch, compute the shared gradient.
+
+    Returns the observation (what the server receives) and the ground truth (kept by the client,
+    used only for evaluation).
+    """
+    from .client import load_private, sample_batch  # client side only
+
+    if batch_size < 1:
+        raise ClipleakError("batch size must be at least 1")
+    clip = build_model(arch, weights, init_seed=init_seed)
+    spec = DataSpec.parse(data, split_seed=split_seed)
+    private = load_private(spec, clip.image_size)
+    names = classnames or private.classnames
+    if len(names) != len(private.classnames):
+        raise ClipleakError(
+            f"{len(names)} class names given but the data set has {len(private.classnames)} classes"
+        )
+    cfg = PeftConfig(method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
+    victim = build_victim(clip, names, cfg)
+    images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes)
+    data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
+    obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, seed=seed)
+    truth = Truth(images=images, labels=labels,
+                  meta={"private_indices": idx.tolist(), "data": data_meta, "seed": seed})
+    return obs, truth
+
+
+def attack_observation(
+    observation: str | Path | Observation,
+    *,
+    name: str = "ig",
+    weights: str | None = None,
+    progress: ProgressFn | None = None,
+    **config: Any,
+) -> Reconstruction:
+    """Attacker side: rebuild the victim from the observation and run attack ``name``.
+
+    Keyword arguments go into :class:`~clipleak.attacks.AttackConfig` (iterations, restarts, lr,
+    tv_weight, labels, seed, checkpoint, ...).
+    """
+    obs = observation if isinstance(observation, Observation) else Observation.load(observation)
+    victim = rebuild_victim(obs, weights)
+    known = set(AttackConfig.__dataclass_fields__)
+    unknown = [k for k in config if k not in known]
+    if unknown:
+        raise ClipleakError(f"unknown attack setting(s): {', '.join(unknown)}")
+    return run_attack(name, obs, victim, AttackConfig(**config), progress)
+
+
+def public_for(meta: dict[str, Any]):
+    """The public split an observation refers to (what the attacker may use)."""
+    data = meta.get("data")
+    if not data:
+        raise ClipleakError("the observation records no data set, so no public baseline can be built")
+    spec = DataSpec.from_dict({k: v for k, v in data.items() if k in DataSpec.__dataclass_fields__})
+    return spec, load_public(spec, int(meta["image_size"]))
+
+
+def evaluate_reconstruction(
+    reconstruction: str | Path | Reconstruction,
+    truth: str | Path | Truth,
+    out_dir: str | Path,
+    *,
+    reid_k: int = 10,
+    with_lpips: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluator side: score against the truth and the baselines, write the report folder."""
+    from .client import load_private  # the evaluator holds the private split (re-identification)
+
+    rec = reconstruction if isinstance(reconstruction, Reconstruction) else Reconstruction.load(reconstruction)
+    tru = truth if isinstance(truth, Truth) else Truth.load(truth)
+    if rec.images.shape != tru.images.shape:
+        raise ClipleakError(
+            f"reconstruction {tuple(rec.images.shape)} and ground truth {tuple(tru.images.shape)} differ in shape"
+        )
+    meta = rec.meta.get("observation", {})
+    spec, public = public_for(meta)
+    private = load_private(spec, int(meta["image_size"]))
+    ev = evaluate(rec, tru, public.prototypes(), with_lpips=with_lpips, reid_pool=private, reid_k=reid_k)
+    config = {"attack": rec.attack, "label_source": rec.label_source,
+              "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
+              "observation": meta}
+    report = write_report(out_dir, rec, tru, ev, public.prototypes(), list(meta.get("classnames", [])), config)
+    json.dumps(ev)  # fail loudly here if anything is not JSON-serialisable
+    return Path(report), ev

@@ -1,0 +1,229 @@
+"""The ``clipleak`` command line, a thin layer over the public API.
+
+User errors (:class:`~clipleak.errors.ClipleakError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import __version__
+from .errors import ClipleakError
+
+app = typer.Typer(
+    name="clipleak",
+    help="How much do CLIP federated-learning updates leak about a client's images?\n\n"
+    "Example: clipleak demo --out runs/demo",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+DEFAULT_CLASSNAMES_NOTE = "class names of the data set (override with --classnames)"
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def _parse_ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise ClipleakError(f"expected comma-separated integers, got {text!r}") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def models() -> None:
+    """List the model architectures clipleak can build (open_clip's, plus clipleak's tiny ones).
+
+    Example: clipleak models
+    """
+    from .models import TINY_ARCHS, list_architectures
+
+    archs = list_architectures()
+    console.print(f"clipleak tiny configs: {', '.join(TINY_ARCHS)}")
+    typer.echo("\n".join(archs))
+
+
+@app.command()
+def share(
+    out: Annotated[Path, typer.Option(help="where to write the observation (.safetensors + .json)")],
+    arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
+    weights: Annotated[str | None, typer.Option(help="local weights file; none = random init")] = None,
+    init_seed: Annotated[int, typer.Option(help="seed of a random init")] = 0,
+    data: Annotated[str, typer.Option(help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
+    split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
+    method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
+    n_ctx: Annotated[int, typer.Option(help="CoOp context length M")] = 4,
+    class_specific: Annotated[bool, typer.Option(help="CoOp: one context per class")] = False,
+    classnames: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
+    batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
+    classes: Annotated[str | None, typer.Option(help="draw only from these class indices, e.g. 3,5")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the batch draw")] = 0,
+    include_labels: Annotated[bool, typer.Option(help="the shared message carries the labels")] = False,
+    truth_out: Annotated[Path | None, typer.Option(help="client-side ground truth file (default: OUT.truth)")] = None,
+) -> None:
+    """Client side: draw a private batch, compute the update it would share, save it.
+
+    Example: clipleak share --out runs/obs --method coop --batch-size 2 --data mnist
+    """
+    from .api import make_observation
+
+    obs, truth = make_observation(
+        arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
+        n_ctx=n_ctx, class_specific=class_specific,
+        classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
+        classes=_parse_ints(classes), seed=seed, include_labels=include_labels,
+    )
+    p = obs.save(out)
+    tp = truth.save(truth_out if truth_out is not None else p.with_suffix(".truth"))
+    console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
+    console.print(f"ground truth (client side; never give it to the attacker): {tp}")
+
+
+@app.command()
+def attack(
+    observation: Annotated[Path, typer.Argument(help="observation .safetensors (its .json beside it)")],
+    out: Annotated[Path, typer.Option(help="reconstruction folder")] = Path("reconstruction"),
+    name: Annotated[str, typer.Option("--attack", help="attack to run: ig")] = "ig",
+    weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
+    iterations: Annotated[int, typer.Option(help="optimisation steps per restart")] = 300,
+    restarts: Annotated[int, typer.Option(help="seeded restarts; the best by gradient loss is kept")] = 2,
+    lr: Annotated[float, typer.Option(help="Adam step size")] = 0.1,
+    tv: Annotated[float, typer.Option(help="total-variation weight")] = 0.05,
+    labels: Annotated[str, typer.Option(help="auto | known | infer")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
+    resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
+) -> None:
+    """Attacker side: reconstruct the client's images from an observation.
+
+    Example: clipleak attack runs/obs.safetensors --out runs/rec --iterations 300 --restarts 2
+    """
+    rec = _run_attack_with_progress(observation, out, name, weights, iterations, restarts, lr, tv, labels,
+                                    seed, resume)
+    console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s, "
+                  f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
+
+
+def _run_attack_with_progress(observation: Path, out: Path, name: str, weights: str | None, iterations: int,
+                              restarts: int, lr: float, tv: float, labels: str, seed: int, resume: bool):
+    from .api import attack_observation
+
+    with _progress() as prog:
+        task = prog.add_task(f"attack {name}", total=iterations * restarts, info="")
+
+        def cb(r: int, it: int, total: int, values: dict[str, float]) -> None:
+            g = values.get("gradient")
+            prog.update(task, completed=r * total + it + 1,
+                        info=f"restart {r + 1}/{restarts}" + (f" grad {g:.4f}" if g is not None else ""))
+
+        rec = attack_observation(
+            observation, name=name, weights=weights, iterations=iterations, restarts=restarts, lr=lr,
+            tv_weight=tv, labels=labels, seed=seed,
+            checkpoint=str(out / "checkpoint") if resume else None, progress=cb,
+        )
+    rec.save(out)
+    return rec
+
+
+@app.command()
+def evaluate(
+    reconstruction: Annotated[Path, typer.Argument(help="reconstruction folder from `clipleak attack`")],
+    truth: Annotated[Path, typer.Option(help="client-side ground truth file from `clipleak share`")],
+    out: Annotated[Path | None, typer.Option(help="report folder (default: the reconstruction folder)")] = None,
+    reid_k: Annotated[int, typer.Option(help="re-identification pool size (true image + K-1 of its class)")] = 10,
+) -> None:
+    """Score a reconstruction against the truth and the honest baselines; write the report.
+
+    Example: clipleak evaluate runs/rec --truth runs/obs.truth.safetensors
+    """
+    from .api import evaluate_reconstruction
+
+    report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k)
+    console.print(ev["verdict"]["text"])
+    console.print(f"report: [bold]{report}[/]")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("clipleak-demo"),
+    method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
+    batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
+    iterations: Annotated[int, typer.Option(help="attack steps per restart")] = 300,
+    restarts: Annotated[int, typer.Option(help="attack restarts")] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the batch draw and the attack")] = 0,
+) -> None:
+    """Run share -> attack -> evaluate on the built-in default and print where the report is.
+
+    Default: tiny CLIP (tiny-32), CoOp prompt, private MNIST digits, Inverting Gradients.
+
+    Example: clipleak demo --out runs/demo
+    """
+    from .api import evaluate_reconstruction, make_observation
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]1/3 client[/]: tiny-32, {method}, {batch_size} private MNIST digit(s)")
+    obs, truth = make_observation(method=method, batch_size=batch_size, seed=seed)
+    obs_path = obs.save(out / "observation")
+    truth_path = truth.save(out / "truth")
+    console.print("[bold]2/3 attacker[/]: Inverting Gradients")
+    _run_attack_with_progress(obs_path, out / "reconstruction", "ig", None, iterations, restarts, 0.1, 0.05,
+                              "auto", seed, False)
+    console.print("[bold]3/3 evaluation[/]")
+    report, ev = evaluate_reconstruction(out / "reconstruction", truth_path, out / "report")
+    console.print(ev["verdict"]["text"])
+    console.print(f"done in {time.perf_counter() - t0:.0f} s. Report: [bold]{report}[/]")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors -> one line on stderr, exit code 2."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        app(args=argv, standalone_mode=False)
+    except ClipleakError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    except typer.Abort:
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Exit):
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

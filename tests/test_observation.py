@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipleak.errors import ClipleakError
+from clipleak.models import save_weights
+from clipleak.observation import Observation, Truth, rebuild_victim, share
+from clipleak.peft import PeftConfig, build_victim
+
+
+def _batch(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) + 1
+
+
+@pytest.mark.parametrize("method", ["coop", "adapter", "full-visual"])
+def test_observation_round_trip_is_bit_identical(tmp_path, tiny, digits, method):
+    v = build_victim(tiny, digits, PeftConfig(method=method))
+    x, y = _batch()
+    obs = share(v, x, y, include_labels=True, seed=7)
+    p = obs.save(tmp_path / "obs")
+    again = Observation.load(p)
+    assert set(again.gradients) == set(obs.gradients) == set(v.trainable())
+    for k in obs.gradients:
+        assert torch.equal(again.gradients[k], obs.gradients[k])
+    assert torch.equal(again.labels, y)
+    meta = json.loads(p.with_suffix(".json").read_text())
+    assert meta["arch"] == "tiny-32" and meta["batch_size"] == 2 and meta["image_size"] == 32
+    assert meta["peft"]["method"] == method and meta["classnames"] == digits and meta["labels_included"]
+    # the shared file holds gradients, PEFT state and (here) labels -- no image
+    keys = set(load_file(str(p)))
+    assert all(k.startswith(("grad/", "state/")) or k == "labels" for k in keys)
+
+
+def test_labels_not_shared_unless_asked(tmp_path, tiny, digits):
+    v = build_victim(tiny, digits, PeftConfig(method="coop"))
+    x, y = _batch(1)
+    p = share(v, x, y[:1]).save(tmp_path / "o")
+    assert "labels" not in load_file(str(p))
+    assert Observation.load(p).labels is None
+
+
+def test_rebuilt_victim_reproduces_gradient(tmp_path, digits):
+    from clipleak.models import build_model
+
+    clip = build_model("tiny-32", init_seed=3)
+    w = tmp_path / "w.safetensors"
+    save_weights(clip.model, w)
+    clip = build_model("tiny-32", w)
+    v = build_victim(clip, digits, PeftConfig(method="coop", init_seed=11))
+    x, y = _batch()
+    obs = share(v, x, y)
+    obs.save(tmp_path / "o")
+    v2 = rebuild_victim(Observation.load(tmp_path / "o.safetensors"))
+    from clipleak.observation import client_gradient
+
+    g2 = client_gradient(v2, x, y)
+    for k in obs.gradients:
+        assert torch.allclose(g2[k], obs.gradients[k], atol=1e-6)
+
+
+def test_mismatched_sidecar_is_a_clear_error(tmp_path, tiny, digits):
+    v = build_victim(tiny, digits, PeftConfig(method="adapter"))
+    x, y = _batch()
+    p = share(v, x, y).save(tmp_path / "o")
+    meta = json.loads(p.with_suffix(".json").read_text())
+    meta["peft"]["adapter_reduction"] = 2  # gradient shapes no longer fit the model
+    p.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ClipleakError, match="does not match"):
+        rebuild_victim(Observation.load(p))
+    meta["peft"]["adapter_reduction"] = 4
+    meta["weights_sha256"] = "0" * 64
+    meta["weights"] = None
+    p.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ClipleakError, match="--weights"):
+        rebuild_victim(Observation.load(p))
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ClipleakError, match="not found"):
+        Observation.load(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ClipleakError, match="not valid JSON"):
+        Observation.load(tmp_path / "bad.safetensors")
+
+
+def test_truth_round_trip(tmp_path):
+    x, y = _batch(3)
+    p = Truth(images=x, labels=y, meta={"seed": 1}).save(tmp_path / "t")
+    t = Truth.load(p)
+    assert torch.equal(t.images, x) and torch.equal(t.labels, y) and t.meta == {"seed": 1}
