@@ -13,7 +13,15 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from . import __version__
 from .errors import ClipleakError
@@ -193,6 +201,59 @@ def demo(
     console.print(f"done in {time.perf_counter() - t0:.0f} s. Report: [bold]{report}[/]")
 
 
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="weights file to write (.safetensors; + .card.json beside it)")],
+    arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
+    data: Annotated[str, typer.Option(help="mnist | digits | folder:PATH | csv:PATH")] = "mnist",
+    steps: Annotated[int | None, typer.Option(help="schedule length (default 400 or fit to budget)")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="seconds of training; stops there")] = None,
+    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = 32,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps before the cosine decay")] = 40,
+    seed: Annotated[int, typer.Option(help="seed of the init, data order, captions, augmentation")] = 0,
+    split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (OUT stem + .ckpt/)")] = 50,
+    resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint")] = False,
+) -> None:
+    """Pretrain a target CLIP on the PUBLIC split of a data set (contrastive, captions from templates).
+
+    Reports zero-shot accuracy on the private split (and the random init's) in OUT's model card.
+
+    Example: clipleak pretrain --out runs/tiny-mnist.safetensors --data mnist --steps 400
+    """
+    from .pretrain import PretrainConfig
+    from .pretrain import pretrain as run_pretrain
+
+    if steps is None and time_budget is None:
+        steps = PretrainConfig.steps
+    cfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=steps, batch_size=batch_size,
+                         lr=lr, warmup_steps=warmup_steps, seed=seed, checkpoint_every=checkpoint_every,
+                         time_budget_s=time_budget)
+    with _progress() as prog:
+        task = prog.add_task("pretrain", total=steps, info="loading data")
+
+        def cb(step: int, total: int, info: dict) -> None:
+            phase = info.get("phase")
+            if phase == "train":
+                prog.update(task, completed=step, total=total or None,
+                            info=f"loss {info['loss']:.3f} lr {info['lr']:.2e}")
+            elif phase == "eval":
+                prog.update(task, completed=step, info="zero-shot accuracy on the private split")
+
+        card = run_pretrain(cfg, out, resume=resume, progress=cb)
+    zs = card["zero_shot"]
+    console.print(f"weights: [bold]{out}[/] ({card['steps_done']} steps, {card['train_seconds']:.0f} s "
+                  f"of training, final loss {card['final_loss']:.3f})")
+    if card["stopped_early"]:
+        console.print(f"stopped early: {card['stopped_early']} (resume with --resume and a larger budget)")
+    if zs is not None:
+        console.print(f"zero-shot accuracy on {zs['n_images']} private images ('{zs['prompt']}'): "
+                      f"[bold]{zs['accuracy']:.1%}[/] (template ensemble {zs['ensemble_accuracy']:.1%}; "
+                      f"random init {zs['random_init_accuracy']:.1%}, chance {zs['chance']:.1%})")
+    console.print(f"model card: {out.with_name(out.stem + '.card.json')}")
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
@@ -208,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except ClipleakError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(Text.assemble(("error: ", "red"), str(e)), soft_wrap=True, highlight=False)
         return 2
     except typer.Abort:
         return 130

@@ -8,6 +8,8 @@ evaluation compares reconstructions against.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .data import DataSpec, ImageSet, _load_all, _split
@@ -40,8 +42,9 @@ def sample_batch(
     if given) and one image of each. Asking for more images (or distinct classes) than are available is a
     :class:`ClipleakError`.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ClipleakError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     n_classes = len(private.classnames)
     if classes is not None:
         wanted = sorted({int(c) for c in classes})

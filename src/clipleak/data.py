@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def _check_fraction(private_fraction: float) -> None:
 
 
 def _check_image_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
         raise ClipleakError(f"image_size must be a positive integer, got {image_size!r}")
 
 
@@ -488,5 +489,5 @@ def _load_all(spec: DataSpec, image_size: int) -> ImageSet:
     _check_image_size(image_size)
     folder = spec.folder
     listing = _folder_listing(folder.expanduser()) if folder is not None else None
-    name = FOLDER_PREFIX + str(folder.expanduser()) if folder is not None else spec.name
+    name = FOLDER_PREFIX + str(folder.expanduser().resolve()) if folder is not None else spec.name
     return _load_cached(name, int(image_size), listing)

@@ -221,11 +221,10 @@ def optimise(
                     v = term.fn(state)
                     values[term.name] = float(v.detach())
                     total = total + w * v
-                total.backward()
-            if cfg.signed:
-                for leaf in leaves:
-                    if leaf.grad is not None:
-                        leaf.grad.sign_()
+                # only the candidate's leaves get gradients (not the victim's parameters)
+                grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            for leaf, g in zip(leaves, grads, strict=True):
+                leaf.grad = None if g is None else (g.sign() if cfg.signed else g)
             opt.step()
             param.project()
             values["total"] = float(total.detach())

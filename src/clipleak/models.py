@@ -132,8 +132,9 @@ def build_model(
 
     Args:
         arch: any open_clip architecture (``ViT-B-32``, ``RN50``, ...) or ``tiny-32`` / ``tiny-64``.
-        weights: path to a local weights file (``.safetensors``, open_clip/OpenAI state dict), or
-            ``None`` for a random init seeded by ``init_seed``.
+        weights: path to a local weights file (``.safetensors``, open_clip/OpenAI state dict), the name
+            of a clipleak artifact (``tiny-mnist``: pretrained on first use, see
+            :mod:`clipleak.artifacts`), or ``None`` for a random init seeded by ``init_seed``.
         init_seed: seed of the random init (ignored when weights are given).
     """
     register_configs()
@@ -142,6 +143,11 @@ def build_model(
             f"unknown architecture {arch!r}; try one of: {', '.join(TINY_ARCHS)}, ViT-B-32, RN50 "
             "(`clipleak models` lists all)"
         )
+    if isinstance(weights, str):
+        from . import artifacts  # lazy: artifacts -> pretrain -> models
+
+        if artifacts.is_artifact(weights) and not Path(weights).exists():
+            weights = artifacts.resolve(weights)
     if weights is not None and _looks_like_tag(str(weights)):
         raise ClipleakError(
             f"{weights!r} looks like a pretrained tag; clipleak never downloads weights. Download the "

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import ClipleakError
-from .models import ClipModel, build_model, math_attention
+from .models import build_model, math_attention
 from .peft import PeftConfig, Victim, build_victim
 
 GRAD_PREFIX = "grad/"
