@@ -13,8 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .attacks import AttackConfig, run_attack
 from .data import DataSpec, load_public
+from .diagnostics import LEAKAGE_WARNING_COSINE, public_nearest_neighbour, same_class_gradient_cosine
 from .engine import ProgressFn
 from .errors import ClipleakError
 from .evaluate import evaluate
@@ -107,6 +110,7 @@ def evaluate_reconstruction(
     *,
     reid_k: int = 10,
     with_lpips: bool = True,
+    weights: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluator side: score against the truth and the baselines, write the report folder."""
     from .client import load_private  # the evaluator holds the private split (re-identification)
@@ -120,7 +124,25 @@ def evaluate_reconstruction(
     meta = rec.meta.get("observation", {})
     spec, public = public_for(meta)
     private = load_private(spec, int(meta["image_size"]))
-    ev = evaluate(rec, tru, public.prototypes(), with_lpips=with_lpips, reid_pool=private, reid_k=reid_k)
+    # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
+    obs = Observation(gradients={}, meta=meta)
+    victim = rebuild_victim(obs, weights, check_gradients=False)
+    feats = rec.meta.get("feature_estimate")
+    with torch.no_grad():
+        est = torch.tensor(feats) if feats is not None else victim.raw_image_features(rec.images)
+    nn_images, _ = public_nearest_neighbour(victim, public, est, rec.labels)
+    ev = evaluate(rec, tru, public.prototypes(), with_lpips=with_lpips, reid_pool=private, reid_k=reid_k,
+                  extra_baselines={"public-nn": nn_images})
+    cos = same_class_gradient_cosine(victim, public)
+    ev["diagnostics"] = {
+        "same_class_gradient_cosine": cos,
+        "public_nn_source": "the attack's feature estimate" if feats is not None
+        else "the reconstruction's own feature",
+        "warning": (f"the shared gradients of different images of one class have cosine {cos:.3f} > "
+                    f"{LEAKAGE_WARNING_COSINE}: this model's features barely depend on the image, so no "
+                    "attack on it can show instance leakage (use trained weights)")
+        if cos > LEAKAGE_WARNING_COSINE else None,
+    }
     config = {"attack": rec.attack, "label_source": rec.label_source,
               "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
               "observation": meta}

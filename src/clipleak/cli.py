@@ -110,7 +110,12 @@ def share(
 def attack(
     observation: Annotated[Path, typer.Argument(help="observation .safetensors (its .json beside it)")],
     out: Annotated[Path, typer.Option(help="reconstruction folder")] = Path("reconstruction"),
-    name: Annotated[str, typer.Option("--attack", help="attack to run: ig")] = "ig",
+    name: Annotated[str, typer.Option("--attack", help="ig (Inverting Gradients) | featmatch (recover the "
+                                      "image features from the update, then match them)")] = "ig",
+    prior: Annotated[str, typer.Option(help="none | tv | generative:VAE (file or name, e.g. "
+                                       "generative:tiny-mnist-vae)")] = "tv",
+    decoder: Annotated[str | None, typer.Option(help="featmatch: feature-to-image decoder (file or name, e.g. "
+                                                "tiny-mnist-decoder); --iterations 0 returns its output")] = None,
     weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
     iterations: Annotated[int, typer.Option(help="optimisation steps per restart")] = 300,
     restarts: Annotated[int, typer.Option(help="seeded restarts; the best by gradient loss is kept")] = 2,
@@ -123,30 +128,36 @@ def attack(
     """Attacker side: reconstruct the client's images from an observation.
 
     Example: clipleak attack runs/obs.safetensors --out runs/rec --iterations 300 --restarts 2
+
+    Example: clipleak attack runs/obs.safetensors --attack featmatch --decoder tiny-mnist-decoder
+    --prior generative:tiny-mnist-vae --out runs/rec
     """
     rec = _run_attack_with_progress(observation, out, name, weights, iterations, restarts, lr, tv, labels,
-                                    seed, resume)
+                                    seed, resume, prior=prior, decoder=decoder)
     console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s, "
                   f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
 
 
 def _run_attack_with_progress(observation: Path, out: Path, name: str, weights: str | None, iterations: int,
-                              restarts: int, lr: float, tv: float, labels: str, seed: int, resume: bool):
+                              restarts: int, lr: float, tv: float, labels: str, seed: int, resume: bool,
+                              prior: str = "tv", decoder: str | None = None):
     from .api import attack_observation
 
     with _progress() as prog:
-        task = prog.add_task(f"attack {name}", total=iterations * restarts, info="")
+        task = prog.add_task(f"attack {name}", total=max(1, iterations * restarts), info="")
 
         def cb(r: int, it: int, total: int, values: dict[str, float]) -> None:
-            g = values.get("gradient")
+            key = "gradient" if "gradient" in values else "feature"
+            g = values.get(key)
             prog.update(task, completed=r * total + it + 1,
-                        info=f"restart {r + 1}/{restarts}" + (f" grad {g:.4f}" if g is not None else ""))
+                        info=f"restart {r + 1}/{restarts}" + (f" {key} {g:.4f}" if g is not None else ""))
 
         rec = attack_observation(
             observation, name=name, weights=weights, iterations=iterations, restarts=restarts, lr=lr,
             tv_weight=tv, labels=labels, seed=seed,
-            checkpoint=str(out / "checkpoint") if resume else None, progress=cb,
+            checkpoint=str(out / "checkpoint") if resume else None, progress=cb, prior=prior, decoder=decoder,
         )
+        prog.update(task, completed=max(1, iterations * restarts))
     rec.save(out)
     return rec
 
@@ -252,6 +263,57 @@ def pretrain(
                       f"[bold]{zs['accuracy']:.1%}[/] (template ensemble {zs['ensemble_accuracy']:.1%}; "
                       f"random init {zs['random_init_accuracy']:.1%}, chance {zs['chance']:.1%})")
     console.print(f"model card: {out.with_name(out.stem + '.card.json')}")
+
+
+prior_app = typer.Typer(help="Learned image priors (VAE, feature-to-image decoder) trained on PUBLIC data.",
+                        no_args_is_help=True)
+app.add_typer(prior_app, name="prior")
+
+
+@prior_app.command("train")
+def prior_train(
+    kind: Annotated[str, typer.Option(help="vae (latent space for searches) | decoder (CLIP feature -> image)")],
+    out: Annotated[Path, typer.Option(help="prior file to write (.safetensors; + <stem>.json card beside it)")],
+    data: Annotated[str, typer.Option(help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
+    arch: Annotated[str, typer.Option(help="target architecture (sets the image size)")] = "tiny-32",
+    weights: Annotated[str | None, typer.Option(help="target weights (decoder: required; e.g. tiny-mnist)")] = None,
+    seconds: Annotated[float | None, typer.Option(help="training time budget (fits the schedule to it)")] = None,
+    steps: Annotated[int | None, typer.Option(help="schedule length (default 3000; --seconds stops early)")] = None,
+    latent: Annotated[int, typer.Option(help="VAE latent dimension")] = 32,
+    split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
+) -> None:
+    """Train an image prior on the PUBLIC split and save it with a card (quality on the private split).
+
+    Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
+    """
+    from .priors import build_prior, save_prior
+
+    if out.suffix != ".safetensors":
+        raise ClipleakError(f"--out must end in .safetensors, got {out}")
+    if kind not in ("vae", "decoder"):
+        raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
+    with _progress() as prog:
+        task = prog.add_task(f"train {kind}", total=steps, info="loading")
+
+        def cb(step: int, total: int, info: dict) -> None:
+            if info.get("phase") == "features":
+                prog.update(task, info="CLIP features of the public images")
+            else:
+                prog.update(task, completed=step, total=total or None,
+                            info=f"loss {info['loss']:.4f}" + (" (evaluating)" if info.get("phase") == "done" else ""))
+
+        prior = build_prior(kind, data=data, arch=arch, weights=weights, split_seed=split_seed, steps=steps,
+                            seconds=seconds, seed=seed, latent=latent, progress=cb)
+    path = save_prior(prior, out)
+    tr = prior.card["training"]
+    console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
+    q = prior.card.get("quality", {})
+    key = "private_reencode_psnr_db" if kind == "vae" else "private_decode_psnr_db"
+    if key in q:
+        console.print(f"private split: {q[key]:.1f} dB PSNR (class-prototype baseline "
+                      f"{q['private_prototype_psnr_db']:.1f} dB)")
+    console.print(f"card: {path.with_name(path.stem + '.json')}")
 
 
 @app.callback(invoke_without_command=True)

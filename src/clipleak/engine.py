@@ -51,17 +51,21 @@ class Parametrization(Protocol):
 class PixelImages:
     """Free pixels in [0, 1]; one channel repeated three times when the data are grayscale."""
 
-    def __init__(self, size: int, grayscale: bool = False, init: str = "randn"):
+    def __init__(self, size: int, grayscale: bool = False, init: str = "randn", start: torch.Tensor | None = None):
         if init not in ("randn", "rand", "gray"):
             raise ClipleakError(f"unknown pixel init {init!r} (randn, rand, gray)")
         self.size = size
         self.channels = 1 if grayscale else 3
-        self.init_kind = init
+        self.init_kind = init if start is None else "given images"
+        self.start = None if start is None else start.detach().float().clone()
         self.x: torch.Tensor | None = None
 
     def init(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
         shape = (batch, self.channels, self.size, self.size)
-        if self.init_kind == "randn":
+        if self.start is not None:
+            x = self.start[:, :1] if self.channels == 1 else self.start
+            x = x.clone().clamp(0, 1)
+        elif self.init_kind == "randn":
             x = (0.5 + 0.25 * torch.randn(shape, generator=generator)).clamp(0, 1)
         elif self.init_kind == "rand":
             x = torch.rand(shape, generator=generator)
@@ -172,6 +176,7 @@ def optimise(
     selection: str | None = None,
     progress: ProgressFn | None = None,
     checkpoint: str | Path | None = None,
+    checkpoint_tag: str = "",
 ) -> RunResult:
     """Minimise ``sum_t weight_t * schedule_t(it) * term_t(state)`` over the parametrisation.
 
@@ -179,7 +184,9 @@ def optimise(
         known_labels: the labels when ``cfg.labels == "known"``.
         selection: name of the term that picks the best restart (default: the first term).
         checkpoint: a JSON+safetensors pair at this path stores finished restarts; an interrupted
-            run with the same path resumes after the last finished restart.
+            run with the same path resumes after the last finished restart. ``checkpoint_tag``
+            identifies the run (attack settings, observation): a checkpoint with another tag or
+            engine config is ignored and overwritten, never mixed in.
     """
     if not terms:
         raise ClipleakError("an attack needs at least one objective term")
@@ -190,7 +197,8 @@ def optimise(
     if cfg.labels == "known" and known_labels is None:
         raise ClipleakError("labels are unknown: use label inference (labels='infer')")
 
-    done = _load_checkpoint(checkpoint) if checkpoint else []
+    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag) if checkpoint else []
+    done = done[: cfg.restarts]
     results: list[dict[str, Any]] = list(done)
     t0 = time.perf_counter()
     n_iters = 0
@@ -244,7 +252,7 @@ def optimise(
             final_sel = float(sel_term.fn(final_state).detach())
         results.append({"images": images, "labels": labels, "history": hist, "selection_loss": final_sel})
         if checkpoint:
-            _save_checkpoint(checkpoint, results, cfg)
+            _save_checkpoint(checkpoint, results, cfg, checkpoint_tag)
     seconds = time.perf_counter() - t0
     losses = [float(r["selection_loss"]) for r in results]
     best = int(min(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i])))
@@ -261,7 +269,11 @@ def optimise(
     )
 
 
-def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: EngineConfig) -> None:
+def _ckpt_key(cfg: EngineConfig, tag: str) -> dict[str, Any]:
+    return {"config": {k: v for k, v in asdict(cfg).items() if k != "restarts"}, "tag": tag}
+
+
+def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: EngineConfig, tag: str) -> None:
     from safetensors.torch import save_file
 
     p = Path(path)
@@ -273,16 +285,20 @@ def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: Engin
         tensors[f"{i}/labels"] = r["labels"].contiguous()
         meta.append({"history": r["history"], "selection_loss": r["selection_loss"]})
     save_file(tensors, str(p.with_suffix(".safetensors")))
-    p.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "restarts": meta}))
+    p.with_suffix(".json").write_text(json.dumps({**_ckpt_key(cfg, tag), "restarts": meta}))
 
 
-def _load_checkpoint(path: str | Path) -> list[dict[str, Any]]:
+def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict[str, Any]]:
     from safetensors.torch import load_file
 
     p = Path(path)
     if not p.with_suffix(".json").is_file() or not p.with_suffix(".safetensors").is_file():
         return []
-    meta = json.loads(p.with_suffix(".json").read_text())["restarts"]
+    saved = json.loads(p.with_suffix(".json").read_text())
+    key = _ckpt_key(cfg, tag)
+    if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
+        return []
+    meta = saved["restarts"]
     t = load_file(str(p.with_suffix(".safetensors")))
     return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], **m} for i, m in enumerate(meta)]
 

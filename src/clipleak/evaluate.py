@@ -36,6 +36,7 @@ METHOD_LABELS = {
     "attack": "attack reconstruction",
     "blank": "blank image (baseline)",
     "prototype": "class prototype (baseline)",
+    "public-nn": "public nearest neighbour in feature space (baseline)",
 }
 REID_METHODS = ("attack", "prototype")
 
@@ -102,6 +103,7 @@ def evaluate(
     reid_k: int = 10,
     reid_draws: int = 20,
     reid_seed: int = 0,
+    extra_baselines: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Score ``recon`` against ``truth`` next to the blank and class-prototype baselines.
 
@@ -114,6 +116,9 @@ def evaluate(
             from; None skips re-identification.
         reid_k: candidates per re-identification trial (chance is ``1 / reid_k``).
         reid_draws: trials per image; ``reid_seed`` seeds the draws (same candidates for every method).
+        extra_baselines: more attacker-side baselines, name -> images in the *reconstruction's* order
+            (e.g. ``"public-nn"``: the public image nearest in the target's feature space); they are
+            paired like the reconstruction and scored (and re-identified) beside it.
 
     Returns:
         A JSON-serialisable dict (``report.write_report`` shows it)::
@@ -154,24 +159,29 @@ def evaluate(
         "blank": torch.zeros_like(t_img),
         "prototype": protos[r_lab],
     }
+    for name, imgs in (extra_baselines or {}).items():
+        if imgs.shape != t_img.shape:
+            raise ClipleakError(f"baseline {name!r} has shape {tuple(imgs.shape)}, expected {tuple(t_img.shape)}")
+        images[name] = imgs.detach().cpu().float()[perm]
+    all_methods = tuple(images)
 
     lp_ok, lp_note = lpips_status()
     if not with_lpips:
         lp_ok, lp_note = False, "LPIPS not computed (disabled for this evaluation)"
-    methods = {m: _score(images[m], t_img, lp_ok) for m in METHODS}
+    methods = {m: _score(images[m], t_img, lp_ok) for m in all_methods}
 
     reid: dict[str, Any] | None = None
     if reid_pool is not None:
         reid = {"k": int(reid_k), "draws": int(reid_draws), "seed": int(reid_seed),
                 "chance": 1.0 / int(reid_k), "note": ""}
         try:
-            for m in REID_METHODS:
+            for m in (*REID_METHODS, *(extra_baselines or {})):
                 reid[m] = reid_rate(images[m], t_img, t_lab, reid_pool, k=reid_k, draws=reid_draws,
                                     seed=reid_seed)
             reid["note"] = (f"share of {b * reid_draws} trials in which the image picks the client's true "
                             f"image out of {reid_k} same-class candidates by PSNR (chance {1 / reid_k:.0%})")
         except ClipleakError as e:
-            reid.update({m: None for m in REID_METHODS})
+            reid.update({m: None for m in (*REID_METHODS, *(extra_baselines or {}))})
             reid["note"] = f"re-identification not computed: {e}"
 
     means = {m: methods[m]["psnr_mean"] for m in METHODS}

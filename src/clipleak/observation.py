@@ -162,7 +162,7 @@ def share(
     )
 
 
-def rebuild_victim(obs: Observation, weights: str | Path | None = None) -> Victim:
+def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check_gradients: bool = True) -> Victim:
     """The attacker's copy of the victim, checked against the observation.
 
     ``weights`` overrides the path recorded in the observation (the file must still hash the same).
@@ -187,6 +187,10 @@ def rebuild_victim(obs: Observation, weights: str | Path | None = None) -> Victi
         )
     victim = build_victim(clip, list(meta["classnames"]), PeftConfig.from_dict(meta["peft"]))
     params = victim.trainable()
+    if not check_gradients:
+        if obs.peft_state:
+            victim.load_peft_state(obs.peft_state)
+        return victim
     if set(params) != set(obs.gradients):
         extra = sorted(set(obs.gradients) - set(params))[:2]
         lacking = sorted(set(params) - set(obs.gradients))[:2]

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .evaluate import METHOD_LABELS, METHODS  # noqa: E402
+from .evaluate import METHOD_LABELS  # noqa: E402
 from .observation import Truth  # noqa: E402
 from .reconstruction import Reconstruction  # noqa: E402
 
@@ -161,7 +161,7 @@ def _metrics_table(ev: dict[str, Any]) -> str:
     if reid is not None:
         head.append(f"re-identification ↑ (k={reid['k']}, chance {reid['chance']:.0%})")
     out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
-    for m in METHODS:
+    for m in ev["methods"]:
         s = ev["methods"][m]
         cells = [METHOD_LABELS.get(m, m), _num(s["psnr_mean"], ".2f"), _num(s["ssim_mean"], ".3f"),
                  _num(s["lpips_mean"], ".3f")]
@@ -176,6 +176,13 @@ def _metrics_table(ev: dict[str, Any]) -> str:
     if reid is not None and reid.get("note"):
         notes.append("Re-identification: " + reid["note"])
     notes.append("Means over the batch; per-image values are in metrics.json.")
+    diag = ev.get("diagnostics") or {}
+    if diag.get("warning"):
+        notes.insert(0, "Warning: " + diag["warning"])
+    if diag.get("same_class_gradient_cosine") is not None:
+        notes.append(f"Leakage signal: mean cosine between the shared gradients of different public images of "
+                     f"the same class = {diag['same_class_gradient_cosine']:.3f} (1.0 = the update does not "
+                     "depend on the image).")
     out += [f'<p class="note">{_e(n)}</p>' for n in notes]
     return "\n".join(out)
 

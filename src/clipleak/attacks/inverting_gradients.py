@@ -4,15 +4,25 @@ Objective: cosine distance between the candidate's gradient and the observed one
 variation; Adam on *signed* gradients with step decay (x0.1 at 3/8, 5/8 and 7/8 of the run), images
 boxed to [0, 1], several seeded restarts, keeping the one with the lowest gradient distance.
 When the observation carries no labels they are optimised jointly as soft labels (DLG style).
+With ``prior="generative:VAE"`` the same objective is searched in the VAE's latent space (GIAS style,
+Adam with cosine decay) instead of pixels.
 """
 
 from __future__ import annotations
 
-from ..engine import PixelImages, ProgressFn, Term, optimise, total_variation
+from ..engine import ProgressFn, optimise
 from ..observation import Observation
 from ..peft import Victim
 from ..reconstruction import Reconstruction
-from .base import AttackConfig, engine_config, gradient_matching_term, register, resolve_labels
+from .base import (
+    AttackConfig,
+    engine_config,
+    gradient_matching_term,
+    image_parametrization,
+    register,
+    resolve_labels,
+    run_tag,
+)
 
 
 @register("ig")
@@ -20,17 +30,14 @@ def inverting_gradients(
     obs: Observation, victim: Victim, cfg: AttackConfig, progress: ProgressFn | None = None
 ) -> Reconstruction:
     label_mode, labels = resolve_labels(obs, cfg.labels)
-    grayscale = cfg.grayscale
-    if grayscale is None:
-        grayscale = bool((obs.meta.get("data") or {}).get("grayscale", False))
-    param = PixelImages(victim.clip_info.image_size, grayscale=grayscale, init=cfg.init)
-    terms = [gradient_matching_term(victim, obs, metric=cfg.options.get("metric", "cosine"))]
-    if cfg.tv_weight > 0:
-        terms.append(Term("tv", lambda s: total_variation(s.images), weight=cfg.tv_weight))
-    ecfg = engine_config(cfg, label_mode, signed=True, decay="step")
+    param, prior_terms = image_parametrization(cfg, obs, victim)
+    terms = [gradient_matching_term(victim, obs, metric=cfg.options.get("metric", "cosine")), *prior_terms]
+    pixels = cfg.prior in ("none", "tv")  # signed steps + step decay in pixel space (Geiping et al.)
+    ecfg = engine_config(cfg, label_mode, signed=pixels, decay="step" if pixels else "cosine")
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
                    known_labels=labels, selection="gradient", progress=progress,
-                   checkpoint=cfg.checkpoint)
+                   checkpoint=cfg.checkpoint,
+                   checkpoint_tag=run_tag(cfg, obs))
     return Reconstruction(
         images=res.images,
         labels=res.labels,

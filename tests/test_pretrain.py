@@ -1,0 +1,248 @@
+"""Pretraining target CLIPs: it learns, it resumes exactly, it refuses bad input, artifacts are cached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from clipleak import artifacts
+from clipleak.cli import main as cli_main
+from clipleak.client import load_private
+from clipleak.data import DataSpec
+from clipleak.errors import ClipleakError
+from clipleak.models import build_model
+from clipleak.observation import client_gradient
+from clipleak.peft import PeftConfig, build_victim
+from clipleak.pretrain import (
+    PretrainConfig,
+    card_path,
+    checkpoint_dir,
+    load_caption_csv,
+    pretrain,
+    zero_shot_accuracy,
+)
+
+# A short run that is clearly above chance on 2 cores in ~20 s (measured: see SHORT_MIN_ACCURACY).
+SHORT = dict(arch="tiny-32", data="mnist", steps=120, batch_size=16, lr=1e-3, warmup_steps=12,
+             augment=False, checkpoint_every=10**6)
+SHORT_MIN_ACCURACY = 0.30  # chance is 0.10
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pretrain") / "short.safetensors"
+    card = pretrain(PretrainConfig(**SHORT), out, threads=torch.get_num_threads())
+    return out, card
+
+
+def _same_class_pairs(n_pairs: int = 4) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    priv = load_private(DataSpec("mnist"), 32)
+    pairs = []
+    for k in range(n_pairs):
+        idx = torch.nonzero(priv.labels == k).reshape(-1)[:2]
+        pairs.append((priv.images[idx[0]], priv.images[idx[1]], k))
+    return pairs
+
+
+def _coop_same_class_cosine(clip) -> float:
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    victim = build_victim(clip, names, PeftConfig(method="coop"))
+    cos = []
+    for a, b, k in _same_class_pairs():
+        y = torch.tensor([k])
+        ga = client_gradient(victim, a[None], y)["prompt.ctx"].reshape(-1)
+        gb = client_gradient(victim, b[None], y)["prompt.ctx"].reshape(-1)
+        cos.append(float(F.cosine_similarity(ga, gb, dim=0)))
+    return float(np.mean(cos))
+
+
+# ------------------------------------------------------------------------------------------- learning
+
+
+def test_short_run_is_far_above_chance(short_run):
+    out, card = short_run
+    zs = card["zero_shot"]
+    assert zs["split"] == "private" and zs["n_images"] == 1000
+    assert zs["random_init_accuracy"] == pytest.approx(0.1, abs=0.05)
+    assert zs["accuracy"] >= SHORT_MIN_ACCURACY, zs
+    assert card["steps_done"] == SHORT["steps"]
+    assert card_path(out).is_file() and json.loads(card_path(out).read_text())["weights_sha256"]
+    assert not checkpoint_dir(out).exists()  # removed after success
+    # the written file rebuilds the same model, and the helper reproduces the card's number
+    clip = build_model("tiny-32", out)
+    priv = load_private(DataSpec("mnist"), clip.image_size)
+    acc = zero_shot_accuracy(clip, priv.images, priv.labels, priv.classnames, "a photo of a {}.")
+    assert acc == pytest.approx(zs["accuracy"])
+
+
+def test_trained_coop_gradients_depend_on_the_image(short_run):
+    """Same-class CoOp gradients of two different images: nearly parallel at random init, less so after
+    training (the image now matters)."""
+    out, _ = short_run
+    random_cos = _coop_same_class_cosine(build_model("tiny-32", init_seed=0))
+    trained_cos = _coop_same_class_cosine(build_model("tiny-32", out))
+    assert random_cos > 0.98
+    assert trained_cos < random_cos - 0.1, (trained_cos, random_cos)
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = PretrainConfig(steps=7, batch_size=8, warmup_steps=2, checkpoint_every=3)
+    ref = pretrain(cfg, tmp_path / "ref.safetensors", evaluate=False)
+    killed = pretrain(cfg, tmp_path / "run.safetensors", evaluate=False, stop_after=5)
+    assert killed == {"completed": False, "stopped_after": 5}
+    assert not (tmp_path / "run.safetensors").exists()
+    state = json.loads((checkpoint_dir(tmp_path / "run.safetensors") / "step-0000003" / "state.json")
+                       .read_text())
+    assert state["step"] == 3  # the newest checkpoint before the "kill"
+    card = pretrain(cfg, tmp_path / "run.safetensors", evaluate=False, resume=True)
+    assert card["steps_done"] == 7 and card["resumed_from_steps"] == [3]
+    a, b = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "run.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same data order, augmentation, optimiser
+    assert card["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    cfg = PretrainConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    pretrain(cfg, tmp_path / "m.safetensors", evaluate=False, stop_after=3)
+    other = PretrainConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, lr=1e-4)
+    with pytest.raises(ClipleakError, match="different settings"):
+        pretrain(other, tmp_path / "m.safetensors", evaluate=False, resume=True)
+
+
+def test_time_budget_fits_the_schedule(tmp_path):
+    cfg = PretrainConfig(steps=None, time_budget_s=1.5, batch_size=4, warmup_steps=2)
+    card = pretrain(cfg, tmp_path / "t.safetensors", evaluate=False)
+    assert card["steps_planned"] >= 7 and 7 <= card["steps_done"] <= card["steps_planned"]
+    assert card["train_seconds"] < 1.5 + 2.0
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def _png(path: Path, value: int = 200) -> None:
+    arr = np.zeros((20, 20), dtype=np.uint8)
+    arr[5:15, 8:12] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _csv(tmp_path: Path, rows: list[tuple[str, str]]) -> Path:
+    p = tmp_path / "train.csv"
+    p.write_text("filepath,caption\n" + "".join(f"{f},{c}\n" for f, c in rows))
+    return p
+
+
+def test_caption_csv_loads_relative_paths(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _png(tmp_path / "b.png", 100)
+    csv_path = _csv(tmp_path, [("img/a.png", "a handwritten one."), (str(tmp_path / "b.png"), "a dot")])
+    images, captions, gray = load_caption_csv(csv_path, 32)
+    assert images.shape == (2, 3, 32, 32) and captions == ["a handwritten one.", "a dot"] and gray
+
+
+def test_pretrain_on_a_caption_csv(tmp_path):
+    for i in range(6):
+        _png(tmp_path / f"{i}.png", 60 + 30 * i)
+    csv_path = _csv(tmp_path, [(f"{i}.png", f"a photo of a {['one', 'two'][i % 2]}.") for i in range(6)])
+    card = pretrain(PretrainConfig(data=f"csv:{csv_path}", steps=2, batch_size=4, warmup_steps=1),
+                    tmp_path / "csv.safetensors")
+    assert card["data"]["kind"] == "csv" and card["data"]["n_images"] == 6
+    assert card["zero_shot"] is None  # a CSV has no labelled private split
+    build_model("tiny-32", tmp_path / "csv.safetensors")
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([("a.png", "one"), ("missing.png", "two")], r"row 2: image file not found: .*missing\.png"),
+        ([("a.png", "one"), ("a.png", "  ")], r"row 2: empty caption"),
+        ([("a.png", "one"), ("bad.png", "two")], r"row 2: cannot read image .*bad\.png"),
+    ],
+)
+def test_bad_caption_csv_is_a_clear_error(tmp_path, rows, match):
+    _png(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    csv_path = _csv(tmp_path, rows)
+    with pytest.raises(ClipleakError, match=match):
+        pretrain(PretrainConfig(data=f"csv:{csv_path}", steps=2), tmp_path / "m.safetensors")
+
+
+def test_caption_csv_without_the_right_columns(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("path,text\na.png,one\n")
+    with pytest.raises(ClipleakError, match="'filepath' and 'caption'"):
+        load_caption_csv(p, 32)
+    with pytest.raises(ClipleakError, match="not found"):
+        load_caption_csv(tmp_path / "nope.csv", 32)
+
+
+def test_single_class_folder_is_refused(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "only" / f"{i}.png")
+    with pytest.raises(ClipleakError, match="one class"):
+        pretrain(PretrainConfig(data=f"folder:{tmp_path}", steps=2), tmp_path / "m.safetensors")
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    _png(tmp_path / "a.png")
+    csv_path = _csv(tmp_path, [("a.png", "one"), ("gone.png", "two")])
+    out = str(tmp_path / "m.safetensors")
+    assert cli_main(["pretrain", "--out", out, "--data", f"csv:{csv_path}", "--steps", "2"]) == 2
+    assert cli_main(["pretrain", "--out", out, "--data", "no-such-data", "--steps", "2"]) == 2
+    assert cli_main(["pretrain", "--out", out, "--steps", "0"]) == 2
+
+
+def test_cli_pretrain_runs(tmp_path):
+    out = tmp_path / "cli.safetensors"
+    code = cli_main(["pretrain", "--out", str(out), "--data", "digits", "--steps", "3", "--batch-size", "4",
+                     "--warmup-steps", "1"])
+    assert code == 0 and out.is_file() and card_path(out).is_file()
+
+
+# ----------------------------------------------------------------------------------------- artifacts
+
+
+def test_artifact_is_built_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPLEAK_CACHE", str(tmp_path / "cache"))
+    assert artifacts.cache_dir() == tmp_path / "cache"
+    assert artifacts.is_artifact("tiny-mnist") and not artifacts.is_artifact("tiny-mnist.safetensors")
+    recipe = PretrainConfig(data="digits", steps=3, batch_size=4, warmup_steps=1)
+    monkeypatch.setitem(artifacts._REGISTRY, "test-tiny", lambda: recipe)
+    path = artifacts.resolve("test-tiny")
+    assert path == tmp_path / "cache" / "test-tiny.safetensors" and path.is_file()
+    assert artifacts.card("test-tiny")["steps_done"] == 3
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt although the artifact is in the cache")
+
+    monkeypatch.setattr(artifacts, "pretrain", boom)
+    assert artifacts.resolve("test-tiny") == path
+    clip = build_model("tiny-32", "test-tiny")  # the models.build_model hook
+    assert clip.weights == str(path)
+
+
+def test_unknown_artifact_name_is_still_a_tag_error():
+    with pytest.raises(ClipleakError, match="pretrained tag"):
+        build_model("tiny-32", "laion2b_s34b_b79k")
+
+
+def test_open_clip_trainer_checkpoints_still_load(tmp_path):
+    """open_clip's trainer writes ``epoch_N.pt`` = {"epoch", "name", "state_dict" (``module.`` keys),
+    "optimizer"}; it loads as weights (weights_only=True)."""
+    src = build_model("tiny-32", init_seed=3)
+    sd = {"module." + k: v for k, v in src.model.state_dict().items()}
+    torch.save({"epoch": 1, "name": "run", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "epoch_1.pt")
+    clip = build_model("tiny-32", tmp_path / "epoch_1.pt")
+    assert all(torch.equal(v, src.model.state_dict()[k]) for k, v in clip.model.state_dict().items())
