@@ -106,3 +106,12 @@ def test_bad_inputs_exit_2(tmp_path, run, capsys):
     assert "does not match" in capsys.readouterr().err
     assert main(["evaluate", str(rec), "--truth", str(tmp_path / "nothing.safetensors")]) == 2
     assert main(["share", "--out", str(tmp_path / "o"), "--method", "lora"]) == 2
+
+
+def test_demo_random_init_contrast_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--weights", "random", "--attack", "ig", "--prior", "tv",
+                 "--iterations", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "Report:" in err and (tmp_path / "demo" / "report" / "report.html").is_file()
+    m = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
+    assert m["diagnostics"]["same_class_gradient_cosine"] > 0.9  # random init: the update barely depends on x

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from open_clip.transformer import PatchDropout
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -121,6 +122,7 @@ class PretrainConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     caption_sampling: str = "per-class"  # "per-class": one template per class per step; "per-sample"
+    patch_dropout: float = 0.0  # FLIP-style: drop this fraction of image patches in training steps only
     checkpoint_every: int = 100
     time_budget_s: float | None = None
     eval_data: str | None = None  # data set whose PRIVATE split measures zero-shot accuracy (default: data)
@@ -147,6 +149,8 @@ class PretrainConfig:
         if self.caption_sampling not in ("per-class", "per-sample"):
             raise ClipleakError(f"caption_sampling must be 'per-class' or 'per-sample', "
                                 f"got {self.caption_sampling!r}")
+        if not 0.0 <= float(self.patch_dropout) < 1.0:
+            raise ClipleakError(f"patch_dropout must be in [0, 1), got {self.patch_dropout!r}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ClipleakError(f"scale range must satisfy 0 < low <= high, got {self.scale_range}")
@@ -448,6 +452,18 @@ class _Trainer:
         )
         self.loss_fn = ClipLoss()
         self.order = _Order(len(data.images), cfg.batch_size, cfg.seed)
+        visual = self.model.visual
+        self._pd_original = getattr(visual, "patch_dropout", None)
+        if cfg.patch_dropout > 0:
+            if self._pd_original is None:
+                raise ClipleakError(f"patch dropout needs a ViT image tower; {clip.arch} has none")
+            visual.patch_dropout = PatchDropout(cfg.patch_dropout)
+
+    def finish(self) -> None:
+        """Write the embedding rows back and remove the training-only patch dropout."""
+        self.write_back()
+        if self._pd_original is not None:
+            self.model.visual.patch_dropout = self._pd_original
 
     def write_back(self) -> None:
         """Copy the trained embedding rows into the model's full token embedding."""
@@ -466,7 +482,9 @@ class _Trainer:
         if self.cfg.augment:
             x = _augment(x, self.cfg, g, self.data.grayscale)
         uniq, inverse = torch.unique(cap, return_inverse=True)
-        img = F.normalize(self.model.encode_image(self.clip.normalize(x)), dim=-1)
+        with torch.random.fork_rng(devices=[]):  # patch dropout draws from the global RNG
+            torch.manual_seed(_derive_seed(self.cfg.seed, "patches", s))
+            img = F.normalize(self.model.encode_image(self.clip.normalize(x)), dim=-1)
         txt = self.tower.encode_embeddings(self.rows[self.local_tokens[uniq]], self.pool_idx[uniq])
         txt = F.normalize(txt, dim=-1)[inverse]
         loss = self.loss_fn(img, txt, self.model.logit_scale.exp())
@@ -666,7 +684,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn
 
     if stopped is not None:
         ckpt()  # a later run with a larger budget (and the same steps) can resume from here
-    tr.write_back()
+    tr.finish()
     clip.model.eval().requires_grad_(False)
     notify(step, int(total or step), {"phase": "eval", "loss": float(np.mean(losses[-20:])) if losses else
                                       float("nan"), "elapsed_s": train_s})

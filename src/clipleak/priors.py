@@ -48,8 +48,8 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """``progress(step, total_steps, info)``; ``info`` holds ``phase`` (``"features"``, ``"train"``,
 ``"done"``), ``loss`` (running mean), ``lr`` and ``elapsed_s``."""
 
-DEFAULT_VAE_STEPS = 3000
-DEFAULT_DECODER_STEPS = 3000
+DEFAULT_VAE_STEPS = 2000
+DEFAULT_DECODER_STEPS = 800
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -611,9 +611,11 @@ def check_prior(prior: Prior, image_size: int, weights_sha256: str | None = None
                             f"{image_size} px; train one for this resolution (`clipleak prior train`)")
     if prior.kind == "decoder" and weights_sha256 is not None:
         trained_for = (prior.card.get("target") or {}).get("weights_sha256")
+        if trained_for is None:
+            raise ClipleakError("this feature decoder's card does not say which target weights it was trained for")
         if trained_for != weights_sha256:
             raise ClipleakError(
-                f"this feature decoder was trained for target weights {str(trained_for)[:16]}..., not "
+                f"this feature decoder was trained for target weights {trained_for[:16]}..., not "
                 f"{weights_sha256[:16]}...; train a decoder for this target (`clipleak prior train --kind decoder`)"
             )
 
