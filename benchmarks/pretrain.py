@@ -66,12 +66,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
     ap.add_argument("--warmup", type=int, default=PretrainConfig.warmup_steps)
+    ap.add_argument("--patch-dropout", type=float, default=PretrainConfig.patch_dropout)
+    ap.add_argument("--no-augment", action="store_true", help="no random affine augmentation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
 
     base = dict(arch=args.arch, data=args.data, batch_size=args.batch_size, lr=args.lr,
-                warmup_steps=args.warmup, seed=args.seed, checkpoint_every=10**9)
+                warmup_steps=args.warmup, seed=args.seed, patch_dropout=args.patch_dropout,
+                augment=not args.no_augment, checkpoint_every=10**9)
     if args.steps is not None:
         plans = [(f"{args.steps} steps", PretrainConfig(steps=args.steps, **base))]
     else:
@@ -81,7 +84,8 @@ def main() -> None:
     results = []
     for label, cfg in plans:
         print(f"== {label}: {args.arch} on {args.data}, batch {args.batch_size}, lr {args.lr:g}, "
-              f"warmup {args.warmup}, threads {args.threads or torch.get_num_threads()}", flush=True)
+              f"warmup {args.warmup} (<= 10% of the steps), patch dropout {args.patch_dropout:g}, "
+              f"augment {not args.no_augment}, threads {args.threads or torch.get_num_threads()}", flush=True)
         r = run_one(cfg, args.every, args.threads, label)
         results.append(r)
         print(f"{'train s':>8} {'step':>6} {'zero-shot acc':>14}")

@@ -239,21 +239,25 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="weights file to write (.safetensors; + .card.json beside it)")],
     arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
     data: Annotated[str, typer.Option(help="mnist | digits | folder:PATH | csv:PATH")] = "mnist",
-    steps: Annotated[int | None, typer.Option(help="schedule length (default 400 or fit to budget)")] = None,
+    steps: Annotated[int | None, typer.Option(help="schedule length (default 4800 or fit to budget)")] = None,
     time_budget: Annotated[float | None, typer.Option(help="seconds of training; stops there")] = None,
-    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = 32,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps before the cosine decay")] = 40,
+    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = 16,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps (at most 10% of the steps)")] = 200,
+    augment: Annotated[bool, typer.Option(help="random shift/rotation/scale of each image")] = True,
+    patch_dropout: Annotated[float, typer.Option(help="fraction of patches dropped in training steps")] = 0.5,
     seed: Annotated[int, typer.Option(help="seed of the init, data order, captions, augmentation")] = 0,
     split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (OUT stem + .ckpt/)")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 400,
     resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (1 is faster on a busy machine)")] = None,
 ) -> None:
     """Pretrain a target CLIP on the PUBLIC split of a data set (contrastive, captions from templates).
 
-    Reports zero-shot accuracy on the private split (and the random init's) in OUT's model card.
+    Reports zero-shot accuracy on the private split (and the random init's) in OUT's model card. The
+    defaults are the recipe of the tiny-mnist artifact.
 
-    Example: clipleak pretrain --out runs/tiny-mnist.safetensors --data mnist --steps 400
+    Example: clipleak pretrain --out runs/mine.safetensors --data mnist --time-budget 300 --threads 1
     """
     from .pretrain import PretrainConfig
     from .pretrain import pretrain as run_pretrain
@@ -261,7 +265,8 @@ def pretrain(
     if steps is None and time_budget is None:
         steps = PretrainConfig.steps
     cfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=steps, batch_size=batch_size,
-                         lr=lr, warmup_steps=warmup_steps, seed=seed, checkpoint_every=checkpoint_every,
+                         lr=lr, warmup_steps=warmup_steps, seed=seed, augment=augment,
+                         patch_dropout=patch_dropout, checkpoint_every=checkpoint_every,
                          time_budget_s=time_budget)
     with _progress() as prog:
         task = prog.add_task("pretrain", total=steps, info="loading data")
@@ -274,7 +279,7 @@ def pretrain(
             elif phase == "eval":
                 prog.update(task, completed=step, info="zero-shot accuracy on the private split")
 
-        card = run_pretrain(cfg, out, resume=resume, progress=cb)
+        card = run_pretrain(cfg, out, resume=resume, progress=cb, threads=threads)
     zs = card["zero_shot"]
     console.print(f"weights: [bold]{out}[/] ({card['steps_done']} steps, {card['train_seconds']:.0f} s "
                   f"of training, final loss {card['final_loss']:.3f})")
@@ -300,7 +305,7 @@ def prior_train(
     arch: Annotated[str, typer.Option(help="target architecture (sets the image size)")] = "tiny-32",
     weights: Annotated[str | None, typer.Option(help="target weights (decoder: required; e.g. tiny-mnist)")] = None,
     seconds: Annotated[float | None, typer.Option(help="training time budget (fits the schedule to it)")] = None,
-    steps: Annotated[int | None, typer.Option(help="steps (vae 2000, decoder 800; --seconds stops early)")] = None,
+    steps: Annotated[int | None, typer.Option(help="steps (default 2000; --seconds stops early)")] = None,
     latent: Annotated[int, typer.Option(help="VAE latent dimension")] = 32,
     split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,

@@ -49,7 +49,7 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 ``"done"``), ``loss`` (running mean), ``lr`` and ``elapsed_s``."""
 
 DEFAULT_VAE_STEPS = 2000
-DEFAULT_DECODER_STEPS = 800
+DEFAULT_DECODER_STEPS = 2000
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -309,6 +309,7 @@ class LatentImages:
         return Term(name=name, fn=fn, weight=weight)
 
     def describe(self) -> dict[str, Any]:
+        """JSON-ready description for the reconstruction's record."""
         return {
             "kind": "vae-latent",
             "latent": self.latent,
