@@ -81,6 +81,18 @@ def test_vae_training_is_deterministic(mnist32):
     assert a.card["training"]["steps_done"] == 3
 
 
+def test_time_budget_fits_the_schedule(mnist32):
+    public, _ = mnist32
+    small = public.subset(list(range(0, len(public), 20)))
+    vae = priors.train_vae(small, width=8, seconds=1.0, batch=16)
+    tr = vae.card["training"]
+    assert tr["steps_done"] >= 10 and tr["schedule_steps"] >= tr["steps_done"] and tr["train_seconds"] < 3
+    with pytest.raises(ClipleakError):
+        priors.train_vae(small, steps=0)
+    with pytest.raises(ClipleakError):
+        priors.train_vae(small, seconds=0)
+
+
 def test_vae_reconstructs_private_digits_better_than_class_prototype(vae, mnist32):
     public, private = mnist32
     sub = private.subset(list(range(0, len(private), 4)))  # 250 private digits, all classes

@@ -719,6 +719,9 @@ def _stderr_progress(name: str) -> ProgressFn:
 
     def cb(step: int, total: int, info: dict[str, Any]) -> None:
         now = time.monotonic()
+        if info.get("phase") == "features":
+            print(f"[clipleak] training prior {name}: CLIP features of the public images", file=sys.stderr, flush=True)
+            return
         if info.get("phase") == "train" and now - state["last"] < 10:
             return
         state["last"] = now
