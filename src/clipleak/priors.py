@@ -22,12 +22,11 @@ into :func:`clipleak.artifacts.cache_dir` by :func:`resolve_prior` and reused af
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -700,20 +699,6 @@ def _is_current(name: str, path: Path, target_sha: str | None) -> bool:
     return target_sha is None or (card.get("target") or {}).get("weights_sha256") == target_sha
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        yield
-
-
 def _stderr_progress(name: str) -> ProgressFn:
     state = {"last": 0.0}
 
@@ -793,7 +778,9 @@ def resolve_prior(name: str, progress: ProgressFn | None = None, *, rebuild: boo
         target_sha = file_sha256(target_path)
     if not rebuild and _is_current(name, path, target_sha):
         return path
-    with _lock(path):
+    from .artifacts import _build_lock
+
+    with _build_lock(path):
         if not rebuild and _is_current(name, path, target_sha):
             return path
         print(f"[clipleak] prior {name!r} is not in {path.parent} yet: one-time training "
