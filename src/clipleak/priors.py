@@ -404,10 +404,6 @@ def _train_loop(
             "final_loss": running, "stopped_early": stopped}
 
 
-def _channels(public: ImageSet) -> int:
-    return 1 if public.grayscale else 3
-
-
 def _train_images(public: ImageSet) -> torch.Tensor:
     if len(public) < 2:
         raise ClipleakError("need at least 2 public images to train a prior")
