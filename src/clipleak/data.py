@@ -403,6 +403,15 @@ def _folder_listing(root: Path) -> tuple[tuple[str, tuple[tuple[str, int, int], 
     return tuple(listing)
 
 
+def square_image(arr: np.ndarray, image_size: int) -> torch.Tensor:
+    """Centre-crop an ``(H, W, 3)`` array in [0, 1] to a square and resize it to ``(3, S, S)``."""
+    h, w = arr.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = torch.from_numpy(np.ascontiguousarray(arr[top : top + s, left : left + s])).permute(2, 0, 1)
+    return _resize(x[None], image_size)[0]
+
+
 def _pil_to_array(path: Path) -> tuple[np.ndarray, bool]:
     """Read one image as float32 ``(H, W, 3)`` in [0, 1] (alpha composited on black) + single-channel flag."""
     from PIL import Image, ImageOps
@@ -449,11 +458,7 @@ def _load_folder(root: Path, listing: tuple, image_size: int) -> ImageSet:
         for rel, _, _ in files:
             arr, single = _pil_to_array(root / cname / rel)
             all_single &= single
-            h, w = arr.shape[:2]
-            s = min(h, w)
-            top, left = (h - s) // 2, (w - s) // 2
-            x = torch.from_numpy(np.ascontiguousarray(arr[top : top + s, left : left + s])).permute(2, 0, 1)
-            images.append(_resize(x[None], image_size)[0])
+            images.append(square_image(arr, image_size))
             labels.append(k)
     classnames = [cname.replace("_", " ") for cname, _ in listing]
     return ImageSet(

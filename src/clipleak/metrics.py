@@ -196,14 +196,20 @@ def lpips_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------- labels / pairing
 
 
-def label_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
-    """Fraction of positions where ``pred`` equals ``true`` (both ``(B,)``)."""
+def _label_pair(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both label batches as flat int64 tensors of equal, non-zero length (else ClipleakError)."""
     p = torch.as_tensor(pred).reshape(-1).long()
     t = torch.as_tensor(true).reshape(-1).long()
     if p.shape != t.shape:
         raise ClipleakError(f"label batches differ in length: {p.numel()} vs {t.numel()}")
     if p.numel() == 0:
         raise ClipleakError("no labels to compare")
+    return p, t
+
+
+def label_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Fraction of positions where ``pred`` equals ``true`` (both ``(B,)``)."""
+    p, t = _label_pair(pred, true)
     return float((p == t).double().mean())
 
 
@@ -212,12 +218,7 @@ def label_count_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
 
     Independent of how reconstructions were paired with true images (pairing noise cannot lower it).
     """
-    p = torch.as_tensor(pred).reshape(-1).long()
-    t = torch.as_tensor(true).reshape(-1).long()
-    if p.shape != t.shape:
-        raise ClipleakError(f"label batches differ in length: {p.numel()} vs {t.numel()}")
-    if p.numel() == 0:
-        raise ClipleakError("no labels to compare")
+    p, t = _label_pair(pred, true)
     if int(min(p.min(), t.min())) < 0:
         raise ClipleakError("labels must be non-negative")
     m = int(max(p.max(), t.max())) + 1

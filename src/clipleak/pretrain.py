@@ -76,7 +76,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .data import DataSpec, ImageSet, _pil_to_array, _resize, load_public
+from .data import DataSpec, ImageSet, _pil_to_array, load_public, square_image
 from .errors import ClipleakError
 from .models import ClipModel, build_model, save_weights
 from .peft import _TextTower
@@ -278,11 +278,7 @@ def load_caption_csv(path: str | Path, image_size: int) -> tuple[torch.Tensor, l
         except ClipleakError as e:
             raise ClipleakError(f"caption CSV {p}, row {row_no}: {e}") from None
         all_single &= single
-        h, w = arr.shape[:2]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        x = torch.from_numpy(np.ascontiguousarray(arr[top : top + s, left : left + s])).permute(2, 0, 1)
-        images.append(_resize(x[None], image_size)[0])
+        images.append(square_image(arr, image_size))
         captions.append(cap)
     if len(images) < 2:
         raise ClipleakError(
