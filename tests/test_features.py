@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +34,11 @@ def test_predicted_label_is_the_classifier_decision(tiny, digits):
         assert torch.equal(predict_labels(v, f), v(x).argmax(-1))
 
 
-def test_coop_gradient_is_text_jacobian_times_feature_term(tiny, digits):
-    """The CoOp context gradient equals J^T dL/dT exactly (cosine 1 to autograd)."""
-    v = build_victim(tiny, digits, PeftConfig(method="coop"))
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_coop_gradient_is_text_jacobian_times_feature_term(tiny, digits, class_specific):
+    """The CoOp context gradient equals J^T dL/dT exactly (cosine 1 to autograd), shared or
+    class-specific context (block-diagonal Jacobian)."""
+    v = build_victim(tiny, digits, PeftConfig(method="coop", class_specific=class_specific))
     x, y = _x(2, 1), torch.tensor([3, 7])
     obs = share(v, x, y)
     jac, text = text_jacobian(v)
@@ -48,3 +51,29 @@ def test_coop_gradient_is_text_jacobian_times_feature_term(tiny, digits):
     ref = obs.gradients["prompt.ctx"].reshape(-1)
     assert float(F.cosine_similarity(ours, ref, dim=0)) > 0.99999
     assert torch.allclose(ours, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
+    """On a trained target the CoOp context gradient pins down the image feature and the label: the fit
+    (public-feature starts + Levenberg-Marquardt on the exact J^T dL/dT model) gets both back."""
+    from clipleak.api import make_observation
+    from clipleak.attacks.features import coop_features
+    from clipleak.data import DataSpec, load_public
+    from clipleak.diagnostics import public_features
+    from clipleak.observation import rebuild_victim
+
+    weights, _ = short_run
+    public = load_public(DataSpec(), 32)
+    public = public.subset(torch.arange(0, len(public), 4))  # 1,000 public starts keep the test fast
+    cos, hits = [], 0
+    for seed in range(3):
+        obs, truth = make_observation(weights=str(weights), method="coop", batch_size=1, seed=seed)
+        v = rebuild_victim(obs)
+        feats, labels, residual = coop_features(obs, v, public_features(v, public), public.labels)
+        with torch.no_grad():
+            true = F.normalize(v.raw_image_features(truth.images), dim=-1)
+        cos.append(float((feats * true).sum()))
+        hits += int(labels[0] == truth.labels[0])
+        print(seed, cos[-1], int(labels[0]), int(truth.labels[0]), residual)
+    assert min(cos) > 0.9, cos
+    assert hits == 3

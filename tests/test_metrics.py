@@ -320,3 +320,29 @@ def test_evaluate_rejects_mismatch() -> None:
     with pytest.raises(ClipleakError):
         evaluate(Reconstruction(const(0.5, 2), torch.tensor([0, 0]), "observation", "t"),
                  Truth(const(0.5, 3), torch.tensor([0, 0, 0])), const(0.3))
+
+
+def test_batch_reid_stays_at_chance_after_best_match_pairing() -> None:
+    """Reconstructions that do not depend on the client's images (other digits of the same class),
+    paired to the truth by best PSNR match: scored image by image, the pairing's selection lifts them
+    above chance; the batch protocol (one candidate set holding all true images) keeps them at 1/k."""
+    from clipleak.client import load_private
+    from clipleak.data import DataSpec
+
+    private = load_private(DataSpec("mnist"), 16)
+    g = torch.Generator().manual_seed(0)
+    batch_rates, pair_rates = [], []
+    for trial in range(12):
+        idx = torch.nonzero(private.labels == trial % 10).flatten()
+        pick = idx[torch.randperm(idx.numel(), generator=g)[:8]]
+        truth, fake = private.images[pick[:4]], private.images[pick[4:]]
+        labels = private.labels[pick[:4]]
+        perm = pair_by_psnr(fake, truth)
+        paired = fake[perm]
+        batch_rates.append(reid_rate(paired, truth, labels, private, k=10, draws=10, seed=trial))
+        pair_rates.append(sum(reid_rate(paired[i:i + 1], truth[i:i + 1], labels[i:i + 1], private, k=10, draws=10,
+                                        seed=trial) for i in range(4)) / 4)
+    batch_rate, pair_rate = sum(batch_rates) / 12, sum(pair_rates) / 12
+    print(batch_rate, pair_rate)
+    assert 0.04 <= batch_rate <= 0.17, batch_rate
+    assert pair_rate > batch_rate + 0.05, (pair_rate, batch_rate)

@@ -28,14 +28,7 @@ from clipleak.pretrain import (
     pretrain,
     zero_shot_accuracy,
 )
-
-# A short run, one thread (bitwise reproducible on a given CPU type, and not slowed down by other busy
-# processes the way two threads are). Measured: zero-shot 0.436 on the 1,000 private digits (chance 0.10;
-# the accuracy takes off between steps 100 and 200: 120 steps at lr 5e-4 gave 0.18, lr 2e-3 collapsed
-# to 0.11), same-class CoOp gradient cosine 0.57 vs 0.99 at random init. ~40 s on 2 busy cores.
-SHORT = dict(arch="tiny-32", data="mnist", steps=150, batch_size=16, lr=7e-4, warmup_steps=10,
-             augment=False, patch_dropout=0.0, checkpoint_every=10**6)
-SHORT_MIN_ACCURACY = 0.30
+from conftest import SHORT, SHORT_MIN_ACCURACY
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +37,6 @@ def _one_thread():
     two threads were 4-6x slower than one; training runs pass ``threads=1`` explicitly as well."""
     torch.set_num_threads(1)
     yield
-
-
-@pytest.fixture(scope="session")
-def short_run(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("pretrain") / "short.safetensors"
-    card = pretrain(PretrainConfig(**SHORT), out, threads=1)
-    return out, card
 
 
 def _same_class_pairs(n_pairs: int = 4) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

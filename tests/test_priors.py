@@ -265,3 +265,27 @@ def test_generative_prior_beats_pixel_feature_inversion_on_trained_target():
     # pixel inversion 8.7 dB / 7 % (chance 10 %)
     assert p_prior > p_pixel + 3.0, (p_prior, p_pixel)
     assert r_prior > r_pixel + 0.2 and r_prior >= 0.3, (r_prior, r_pixel)
+
+
+def test_decoder_prior_beats_pixel_feature_inversion_on_the_trained_fixture(short_run, mnist32):
+    """From the TRUE image feature of the small trained fixture: a decoder trained briefly on public
+    (feature, image) pairs beats pixel-space feature inversion on PSNR and on re-identification."""
+    from clipleak.client import sample_batch
+    from clipleak.models import build_model
+
+    torch.set_num_threads(THREADS)
+    public, private = mnist32
+    clip = build_model("tiny-32", short_run[0])
+    dec = priors.train_decoder(clip, public, steps=800, batch=32, seed=0)
+    x, y, _ = sample_batch(private, 20, seed=0)
+    feats = priors.clip_features(clip, x)
+    prior_rec = priors.decoder_images(dec, feats)
+    pixel_rec = _feature_inversion(clip, feats, iterations=100)
+    p_prior, p_pixel = float(psnr(prior_rec, x).mean()), float(psnr(pixel_rec, x).mean())
+    r_prior = reid_rate(prior_rec, x, y, private, k=10, draws=5)
+    r_pixel = reid_rate(pixel_rec, x, y, private, k=10, draws=5)
+    # measured (1 thread): decoder 800 steps re-id 22 % vs pixel inversion 7 % (chance 10 %); PSNR margin > 3 dB.
+    # The fixture is weakly trained (~44 % zero-shot), so its features carry less of the instance than
+    # tiny-mnist's (see the slow test below and the README's table).
+    assert p_prior > p_pixel + 3.0, (p_prior, p_pixel)
+    assert r_prior > r_pixel + 0.08 and r_prior >= 0.15, (r_prior, r_pixel)

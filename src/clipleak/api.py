@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .attacks import AttackConfig, run_attack
-from .data import DataSpec, load_public
+from .data import DataSpec, public_for_observation
 from .diagnostics import LEAKAGE_WARNING_COSINE, public_nearest_neighbour, same_class_gradient_cosine
 from .engine import ProgressFn
 from .errors import ClipleakError
@@ -96,11 +96,7 @@ def attack_observation(
 
 def public_for(meta: dict[str, Any]):
     """The public split an observation refers to (what the attacker may use)."""
-    data = meta.get("data")
-    if not data:
-        raise ClipleakError("the observation records no data set, so no public baseline can be built")
-    spec = DataSpec.from_dict({k: v for k, v in data.items() if k in DataSpec.__dataclass_fields__})
-    return spec, load_public(spec, int(meta["image_size"]))
+    return public_for_observation(meta)
 
 
 def evaluate_reconstruction(

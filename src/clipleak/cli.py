@@ -191,18 +191,23 @@ def demo(
     decoder: Annotated[str | None, typer.Option(help="feature-to-image decoder for featmatch ('' for none)")]
     = "tiny-mnist-decoder",
     batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
-    iterations: Annotated[int, typer.Option(help="attack steps per restart")] = 150,
+    iterations: Annotated[int | None, typer.Option(
+        help="attack steps per restart (default: 0 for featmatch with a decoder, i.e. the decoder's output; "
+             "else 150)")] = None,
     restarts: Annotated[int, typer.Option(help="attack restarts")] = 1,
     seed: Annotated[int, typer.Option(help="seed of the batch draw and the attack")] = 0,
 ) -> None:
     """Run share -> attack -> evaluate on the built-in default and print where the report is.
 
     Default: the tiny CLIP pretrained by clipleak on public MNIST digits (tiny-mnist), a CoOp prompt,
-    one private digit; the attacker fits the image feature to the prompt gradient and turns it into a
-    digit with priors trained on the public split (decoder + VAE latent search). The first run trains
-    the target and the priors once (a few minutes, cached); later runs take well under 3 minutes.
+    one private digit; the attacker fits the image feature and the label to the prompt gradient and
+    turns the feature into a digit with a decoder trained on the public split (the best prior measured
+    on this target; add --iterations 150 to refine it by a VAE latent search). The first run trains
+    the target and the priors once (10-20 minutes, cached); later runs take well under 3 minutes.
 
     Example: clipleak demo --out runs/demo
+
+    Example: clipleak demo --method adapter --iterations 150 --out runs/demo-adapter
 
     Example: clipleak demo --weights random --attack ig --prior tv --out runs/demo-random
     """
@@ -216,11 +221,15 @@ def demo(
         dec = None  # the named priors belong to the trained target
     if w is None and prior.startswith("generative:tiny-mnist"):
         prior = "tv"
+    if iterations is None:
+        iterations = 0 if (name == "featmatch" and dec) else 150
     console.print(f"[bold]1/3 client[/]: tiny-32 ({weights}), {method}, {batch_size} private MNIST digit(s)")
     obs, truth = make_observation(weights=w, method=method, batch_size=batch_size, seed=seed)
     obs_path = obs.save(out / "observation")
     truth_path = truth.save(out / "truth")
-    console.print(f"[bold]2/3 attacker[/]: {name}, prior {prior}" + (f", decoder {dec}" if dec else ""))
+    how = f"decoder {dec} (its output, no search)" if (dec and name == "featmatch" and iterations == 0) else \
+        f"prior {prior}" + (f", decoder {dec}" if dec else "") + f", {iterations} steps"
+    console.print(f"[bold]2/3 attacker[/]: {name}, {how}")
     _run_attack_with_progress(obs_path, out / "reconstruction", name, None, iterations, restarts,
                               0.1 if name == "ig" and prior in ("none", "tv") else 0.05, 0.05, "auto", seed,
                               False, prior=prior, decoder=dec)

@@ -63,14 +63,17 @@ def public_nearest_neighbour(
         pool = torch.arange(len(public)) if labels is None else torch.nonzero(public.labels == labels[b]).flatten()
         if pool.numel() == 0:
             pool = torch.arange(len(public))
-        bank = _features_of(victim, public, pool)
+        bank = cached_public_features(victim, public, pool)
         j = int((F.normalize(features[b:b + 1].float(), dim=-1) @ bank.t()).argmax())
         idx.append(int(pool[j]))
     t = torch.tensor(idx)
     return public.images[t], t
 
 
-def _features_of(victim: Victim, public: ImageSet, pool: torch.Tensor) -> torch.Tensor:
+def cached_public_features(victim: Victim, public: ImageSet, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`public_features` of ``public[pool]`` (all of it by default), memoised per target and split."""
+    if pool is None:
+        pool = torch.arange(len(public))
     key = (victim.clip_info.weights_sha256, public.source, len(public), int(pool[0]), int(pool[-1]), pool.numel())
     if key not in _CACHE:
         if len(_CACHE) > 32:

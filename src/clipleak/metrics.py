@@ -295,12 +295,19 @@ def reid_rate(
     draws: int = 1,
     seed: int = 0,
 ) -> float:
-    """Fraction of (image, draw) trials in which ``recons[i]`` re-identifies ``truth_images[i]``.
+    """Fraction of (image, draw) trials in which a reconstruction re-identifies a client image.
 
-    Each trial builds a pool of ``k`` candidates: the true image plus ``k - 1`` distinct images of the
-    same class drawn (seeded, without replacement) from ``pool`` excluding copies of the true image,
-    placed at a random position. Chance level is ``1 / k``. Raises :class:`ClipleakError` when a class
-    has fewer than ``k - 1`` distractors.
+    Batch of one: each trial builds ``k`` candidates, the true image plus ``k - 1`` distinct images of
+    the same class drawn (seeded, without replacement) from ``pool`` excluding copies of the true image;
+    the trial succeeds when the reconstruction is strictly closer (PSNR) to the true image than to
+    every distractor. Chance level is ``1 / k``.
+
+    Batch of ``B > 1``: reconstructions are usually paired to the truth by best match first, and that
+    selection alone would lift an image-independent reconstruction above ``1 / k``. So each draw builds
+    one candidate set for the whole batch, all ``B`` true images plus ``k - 1`` distractors of each one's
+    class (none of them a batch image), and a reconstruction succeeds when its closest candidate is one
+    of the true images. Chance stays ``1 / k`` whatever the pairing. Raises :class:`ClipleakError` when a
+    class has too few distractors.
     """
     if k < 2:
         raise ClipleakError("re-identification needs k >= 2 candidates")
@@ -316,24 +323,45 @@ def reid_rate(
             f"truth images {tuple(truth_images.shape[1:])}"
         )
     gen = torch.Generator().manual_seed(int(seed))
-    hits = 0
-    trials = 0
-    for i in range(truth_images.shape[0]):
-        true_img = truth_images[i].detach().cpu()
-        distract = _distractor_pool(pool, int(labels[i]), true_img)
-        if distract.numel() < k - 1:
+    truth = truth_images.detach().cpu()
+    rec = recons.detach().cpu().to(truth.dtype)
+    b = truth.shape[0]
+    pools: dict[int, torch.Tensor] = {}
+    for c in sorted(set(labels.tolist())):
+        idx = _distractor_pool(pool, c, truth[0])
+        if b > 1 and idx.numel():  # no batch image may be a distractor
+            imgs = pool.images.index_select(0, idx).to(truth.dtype).flatten(1)
+            dist = torch.cdist(imgs, truth.flatten(1), p=float("inf"))
+            idx = idx[dist.amin(dim=1) > 1e-6]
+        need = (k - 1) * int((labels == c).sum())
+        if idx.numel() < need:
             raise ClipleakError(
-                f"re-identification with k={k} needs {k - 1} other images of class {int(labels[i])}; "
-                f"the pool has {distract.numel()} (use a smaller k)"
+                f"re-identification with k={k} needs {need} other images of class {c}; "
+                f"the pool has {idx.numel()} (use a smaller k)"
             )
+        pools[c] = idx
+    if b == 1:
+        hits = 0
+        c = int(labels[0])
         for _ in range(draws):
-            chosen = distract[torch.randperm(distract.numel(), generator=gen)[: k - 1]]
+            chosen = pools[c][torch.randperm(pools[c].numel(), generator=gen)[: k - 1]]
             pos = int(torch.randint(k, (1,), generator=gen))
-            others = pool.images.index_select(0, chosen).to(true_img.dtype)
-            cands = torch.cat([others[:pos], true_img.unsqueeze(0), others[pos:]])
-            hits += reidentify(recons[i].detach().cpu().to(true_img.dtype), cands, pos)
-            trials += 1
-    return hits / trials
+            others = pool.images.index_select(0, chosen).to(truth.dtype)
+            cands = torch.cat([others[:pos], truth[:1], others[pos:]])
+            hits += reidentify(rec[0], cands, pos)
+        return hits / draws
+    hits = 0
+    for _ in range(draws):
+        chosen = []
+        for c, idx in pools.items():
+            n = (k - 1) * int((labels == c).sum())
+            chosen.append(idx[torch.randperm(idx.numel(), generator=gen)[:n]])
+        distract = pool.images.index_select(0, torch.cat(chosen)).to(truth.dtype)
+        for i in range(b):
+            to_truth = psnr(rec[i].unsqueeze(0).expand_as(truth), truth)
+            to_other = psnr(rec[i].unsqueeze(0).expand_as(distract), distract)
+            hits += bool(to_truth.max() > to_other.max())
+    return hits / (draws * b)
 
 
 def finite_or_none(x: Any) -> float | None:

@@ -464,6 +464,8 @@ def train_decoder(
     batch: int = 64,
     lr: float = 2e-3,
     feature_noise: float = 0.0,
+    augment_copies: int = 0,
+    base: int = 64,
     progress: ProgressFn | None = None,
 ) -> FeatureDecoder:
     """Train a :class:`FeatureDecoder` for the frozen target ``clip`` on public (feature, image) pairs.
@@ -472,6 +474,11 @@ def train_decoder(
     :data:`DEFAULT_DECODER_STEPS` steps. The features are computed once (not counted in
     ``train_seconds``). ``feature_noise`` > 0 adds Gaussian noise of that norm-relative scale to the
     features during training (re-normalised), for robustness to imperfectly recovered features.
+    ``augment_copies`` adds that many random small affine copies of every public image (shift, rotation,
+    scale, as in pretraining; seeded), their features computed once by the frozen target: many more
+    (feature, image) pairs than the public split holds, so the decoder learns the encoder's inverse
+    rather than the public digits.
+    ``base`` is the decoder's widest channel count.
     """
     if public.images.shape[-1] != clip.image_size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
@@ -480,27 +487,39 @@ def train_decoder(
     t_feat = time.perf_counter()
     if progress is not None:
         progress(0, 0, {"phase": "features", "loss": float("nan"), "lr": 0.0, "elapsed_s": 0.0})
-    feats = clip_features(clip, public.images)
+    images = public.images
+    if augment_copies < 0:
+        raise ClipleakError(f"augment_copies must be >= 0, got {augment_copies}")
+    if augment_copies:
+        from .pretrain import PretrainConfig, _augment
+
+        g_aug = torch.Generator().manual_seed(seed + 7919)
+        copies = [_augment(images, PretrainConfig(), g_aug, public.grayscale) for _ in range(augment_copies)]
+        images = torch.cat([images, *copies])
+        x = images[:, :1].contiguous() if public.grayscale else images
+    feats = clip_features(clip, images)
     feat_seconds = time.perf_counter() - t_feat
     budget = _Budget(steps, seconds, DEFAULT_DECODER_STEPS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1])
+        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base)
 
     def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = x[idx]
         f = feats[idx]
         if feature_noise > 0:
             f = F.normalize(f + feature_noise / math.sqrt(f.shape[1]) * torch.randn(f.shape, generator=g), dim=-1)
         out = dec(f)
         out = out[:, :1] if x.shape[1] == 1 else out
-        xb = x[idx]
         return F.l1_loss(out, xb) + F.mse_loss(out, xb)
 
     info = _train_loop(dec, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, progress=progress)
+    info["n_pairs"] = int(x.shape[0])
     dec.requires_grad_(False)
     dec.card = {
         "training": {"recipe": {"loss": "L1 + MSE", "optimizer": "Adam", "lr": lr, "decay": "cosine", "batch": batch,
-                                "seed": seed, "feature_noise": feature_noise, "steps": steps, "seconds": seconds},
+                                "seed": seed, "feature_noise": feature_noise, "augment_copies": augment_copies,
+                                "base": base, "steps": steps, "seconds": seconds},
                      "data": public.source, "n_images": len(public), "feature_seconds": round(feat_seconds, 3),
                      **info},
         "target": {"arch": clip.arch, "weights": clip.weights, "weights_sha256": clip.weights_sha256},
