@@ -50,14 +50,18 @@ def main() -> None:
     ap.add_argument("--methods", default="adapter,coop")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--restarts", type=int, default=1)
-    ap.add_argument("--attacks", default="", help="comma-separated subset of row names (default all)")
+    ap.add_argument("--attacks", default="", help="subset of row names separated by ';' (default all)")
     ap.add_argument("--weights", default="tiny-mnist")
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    chosen = {k: v for k, v in ATTACKS.items() if not args.attacks or k in args.attacks.split(",")}
+    wanted = [a.strip() for a in args.attacks.split(";") if a.strip()]
+    unknown = [a for a in wanted if a not in ATTACKS]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; rows: {list(ATTACKS)}")
+    chosen = {k: v for k, v in ATTACKS.items() if not wanted or k in wanted}
     rows = []
     for method in args.methods.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
