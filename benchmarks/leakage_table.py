@@ -76,7 +76,7 @@ def main() -> None:
                 fit_s = 0.0
                 if method in ("adapter", "coop"):  # featmatch rows share one feature recovery (cached); time it once
                     t0 = time.perf_counter()
-                    recovered_features(obs, victim, public=public)
+                    recovered_features(obs, victim)
                     fit_s = time.perf_counter() - t0
                 for row, kw in chosen.items():
                     if method not in ("adapter", "coop") and kw["name"] == "featmatch":

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .attacks import AttackConfig, run_attack
-from .data import DataSpec, public_for_observation
+from .data import DataSpec
+from .data import public_for_observation as public_for
 from .diagnostics import LEAKAGE_WARNING_COSINE, public_nearest_neighbour, same_class_gradient_cosine
 from .engine import ProgressFn
 from .errors import ClipleakError
@@ -92,11 +93,6 @@ def attack_observation(
     if unknown:
         raise ClipleakError(f"unknown attack setting(s): {', '.join(unknown)}")
     return run_attack(name, obs, victim, AttackConfig(**config), progress)
-
-
-def public_for(meta: dict[str, Any]):
-    """The public split an observation refers to (what the attacker may use)."""
-    return public_for_observation(meta)
 
 
 def evaluate_reconstruction(

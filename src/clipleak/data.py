@@ -264,10 +264,6 @@ def load_public(spec: DataSpec, image_size: int) -> ImageSet:
     return out
 
 
-# ------------------------------------------------------------------------------------------- loading
-
-
-
 def public_for_observation(meta: dict[str, Any]) -> tuple[DataSpec, ImageSet]:
     """The public split an observation's metadata refers to (what the attacker may use)."""
     data = meta.get("data")
@@ -275,6 +271,10 @@ def public_for_observation(meta: dict[str, Any]) -> tuple[DataSpec, ImageSet]:
         raise ClipleakError("the observation records no data set, so no public data can be used")
     spec = DataSpec.from_dict({k: v for k, v in data.items() if k in DataSpec.__dataclass_fields__})
     return spec, load_public(spec, int(meta["image_size"]))
+
+
+# ------------------------------------------------------------------------------------------- loading
+
 
 def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear antialiased resize of ``(N, C, H, W)`` float to ``image_size`` square, clamped to [0,1]."""

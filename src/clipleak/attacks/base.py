@@ -78,17 +78,23 @@ def resolve_labels(obs: Observation, mode: str) -> tuple[str, torch.Tensor | Non
     return "infer", None
 
 
-def run_tag(cfg: AttackConfig, obs: Observation) -> str:
-    """What identifies a run for checkpoint/resume: attack settings and the observation."""
+def gradient_digest(obs: Observation) -> str:
+    """SHA-256 of the observation's shared gradients (names and float32 values)."""
     import hashlib
-    import json
 
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("restarts", "checkpoint")}
     g = hashlib.sha256()
     for k in sorted(obs.gradients):
         g.update(k.encode())
         g.update(obs.gradients[k].detach().float().numpy().tobytes())
-    return json.dumps({"settings": settings, "gradients": g.hexdigest()}, sort_keys=True)
+    return g.hexdigest()
+
+
+def run_tag(cfg: AttackConfig, obs: Observation) -> str:
+    """What identifies a run for checkpoint/resume: attack settings and the observation."""
+    import json
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("restarts", "checkpoint")}
+    return json.dumps({"settings": settings, "gradients": gradient_digest(obs)}, sort_keys=True)
 
 
 def engine_config(cfg: AttackConfig, label_mode: str, **overrides: Any) -> EngineConfig:

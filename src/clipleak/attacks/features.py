@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..data import ImageSet, public_for_observation
+from ..data import public_for_observation
 from ..diagnostics import cached_public_features
 from ..engine import ProgressFn, Term, optimise
 from ..errors import ClipleakError
@@ -28,7 +28,15 @@ from ..models import math_attention
 from ..observation import Observation
 from ..peft import Victim
 from ..reconstruction import Reconstruction
-from .base import AttackConfig, engine_config, image_parametrization, load_decoder, register, run_tag
+from .base import (
+    AttackConfig,
+    engine_config,
+    gradient_digest,
+    image_parametrization,
+    load_decoder,
+    register,
+    run_tag,
+)
 
 
 def adapter_features(obs: Observation, victim: Victim, tol: float = 0.999) -> torch.Tensor:
@@ -142,10 +150,12 @@ def text_jacobian(victim: Victim) -> tuple[torch.Tensor, torch.Tensor]:
     ctx0 = prompt.ctx.detach()
     tower = victim.tower
 
-    def text_of(ctx: torch.Tensor) -> torch.Tensor:
-        c = ctx.unsqueeze(0).expand(prompt.prefix.shape[0], -1, -1) if ctx.dim() == 2 else ctx
-        emb = torch.cat([prompt.prefix, c, prompt.suffix], dim=1)
-        return F.normalize(tower.encode_embeddings(emb, prompt.pool_idx), dim=-1)
+    def text_of(ctx: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Normalised text features of the class prompts ``rows`` with context ``ctx``."""
+        prefix = prompt.prefix[rows]
+        c = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1) if ctx.dim() == 2 else ctx
+        emb = torch.cat([prefix, c, prompt.suffix[rows]], dim=1)
+        return F.normalize(tower.encode_embeddings(emb, prompt.pool_idx[rows]), dim=-1)
 
     with torch.no_grad(), math_attention():
         text = text_of(ctx0)
@@ -155,11 +165,8 @@ def text_jacobian(victim: Victim) -> tuple[torch.Tensor, torch.Tensor]:
             k, e, block = text.shape[0], text.shape[1], ctx0[0].numel()
             jac = torch.zeros(k * e, k * block)
             for i in range(k):
-                def one(c: torch.Tensor, i: int = i) -> torch.Tensor:
-                    emb = torch.cat([prompt.prefix[i:i + 1], c.unsqueeze(0), prompt.suffix[i:i + 1]], dim=1)
-                    return F.normalize(tower.encode_embeddings(emb, prompt.pool_idx[i:i + 1]), dim=-1).reshape(-1)
-
-                jac[i * e:(i + 1) * e, i * block:(i + 1) * block] = torch.func.jacfwd(one)(ctx0[i]).reshape(e, -1)
+                block_jac = torch.func.jacfwd(lambda c, i=i: text_of(c, slice(i, i + 1)).reshape(-1))(ctx0[i])
+                jac[i * e:(i + 1) * e, i * block:(i + 1) * block] = block_jac.reshape(e, -1)
     return jac, text
 
 
@@ -179,10 +186,14 @@ class _CoopModel:
         self.jk = jac.double().reshape(self.k, self.e, -1)  # (K, E, P)
         self.scale = float(victim.logit_scale().detach())
 
+    def _weights(self, fn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``softmax(tau T f) - e_y`` per image ``(B, K)``: dL/dlogits of the cross-entropy."""
+        return F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels, self.k).to(fn.dtype)
+
     def gradient(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean-loss context gradient ``(P,)`` of a batch of features ``(B, E)`` and labels."""
         fn = F.normalize(feats, dim=-1)
-        w = F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels, self.k).to(fn.dtype)
-        a = self.scale / feats.shape[0] * w.t() @ fn  # dL/dT, (K, E)
+        a = self.scale / feats.shape[0] * self._weights(fn, labels).t() @ fn  # dL/dT, (K, E)
         return torch.einsum("ke,kep->p", a, self.jk)
 
     def per_candidate(self, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -190,7 +201,7 @@ class _CoopModel:
         out = []
         for i in range(0, feats.shape[0], chunk):
             fn = F.normalize(feats[i:i + chunk].double(), dim=-1)
-            w = F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels[i:i + chunk], self.k).double()
+            w = self._weights(fn, labels[i:i + chunk])
             out.append(self.scale * torch.einsum("nk,ne,kep->np", w, fn, self.jk))
         return torch.cat(out)
 
@@ -292,14 +303,14 @@ def coop_features(
 
 
 def recovered_features(
-    obs: Observation, victim: Victim, *, use_shared_labels: bool = True, public: ImageSet | None = None
+    obs: Observation, victim: Victim, *, use_shared_labels: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The image-feature estimate this observation allows, with labels and where they came from.
 
     adapter: exact, from the rank-one rows of the ``W1`` gradient; labels predicted from the
     feature. coop: features and labels fitted to the context gradient (:func:`coop_features`),
-    started from the public split's features (``public``; loaded from the observation's data spec
-    when not given).
+    started from the features of the observation's public split; the last fit is memoised per
+    (gradients, shared labels, target weights), so several attacks on one observation fit it once.
     """
     shared = obs.labels.clone() if (use_shared_labels and obs.labels is not None) else None
     if victim.cfg.method == "adapter":
@@ -308,11 +319,10 @@ def recovered_features(
             return feats, shared, "observation"
         return feats, predict_labels(victim, feats), "predicted from the recovered feature"
     if victim.cfg.method == "coop":
-        key = (run_tag(AttackConfig(), obs), None if shared is None else tuple(shared.tolist()),
+        key = (gradient_digest(obs), None if shared is None else tuple(shared.tolist()),
                victim.clip_info.weights_sha256)
-        if key not in _COOP_FITS:  # several attacks on one observation (benchmarks) fit it once
-            if public is None:
-                public = public_for_observation(obs.meta)[1]
+        if key not in _COOP_FITS:
+            public = public_for_observation(obs.meta)[1]
             pf = cached_public_features(victim, public)
             feats, labels, _ = coop_features(obs, victim, pf, public.labels, labels=shared)
             _COOP_FITS.clear()
