@@ -346,3 +346,28 @@ def test_batch_reid_stays_at_chance_after_best_match_pairing() -> None:
     print(batch_rate, pair_rate)
     assert 0.04 <= batch_rate <= 0.17, batch_rate
     assert pair_rate > batch_rate + 0.05, (pair_rate, batch_rate)
+
+
+def test_verdict_names_every_baseline_the_attack_loses_to() -> None:
+    """An attack that beats the prototype and the blank image but not an extra baseline (here the true
+    images themselves, as a stand-in for a strong public nearest neighbour) must say so in words."""
+    protos = digit_prototypes()
+    labels = torch.tensor([0, 1, 2, 3])
+    truth = Truth(noisy(protos, labels, 0.1, seed=21), labels)
+    jitter = 0.05 * torch.randn(truth.images.shape, generator=torch.Generator().manual_seed(22))
+    rec = Reconstruction((truth.images + jitter).clamp(0, 1), labels.clone(), "observation", "test")
+    ev = evaluate(rec, truth, protos, with_lpips=False, extra_baselines={"public-nn": truth.images.clone()})
+    v = ev["verdict"]
+    assert v["beat_prototype"] and v["beat_blank"]
+    lost = {(x["baseline"], x["measure"]) for x in v["lost_to"]}
+    assert ("public-nn", "PSNR") in lost and ("public-nn", "SSIM") in lost
+    assert all(x["baseline"] == "public-nn" for x in v["lost_to"])
+    assert "did NOT beat the public nearest neighbour on PSNR (" in v["text"]
+    # a tie is reported as a tie, not as a loss
+    ev3 = evaluate(rec, truth, protos, with_lpips=False, extra_baselines={"public-nn": rec.images.clone()})
+    assert " It only tied the public nearest neighbour on PSNR (both " in ev3["verdict"]["text"]
+    assert "did NOT beat the public" not in ev3["verdict"]["text"]
+    assert all(x["tie"] for x in ev3["verdict"]["lost_to"])
+    # the same attack without the extra baseline has nothing more to confess
+    ev2 = evaluate(rec, truth, protos, with_lpips=False)
+    assert ev2["verdict"]["lost_to"] == [] and "NOT" not in ev2["verdict"]["text"]

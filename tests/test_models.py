@@ -10,9 +10,9 @@ from clipleak.models import build_model, file_sha256, load_state_dict_file, save
 def test_tiny_config_matches_spec(tiny):
     m = tiny.model
     assert tiny.image_size == 32
-    assert m.visual.patch_size == (4, 4) or m.visual.conv1.kernel_size == (4, 4)
+    assert m.visual.patch_size == (8, 8) or m.visual.conv1.kernel_size == (8, 8)  # 16 patch tokens
     assert len(m.visual.transformer.resblocks) == 4
-    assert m.visual.transformer.width == 192
+    assert m.visual.transformer.width == 128
     assert m.visual.pool_type == "avg"
     assert len(m.transformer.resblocks) == 3 and m.transformer.width == 128
     assert m.context_length == 32

@@ -86,7 +86,8 @@ def test_trained_coop_gradients_depend_on_the_image(short_run):
     out, _ = short_run
     random_cos = _coop_same_class_cosine(build_model("tiny-32", init_seed=0))
     trained_cos = _coop_same_class_cosine(build_model("tiny-32", out))
-    assert random_cos > 0.98
+    # measured: random init 0.916 (seeds 0-2: 0.916-0.946), the fixture 0.517
+    assert random_cos > 0.9
     assert trained_cos < random_cos - 0.2, (trained_cos, random_cos)
 
 
@@ -228,6 +229,14 @@ def test_artifact_is_built_once_then_reused(tmp_path, monkeypatch):
     assert artifacts.resolve("test-tiny") == path
     clip = build_model("tiny-32", "test-tiny")  # the models.build_model hook
     assert clip.weights == str(path)
+    # the architecture's definition is part of the recipe: a card written for another one is stale
+    card_file = artifacts.card_path(path)
+    card = json.loads(card_file.read_text())
+    assert card["arch_config"]["vision_cfg"]["patch_size"] == 8
+    assert artifacts._is_current("test-tiny", path)
+    card["arch_config"]["vision_cfg"]["patch_size"] = 4
+    card_file.write_text(json.dumps(card))
+    assert not artifacts._is_current("test-tiny", path)
 
 
 def test_unknown_artifact_name_is_still_a_tag_error():
@@ -244,3 +253,20 @@ def test_open_clip_trainer_checkpoints_still_load(tmp_path):
                tmp_path / "epoch_1.pt")
     clip = build_model("tiny-32", tmp_path / "epoch_1.pt")
     assert all(torch.equal(v, src.model.state_dict()[k]) for k, v in clip.model.state_dict().items())
+
+
+def test_cli_pretrain_defaults_are_the_config_defaults():
+    """`clipleak pretrain` promises the PretrainConfig recipe; its option defaults are literals (so that
+    `--help` does not import open_clip), and this keeps them from drifting apart."""
+    import inspect
+    import typing
+
+    from clipleak import cli
+
+    params = inspect.signature(cli.pretrain).parameters
+    cfg = PretrainConfig(steps=1)
+    for name in ("arch", "data", "split_seed", "batch_size", "lr", "warmup_steps", "augment", "patch_dropout",
+                 "seed", "checkpoint_every"):
+        assert params[name].default == getattr(cfg, name), name
+    hints = typing.get_type_hints(cli.pretrain, include_extras=True)
+    assert f"default {PretrainConfig.steps} " in hints["steps"].__metadata__[0].help

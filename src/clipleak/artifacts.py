@@ -36,11 +36,11 @@ class Artifact:
 
 
 def _tiny_mnist() -> PretrainConfig:
-    # Measured on 2 shared CPU cores (1 thread, other jobs running): 93.3% zero-shot after 3,200 steps
-    # (480 s); see benchmarks/pretrain.py and the card's "curve" for this recipe's own numbers.
-    return PretrainConfig(arch="tiny-32", data="mnist", split_seed=0, steps=4800, batch_size=16, lr=5e-4,
-                          weight_decay=0.1, warmup_steps=200, seed=0, augment=True, patch_dropout=0.5,
-                          caption_sampling="per-class", checkpoint_every=400)
+    # Measured on 2 idle CPU cores: this recipe (time-budget schedule) reached 96.4% zero-shot on the
+    # private split after 1,497 steps (111 s of training); see benchmarks/pretrain.py and the card's numbers.
+    return PretrainConfig(arch="tiny-32", data="mnist", split_seed=0, steps=1500, batch_size=32, lr=1e-3,
+                          weight_decay=0.1, warmup_steps=200, seed=0, augment=True, patch_dropout=0.0,
+                          caption_sampling="per-class", checkpoint_every=300)
 
 
 _REGISTRY: dict[str, Callable[[], PretrainConfig]] = {"tiny-mnist": _tiny_mnist}
@@ -86,7 +86,12 @@ def _is_current(name: str, path: Path) -> bool:
         card = json.loads(cp.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if card.get("config") != get(name).config.to_dict() or card.get("stopped_early"):
+    cfg = get(name).config
+    if card.get("config") != cfg.to_dict() or card.get("stopped_early"):
+        return False
+    from .models import arch_config
+
+    if card.get("arch_config") != arch_config(cfg.arch):  # the architecture's definition changed
         return False
     from .models import file_sha256
 

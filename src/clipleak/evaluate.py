@@ -49,9 +49,9 @@ def _mean(t: torch.Tensor | None) -> float | None:
     return None if t is None else finite_or_none(t.double().mean())
 
 
-def _fmt_pair(a: float, b: float) -> tuple[str, str]:
-    """Format two dB values with enough digits that different numbers never print the same."""
-    for digits in (1, 2, 3, 4):
+def _fmt_pair(a: float, b: float, start: int = 1) -> tuple[str, str]:
+    """Format two values with enough digits (from ``start``) that different numbers never print the same."""
+    for digits in range(start, start + 4):
         sa, sb = f"{a:.{digits}f}", f"{b:.{digits}f}"
         if sa != sb or a == b:
             return sa, sb
@@ -81,6 +81,57 @@ def verdict(attack_db: float, blank_db: float, prototype_db: float) -> dict[str,
                 f"prototype and {b_s} dB for a blank image. The reconstruction carries less about these "
                 f"images than the mean public image of the class, or even an all-black image.")
     return {"beat_blank": bool(beat_blank), "beat_prototype": bool(beat_proto), "text": text}
+
+
+BASELINE_NAMES = {"prototype": "the class prototype", "blank": "a blank image",
+                  "public-nn": "the public nearest neighbour"}
+
+
+def losses_to_baselines(methods: dict[str, Any], reid: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every (baseline, measure) on which the attack does not come out strictly ahead: PSNR, SSIM and
+    re-identification, against every baseline that was scored (blank, prototype and the extra ones)."""
+    lost: list[dict[str, Any]] = []
+    measures = [("PSNR", "dB", lambda m: methods[m]["psnr_mean"]), ("SSIM", "", lambda m: methods[m]["ssim_mean"])]
+    if reid is not None and reid.get("attack") is not None:
+        measures.append(("re-identification", "%", lambda m: reid.get(m)))
+    for name, unit, get in measures:
+        a = get("attack")
+        for m in methods:
+            b = get(m) if m != "attack" else None
+            if b is None or a is None or a > b:
+                continue
+            lost.append({"baseline": m, "measure": name, "attack": float(a), "baseline_value": float(b),
+                         "unit": unit, "tie": bool(a == b)})
+    return lost
+
+
+def _losses_text(lost: list[dict[str, Any]]) -> str:
+    """Sentences naming every baseline the attack did not beat (or only tied), beyond the PSNR verdict's
+    own two, grouped by baseline: "It did NOT beat the public nearest neighbour on PSNR (a vs b) and
+    SSIM (a vs b)."""
+    extra = [x for x in lost if not (x["measure"] == "PSNR" and x["baseline"] in ("blank", "prototype"))]
+    groups: dict[bool, dict[str, list[str]]] = {False: {}, True: {}}
+    for x in extra:
+        if x["unit"] == "%":
+            a, b = f"{x['attack']:.0%}", f"{x['baseline_value']:.0%}"
+        elif x["unit"] == "dB":
+            a, b = _fmt_pair(x["attack"], x["baseline_value"])
+            a, b = f"{a} dB", f"{b} dB"
+        else:
+            a, b = _fmt_pair(x["attack"], x["baseline_value"], start=2)
+        item = f"{x['measure']} (both {a})" if x["tie"] else f"{x['measure']} ({a} vs {b})"
+        groups[x["tie"]].setdefault(x["baseline"], []).append(item)
+
+    def clause(baseline: str, items: list[str]) -> str:
+        who = BASELINE_NAMES.get(baseline, f"the {baseline} baseline")
+        listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+        return f"{who} on {listed}"
+
+    text = ""
+    for tie, lead in ((False, " It did NOT beat "), (True, " It only tied ")):
+        if groups[tie]:
+            text += lead + "; ".join(clause(b, items) for b, items in groups[tie].items()) + "."
+    return text
 
 
 def _score(images: torch.Tensor, truth: torch.Tensor, use_lpips: bool) -> dict[str, Any]:
@@ -200,5 +251,13 @@ def evaluate(
         "methods": methods,
         "lpips": {"available": bool(lp_ok), "note": lp_note},
         "reidentification": reid,
-        "verdict": verdict(means["attack"], means["blank"], means["prototype"]),
+        "verdict": _full_verdict(means, methods, reid),
     }
+
+
+def _full_verdict(means: dict[str, float], methods: dict[str, Any], reid: dict[str, Any] | None) -> dict[str, Any]:
+    v = verdict(means["attack"], means["blank"], means["prototype"])
+    lost = losses_to_baselines(methods, reid)
+    v["lost_to"] = lost
+    v["text"] += _losses_text(lost)
+    return v

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ def register_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+def arch_config(arch: str) -> dict | None:
+    """open_clip's config dict for ``arch`` (clipleak's tiny ones included), or None if unknown. Stored in
+    model cards so a cached artifact is rebuilt when an architecture's definition changes."""
+    register_configs()
+    cfg = open_clip.get_model_config(arch)
+    return None if cfg is None else json.loads(json.dumps(cfg))
 
 
 def list_architectures() -> list[str]:

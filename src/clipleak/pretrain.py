@@ -78,7 +78,7 @@ from torch import nn
 from . import __version__
 from .data import DataSpec, ImageSet, _pil_to_array, load_public, square_image
 from .errors import ClipleakError
-from .models import ClipModel, build_model, save_weights
+from .models import ClipModel, arch_config, build_model, save_weights
 from .peft import _TextTower
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -120,9 +120,9 @@ class PretrainConfig:
     arch: str = "tiny-32"
     data: str = "mnist"
     split_seed: int = 0
-    steps: int | None = 4800
-    batch_size: int = 16
-    lr: float = 5e-4
+    steps: int | None = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 200
     seed: int = 0
@@ -132,7 +132,7 @@ class PretrainConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     caption_sampling: str = "per-class"  # "per-class": one template per class per step; "per-sample"
-    patch_dropout: float = 0.5  # FLIP-style: drop this fraction of image patches in training steps only
+    patch_dropout: float = 0.0  # FLIP-style: drop this fraction of image patches in training steps only
     checkpoint_every: int = 400
     time_budget_s: float | None = None
     eval_data: str | None = None  # data set whose PRIVATE split measures zero-shot accuracy (default: data)
@@ -753,6 +753,7 @@ def _model_card(cfg: PretrainConfig, data: _TrainData, out: Path, sha: str, step
         "clipleak_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "arch": cfg.arch,
+        "arch_config": arch_config(cfg.arch),
         "weights_file": out.name,
         "weights_sha256": sha,
         "config": cfg.to_dict(),

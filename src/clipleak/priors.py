@@ -171,7 +171,8 @@ class FeatureDecoder(nn.Module):
 
     kind = "decoder"
 
-    def __init__(self, embed_dim: int = 128, image_size: int = 32, channels: int = 1, base: int = 64):
+    def __init__(self, embed_dim: int = 128, image_size: int = 32, channels: int = 1, base: int = 64,
+                 whiten: bool = False):
         super().__init__()
         if channels not in (1, 3):
             raise ClipleakError(f"channels must be 1 (grayscale) or 3, got {channels!r}")
@@ -181,6 +182,10 @@ class FeatureDecoder(nn.Module):
         self.embed_dim, self.image_size = int(embed_dim), int(image_size)
         self.channels, self.base = int(channels), int(base)
         self.start = start
+        self.whiten = bool(whiten)
+        if self.whiten:  # fixed input whitening, fitted to the public features by fit_whitening
+            self.register_buffer("in_mean", torch.zeros(embed_dim))
+            self.register_buffer("in_proj", torch.eye(embed_dim))
         widths = [max(base // 2**i, base // 4) for i in range(n)]  # 64, 32, 16, 16, ...
         self.fc = nn.Linear(embed_dim, base * start * start)
         blocks: list[nn.Module] = []
@@ -196,12 +201,32 @@ class FeatureDecoder(nn.Module):
     def arch(self) -> dict[str, Any]:
         """Constructor arguments (stored in the card so :func:`load_prior` can rebuild the module)."""
         return {"embed_dim": self.embed_dim, "image_size": self.image_size, "channels": self.channels,
-                "base": self.base}
+                "base": self.base, "whiten": self.whiten}
+
+    def fit_whitening(self, features: torch.Tensor, rel_eps: float = 1e-3) -> None:
+        """ZCA-whiten the input with the mean and covariance of ``features`` (the public ones). A trained
+        CLIP's features of one class are nearly parallel (same-class cosine ~0.98): what tells two images
+        apart lives in low-variance directions, which whitening brings to unit scale before the first layer.
+        Eigenvalues below ``rel_eps`` times the largest are floored there (the norm constraint leaves one
+        direction with none)."""
+        if not self.whiten:
+            raise ClipleakError("this decoder was built with whiten=False")
+        f = features.double()
+        mean = f.mean(0)
+        cov = torch.cov((f - mean).T)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals = evals.clamp_min(rel_eps * float(evals.max()))
+        proj = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+        with torch.no_grad():
+            self.in_mean.copy_(mean.float())
+            self.in_proj.copy_(proj.float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] from normalised features ``(B, E)``."""
         if features.dim() != 2 or features.shape[1] != self.embed_dim:
             raise ClipleakError(f"this decoder takes (B, {self.embed_dim}) features, got {tuple(features.shape)}")
+        if self.whiten:
+            features = (features - self.in_mean) @ self.in_proj
         h = self.fc(features).view(features.shape[0], self.base, self.start, self.start)
         return _expand(torch.sigmoid(self.head(self.blocks(h))))
 
@@ -466,6 +491,7 @@ def train_decoder(
     feature_noise: float = 0.0,
     augment_copies: int = 0,
     base: int = 64,
+    whiten: bool = True,
     progress: ProgressFn | None = None,
 ) -> FeatureDecoder:
     """Train a :class:`FeatureDecoder` for the frozen target ``clip`` on public (feature, image) pairs.
@@ -478,7 +504,8 @@ def train_decoder(
     scale, as in pretraining; seeded), their features computed once by the frozen target: many more
     (feature, image) pairs than the public split holds, so the decoder learns the encoder's inverse
     rather than the public digits.
-    ``base`` is the decoder's widest channel count.
+    ``base`` is the decoder's widest channel count; ``whiten`` whitens its input with the public
+    features' statistics (:meth:`FeatureDecoder.fit_whitening`).
     """
     if public.images.shape[-1] != clip.image_size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
@@ -502,7 +529,9 @@ def train_decoder(
     budget = _Budget(steps, seconds, DEFAULT_DECODER_STEPS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base)
+        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base, whiten=whiten)
+    if whiten:
+        dec.fit_whitening(feats)
 
     def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = x[idx]
@@ -519,7 +548,7 @@ def train_decoder(
     dec.card = {
         "training": {"recipe": {"loss": "L1 + MSE", "optimizer": "Adam", "lr": lr, "decay": "cosine", "batch": batch,
                                 "seed": seed, "feature_noise": feature_noise, "augment_copies": augment_copies,
-                                "base": base, "steps": steps, "seconds": seconds},
+                                "base": base, "whiten": whiten, "steps": steps, "seconds": seconds},
                      "data": public.source, "n_images": len(public), "feature_seconds": round(feat_seconds, 3),
                      **info},
         "target": {"arch": clip.arch, "weights": clip.weights, "weights_sha256": clip.weights_sha256},
