@@ -312,3 +312,18 @@ def test_decoder_input_whitening():
         plain.fit_whitening(feats)
     old_arch = {k: v for k, v in dec.arch().items() if k != "whiten"}
     assert priors.FeatureDecoder(**old_arch).whiten is False
+
+
+def test_cli_decoder_feature_noise(tmp_path, tiny):
+    """`prior train --feature-noise` reaches the decoder's training recipe; a VAE refuses it."""
+    from clipleak.models import save_weights
+
+    w = tmp_path / "random.safetensors"
+    save_weights(tiny.model, w)
+    out = tmp_path / "dec.safetensors"
+    assert main(["prior", "train", "--kind", "decoder", "--weights", str(w), "--out", str(out), "--steps", "2",
+                 "--feature-noise", "0.05"]) == 0
+    dec = priors.load_prior(out)
+    assert dec.card["training"]["recipe"]["feature_noise"] == 0.05 and dec.whiten
+    assert main(["prior", "train", "--kind", "vae", "--out", str(tmp_path / "v.safetensors"), "--steps", "2",
+                 "--feature-noise", "0.05"]) == 2

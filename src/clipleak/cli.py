@@ -317,12 +317,17 @@ def prior_train(
     seconds: Annotated[float | None, typer.Option(help="training time budget (fits the schedule to it)")] = None,
     steps: Annotated[int | None, typer.Option(help="steps (default 2000; --seconds stops early)")] = None,
     latent: Annotated[int, typer.Option(help="VAE latent dimension")] = 32,
+    feature_noise: Annotated[float, typer.Option(
+        help="decoder: train on features with Gaussian noise of this norm (0.05 suits features fitted to a "
+             "CoOp gradient: measured 89% -> 95% re-identification there, 0.5 dB less on exact ones)")] = 0.0,
     split_seed: Annotated[int, typer.Option(help="seed of the public/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
 ) -> None:
     """Train an image prior on the PUBLIC split and save it with a card (quality on the private split).
 
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
+
+    Example: clipleak prior train --kind decoder --weights tiny-mnist --feature-noise 0.05 --out runs/coop-dec.safetensors
     """
     from .priors import build_prior, save_prior
 
@@ -330,6 +335,9 @@ def prior_train(
         raise ClipleakError(f"--out must end in .safetensors, got {out}")
     if kind not in ("vae", "decoder"):
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
+    if feature_noise < 0 or (feature_noise > 0 and kind != "decoder"):
+        raise ClipleakError(f"--feature-noise must be >= 0 and only applies to a decoder, got {feature_noise} "
+                            f"for a {kind}")
     with _progress() as prog:
         task = prog.add_task(f"train {kind}", total=steps, info="loading")
 
@@ -341,7 +349,7 @@ def prior_train(
                             info=f"loss {info['loss']:.4f}" + (" (evaluating)" if info.get("phase") == "done" else ""))
 
         prior = build_prior(kind, data=data, arch=arch, weights=weights, split_seed=split_seed, steps=steps,
-                            seconds=seconds, seed=seed, latent=latent, progress=cb)
+                            seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise, progress=cb)
     path = save_prior(prior, out)
     tr = prior.card["training"]
     console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")

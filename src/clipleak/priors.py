@@ -771,13 +771,15 @@ def build_prior(
     seconds: float | None = None,
     seed: int = 0,
     latent: int = 32,
+    feature_noise: float = 0.0,
     progress: ProgressFn | None = None,
     quality: bool = True,
 ) -> Prior:
     """Train a prior of ``kind`` for target ``arch``/``weights`` on ``data``'s public split, card filled in.
 
     The card gets the data spec, the target (for a decoder) and, with ``quality``, the PSNR on the
-    private split next to the class-prototype baseline (:func:`prior_quality`).
+    private split next to the class-prototype baseline (:func:`prior_quality`). ``feature_noise``
+    (decoder only) trains on noisy features, for features that are fitted rather than exact (CoOp).
     """
     from .data import DataSpec, load_public
     from .models import build_model
@@ -793,7 +795,8 @@ def build_prior(
     if kind == "vae":
         prior: Prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress)
     else:
-        prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, progress=progress)
+        prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
+                              progress=progress)
     prior.card["data"] = spec.to_dict()
     prior.card["for_arch"] = arch
     if quality:
