@@ -327,7 +327,7 @@ def prior_train(
 
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
 
-    Example: clipleak prior train --kind decoder --weights tiny-mnist --feature-noise 0.05 --out runs/coop-dec.safetensors
+    Example: clipleak prior train --kind decoder --weights tiny-mnist --feature-noise 0.05 --out runs/coop.safetensors
     """
     from .priors import build_prior, save_prior
 
