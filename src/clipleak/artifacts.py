@@ -86,15 +86,13 @@ def _is_current(name: str, path: Path) -> bool:
         card = json.loads(cp.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    from .models import arch_config, file_sha256
+
     cfg = get(name).config
     if card.get("config") != cfg.to_dict() or card.get("stopped_early"):
         return False
-    from .models import arch_config
-
     if card.get("arch_config") != arch_config(cfg.arch):  # the architecture's definition changed
         return False
-    from .models import file_sha256
-
     return card.get("weights_sha256") == file_sha256(path)
 
 

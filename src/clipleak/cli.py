@@ -335,9 +335,6 @@ def prior_train(
         raise ClipleakError(f"--out must end in .safetensors, got {out}")
     if kind not in ("vae", "decoder"):
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
-    if feature_noise < 0 or (feature_noise > 0 and kind != "decoder"):
-        raise ClipleakError(f"--feature-noise must be >= 0 and only applies to a decoder, got {feature_noise} "
-                            f"for a {kind}")
     with _progress() as prog:
         task = prog.add_task(f"train {kind}", total=steps, info="loading")
 

@@ -429,10 +429,12 @@ def _train_loop(
             "final_loss": running, "stopped_early": stopped}
 
 
-def _train_images(public: ImageSet) -> torch.Tensor:
+def _train_images(public: ImageSet, images: torch.Tensor | None = None) -> torch.Tensor:
+    """The prior's training targets: ``images`` (default the public ones) with the channels the prior
+    models (one for a grayscale set)."""
     if len(public) < 2:
         raise ClipleakError("need at least 2 public images to train a prior")
-    x = public.images
+    x = public.images if images is None else images
     x = x[:, :1] if public.grayscale else x
     return x.contiguous().float()
 
@@ -510,20 +512,21 @@ def train_decoder(
     if public.images.shape[-1] != clip.image_size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
                             f"{clip.image_size} px")
-    x = _train_images(public)
+    if augment_copies < 0:
+        raise ClipleakError(f"augment_copies must be >= 0, got {augment_copies}")
+    if feature_noise < 0:
+        raise ClipleakError(f"feature_noise must be >= 0, got {feature_noise}")
     t_feat = time.perf_counter()
     if progress is not None:
         progress(0, 0, {"phase": "features", "loss": float("nan"), "lr": 0.0, "elapsed_s": 0.0})
     images = public.images
-    if augment_copies < 0:
-        raise ClipleakError(f"augment_copies must be >= 0, got {augment_copies}")
     if augment_copies:
         from .pretrain import PretrainConfig, _augment
 
         g_aug = torch.Generator().manual_seed(seed + 7919)
         copies = [_augment(images, PretrainConfig(), g_aug, public.grayscale) for _ in range(augment_copies)]
         images = torch.cat([images, *copies])
-        x = images[:, :1].contiguous() if public.grayscale else images
+    x = _train_images(public, images)
     feats = clip_features(clip, images)
     feat_seconds = time.perf_counter() - t_feat
     budget = _Budget(steps, seconds, DEFAULT_DECODER_STEPS)
@@ -786,6 +789,9 @@ def build_prior(
 
     if kind not in KINDS:
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
+    if feature_noise < 0 or (feature_noise > 0 and kind != "decoder"):
+        raise ClipleakError(f"feature noise must be >= 0 and only applies to a decoder, got {feature_noise} "
+                            f"for a {kind}")
     if kind == "decoder" and weights is None:
         raise ClipleakError("a feature decoder needs the target's trained weights (--weights PATH or tiny-mnist): "
                             "a random-init CLIP gives every image nearly the same feature")
