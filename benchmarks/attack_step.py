@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from clipleak.attacks.base import gradient_matching_term
+from clipleak.attacks import gradient_matching_term
 from clipleak.engine import State, total_variation
 from clipleak.models import build_model, math_attention
-from clipleak.observation import share
+from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -23,11 +23,11 @@ from collections import defaultdict
 import torch
 
 from clipleak.api import attack_observation, make_observation, public_for
-from clipleak.attacks.features import recovered_features
+from clipleak.recover import recovered_features
 from clipleak.client import load_private
-from clipleak.diagnostics import public_nearest_neighbour
-from clipleak.evaluate import evaluate
-from clipleak.observation import rebuild_victim
+from clipleak.evaluation import public_nearest_neighbour
+from clipleak.evaluation import evaluate
+from clipleak.peft import rebuild_victim
 
 ATTACKS = {
     "ig, prior none": dict(name="ig", prior="none"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from clipleak.pretrain import PretrainConfig, pretrain
+from clipleak.training.pretrain import PretrainConfig, pretrain
 
 
 def run_one(cfg: PretrainConfig, every: float, threads: int | None, label: str) -> dict[str, Any]:

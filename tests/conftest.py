@@ -42,7 +42,7 @@ SHORT_MIN_ACCURACY = 0.50
 @pytest.fixture(scope="session")
 def short_run(tmp_path_factory) -> tuple[Path, dict]:
     """A small TRAINED target (weights file, model card): the fixture for leakage claims in tests."""
-    from clipleak.pretrain import PretrainConfig, pretrain
+    from clipleak.training.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("pretrain") / "short.safetensors"
     card = pretrain(PretrainConfig(**SHORT), out, threads=1)  # restores the thread count afterwards

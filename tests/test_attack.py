@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipleak.attacks import AttackConfig, run_attack
-from clipleak.attacks.base import gradient_matching_term
+from clipleak.attacks import IGConfig, run_attack
+from clipleak.attacks import gradient_matching_term
 from clipleak.engine import EngineConfig, PixelImages, State, Term, optimise
 from clipleak.errors import ClipleakError
-from clipleak.observation import share
+from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
 
 
@@ -35,7 +35,7 @@ def test_gradient_term_is_zero_at_the_truth(tiny, digits):
 @pytest.mark.parametrize("method", ["coop", "full-visual"])
 def test_ig_drives_the_gradient_loss_down(tiny, digits, method):
     v, x, y, obs = _obs(tiny, digits, method)
-    rec = run_attack("ig", obs, v, AttackConfig(iterations=80, restarts=1, seed=0))
+    rec = run_attack("ig", obs, v, IGConfig(iterations=80, restarts=1, seed=0))
     g = rec.history["gradient"]
     assert len(g) == 80
     assert g[-1] < g[0] / 5, (g[0], g[-1])  # measured: ~50x (coop), ~15x (full-visual)
@@ -46,7 +46,7 @@ def test_ig_drives_the_gradient_loss_down(tiny, digits, method):
 
 def test_label_inference_when_labels_are_not_shared(tiny, digits):
     v, x, y, obs = _obs(tiny, digits, "adapter", labels=False, seed=1)
-    rec = run_attack("ig", obs, v, AttackConfig(iterations=60, restarts=1))
+    rec = run_attack("ig", obs, v, IGConfig(iterations=60, restarts=1))
     assert rec.label_source.startswith("inferred")
     assert torch.equal(rec.labels, y)
 
@@ -54,12 +54,12 @@ def test_label_inference_when_labels_are_not_shared(tiny, digits):
 def test_known_labels_required_when_asked(tiny, digits):
     v, x, y, obs = _obs(tiny, digits, "coop", labels=False)
     with pytest.raises(ClipleakError, match="does not include labels"):
-        run_attack("ig", obs, v, AttackConfig(iterations=1, restarts=1, labels="known"))
+        run_attack("ig", obs, v, IGConfig(iterations=1, restarts=1, labels="known"))
 
 
 def test_grayscale_parametrisation_has_identical_channels(tiny, digits):
     v, x, y, obs = _obs(tiny, digits, "coop")
-    rec = run_attack("ig", obs, v, AttackConfig(iterations=5, restarts=1, grayscale=True))
+    rec = run_attack("ig", obs, v, IGConfig(iterations=5, restarts=1, grayscale=True))
     assert torch.equal(rec.images[:, 0], rec.images[:, 1]) and torch.equal(rec.images[:, 1], rec.images[:, 2])
 
 

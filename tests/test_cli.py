@@ -10,7 +10,7 @@ import torch
 from clipleak import client
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
 from clipleak.cli import main
-from clipleak.reconstruction import Reconstruction
+from clipleak.records import Reconstruction
 
 
 @pytest.mark.parametrize("cmd", ["share", "attack", "evaluate", "demo", "models"])
@@ -44,7 +44,7 @@ def test_end_to_end_files(run):
 
 def test_truth_as_reconstruction_beats_baselines_and_noise_does_not(run, tmp_path):
     d, obs, rec_dir = run
-    from clipleak.observation import Truth
+    from clipleak.records import Truth
 
     truth = Truth.load(d / "obs.truth.safetensors")
     rec = Reconstruction.load(rec_dir)

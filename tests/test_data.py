@@ -14,10 +14,10 @@ from clipleak.data import (
     DIGIT_NAMES,
     DataSpec,
     ImageSet,
-    _load_all,
-    _load_cached,
     available_datasets,
+    load_all,
     load_public,
+    load_validation,
     split_indices,
 )
 from clipleak.errors import ClipleakError
@@ -29,7 +29,7 @@ MNIST = DataSpec("mnist")
 
 
 def test_mnist_loads_5000_real_digits() -> None:
-    full = _load_all(MNIST, 32)
+    full = load_all(MNIST, 32)
     assert len(full) == 5000
     assert full.images.shape == (5000, 3, 32, 32)
     assert full.images.dtype == torch.float32 and full.labels.dtype == torch.int64
@@ -41,42 +41,56 @@ def test_mnist_loads_5000_real_digits() -> None:
     assert torch.equal(full.images[:, 0], full.images[:, 2])
 
 
-def test_public_private_disjoint_cover_stratified() -> None:
-    pub, priv = load_public(MNIST, 32), load_private(MNIST, 32)
-    assert len(pub) == 4000 and len(priv) == 1000
-    pub_idx, priv_idx = split_indices(_load_all(MNIST, 32).labels, 0, 0.2)
-    assert set(pub_idx.tolist()).isdisjoint(priv_idx.tolist())
-    assert sorted(pub_idx.tolist() + priv_idx.tolist()) == list(range(5000))
-    assert torch.equal(torch.bincount(priv.labels, minlength=10), torch.full((10,), 100))
-    full = _load_all(MNIST, 32)
-    assert torch.equal(pub.images, full.images[pub_idx]) and torch.equal(priv.images, full.images[priv_idx])
-    assert "public split" in pub.source and "private split" in priv.source
+def test_public_validation_private_disjoint_cover_stratified() -> None:
+    pub, val, priv = load_public(MNIST, 32), load_validation(MNIST, 32), load_private(MNIST, 32)
+    assert (len(pub), len(val), len(priv)) == (4000, 500, 500)
+    split = split_indices(load_all(MNIST, 32).labels, 0, 0.1, 0.1)
+    parts = [set(t.tolist()) for t in split]
+    assert all(a.isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert sorted(set().union(*parts)) == list(range(5000))
+    assert torch.equal(torch.bincount(priv.labels, minlength=10), torch.full((10,), 50))
+    assert torch.equal(torch.bincount(val.labels, minlength=10), torch.full((10,), 50))
+    full = load_all(MNIST, 32)
+    assert torch.equal(pub.images, full.images[split.public]) and torch.equal(priv.images, full.images[split.private])
+    assert torch.equal(val.images, full.images[split.validation])
+    assert "public split" in pub.source and "private split" in priv.source and "validation split" in val.source
+    # the public part depends only on the total hold-out: the same 4,000 digits as a 20% private split
+    old = split_indices(full.labels, 0, 0.2)
+    assert torch.equal(old.public, split.public)
+    assert torch.equal(torch.sort(torch.cat([split.private, split.validation])).values, old.private)
 
 
 def test_split_deterministic_per_seed() -> None:
-    labels = _load_all(MNIST, 32).labels
-    a_pub, a_priv = split_indices(labels, 0, 0.2)
-    b_pub, b_priv = split_indices(labels, 0, 0.2)
-    c_pub, c_priv = split_indices(labels, 1, 0.2)
-    assert torch.equal(a_pub, b_pub) and torch.equal(a_priv, b_priv)
-    assert not torch.equal(a_priv, c_priv)
+    labels = load_all(MNIST, 32).labels
+    a = split_indices(labels, 0, 0.1, 0.1)
+    b = split_indices(labels, 0, 0.1, 0.1)
+    c = split_indices(labels, 1, 0.1, 0.1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a.private, c.private)
     other = load_private(DataSpec("mnist", split_seed=1), 32)
     assert not torch.equal(other.images, load_private(MNIST, 32).images)
 
 
 def test_split_small_classes_and_fraction() -> None:
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
-    pub, priv = split_indices(labels, 3, 0.2)
+    pub, val, priv = split_indices(labels, 3, 0.2)
+    assert val.numel() == 0
     counts = torch.bincount(labels[priv], minlength=3).tolist()
     assert counts == [1, 1, 2]  # at least one private and one public image per class
     assert torch.bincount(labels[pub], minlength=3).min() >= 1
+    pub, val, priv = split_indices(labels[2:], 3, 0.1, 0.1)
+    assert torch.bincount(labels[2:][val], minlength=3)[1:].min() >= 1  # every part gets one per class
     with pytest.raises(ClipleakError, match="at least 2"):
         split_indices(torch.tensor([0, 0, 1]), 0, 0.2)
+    with pytest.raises(ClipleakError, match="at least 3"):
+        split_indices(torch.tensor([0, 0, 1, 1]), 0, 0.1, 0.1)
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ClipleakError, match="private_fraction"):
             split_indices(labels, 0, bad)
         with pytest.raises(ClipleakError, match="private_fraction"):
             DataSpec("mnist", private_fraction=bad)
+    with pytest.raises(ClipleakError, match="below 1"):
+        DataSpec("mnist", private_fraction=0.5, validation_fraction=0.5)
 
 
 def test_prototypes_are_exact_class_means() -> None:
@@ -116,7 +130,7 @@ def test_subset_and_of_class() -> None:
 
 
 def test_digits() -> None:
-    full = _load_all(DataSpec("digits"), 32)
+    full = load_all(DataSpec("digits"), 32)
     assert len(full) == 1797 and full.grayscale and full.classnames == DIGIT_NAMES
     assert full.images.shape == (1797, 3, 32, 32)
     assert 0.0 <= float(full.images.min()) and float(full.images.max()) <= 1.0
@@ -128,7 +142,7 @@ PHOTO_SOURCES = [("sklearn-photos", "flower"), ("skimage-photos", "astronaut")]
 
 @pytest.mark.parametrize(("name", "must_have"), PHOTO_SOURCES)
 def test_photos(name: str, must_have: str) -> None:
-    full = _load_all(DataSpec(name), 48)
+    full = load_all(DataSpec(name), 48)
     assert not full.grayscale and must_have in full.classnames
     assert len(full) == 24 * len(full.classnames)
     assert torch.equal(torch.bincount(full.labels), torch.full((len(full.classnames),), 24))
@@ -138,16 +152,17 @@ def test_photos(name: str, must_have: str) -> None:
     assert (full.images[:, 0] - full.images[:, 2]).abs().mean() > 0.01
     assert not torch.equal(full.images[0], full.images[1])
     if name == "sklearn-photos":  # deterministic crops (shared code path): a fresh, uncached load agrees
-        assert torch.equal(full.images, _load_cached.__wrapped__(name, 48, None).images)
+        load_all.__globals__["_load_cached"].cache_clear()
+        assert torch.equal(full.images, load_all(DataSpec(name), 48).images)
     pub, priv = load_public(DataSpec(name), 48), load_private(DataSpec(name), 48)
-    assert len(pub) + len(priv) == len(full) and pub.prototypes().shape[0] == len(full.classnames)
+    assert len(pub) + len(load_validation(DataSpec(name), 48)) + len(priv) == len(full) and pub.prototypes().shape[0] == len(full.classnames)
 
 
 def test_available_and_parse(tmp_path: Path) -> None:
     names = available_datasets()
     assert {"mnist", "digits", "sklearn-photos", "skimage-photos", "folder:PATH"} <= set(names)
     assert DataSpec.parse("mnist") == DataSpec()
-    assert DataSpec.parse("digits", split_seed=3, private_fraction=0.5) == DataSpec("digits", 3, 0.5)
+    assert DataSpec.parse("digits", split_seed=3, private_fraction=0.5) == DataSpec("digits", 3, 0.5, 0.1)
     (tmp_path / "a").mkdir()
     assert DataSpec.parse(str(tmp_path)).name == f"folder:{tmp_path.resolve()}"
     assert DataSpec.parse(f"folder:{tmp_path}").folder == tmp_path.resolve()
@@ -159,8 +174,9 @@ def test_available_and_parse(tmp_path: Path) -> None:
         DataSpec("imagenet")
     spec = DataSpec("digits", 7, 0.3)
     assert DataSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(ClipleakError, match="unknown data spec keys"):
-        DataSpec.from_dict({"name": "mnist", "extra": 1})
+    assert DataSpec.from_dict({**spec.to_dict(), "grayscale": True}) == spec  # facts recorded beside the spec
+    with pytest.raises(ClipleakError, match="split_seed"):
+        DataSpec.from_dict({"name": "mnist", "split_seed": "0"})
     assert DataSpec().is_grayscale is True and DataSpec("skimage-photos").is_grayscale is False
 
 
@@ -187,7 +203,7 @@ def test_folder_converts_modes_and_sizes(tmp_path: Path) -> None:
     (root / "gray" / "notes.txt").write_text("ignored: not an image extension")
 
     spec = DataSpec.parse(str(root))
-    full = _load_all(spec, 16)
+    full = load_all(spec, 16)
     assert full.classnames == ["gray", "red things"] and not full.grayscale
     assert full.images.shape == (4, 3, 16, 16) and full.labels.tolist() == [0, 0, 1, 1]
     g, t, a, b = full.images
@@ -200,44 +216,45 @@ def test_folder_converts_modes_and_sizes(tmp_path: Path) -> None:
 
     gray_only = tmp_path / "gray_only"
     for c in ("dark", "light"):
-        for i in range(2):
+        for i in range(3):
             _save(gray_only / c / f"{i}.png", np.full((10, 12), 40 if c == "dark" else 200, np.uint8))
-    gfull = _load_all(DataSpec.parse(str(gray_only)), 8)
+    gfull = load_all(DataSpec.parse(str(gray_only)), 8)
     assert gfull.grayscale and torch.equal(gfull.images[:, 0], gfull.images[:, 1])
     gspec = DataSpec.parse(str(gray_only))
     pub, priv = load_public(gspec, 8), load_private(gspec, 8)
     assert len(pub) == 2 and len(priv) == 2 and sorted(priv.labels.tolist()) == [0, 1]
+    assert sorted(load_validation(gspec, 8).labels.tolist()) == [0, 1]
 
 
 def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ClipleakError, match="not found"):
-        _load_all(DataSpec(f"folder:{tmp_path / 'missing'}"), 8)
+        load_all(DataSpec(f"folder:{tmp_path / 'missing'}"), 8)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ClipleakError, match="no class sub-folders"):
-        _load_all(DataSpec.parse(str(empty)), 8)
+        load_all(DataSpec.parse(str(empty)), 8)
     single = tmp_path / "single"
     _save(single / "only" / "x.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ClipleakError, match="only one class"):
-        _load_all(DataSpec.parse(str(single)), 8)
+        load_all(DataSpec.parse(str(single)), 8)
     no_imgs = tmp_path / "no_imgs"
     _save(no_imgs / "a" / "x.png", np.zeros((4, 4, 3), np.uint8))
     (no_imgs / "b").mkdir()
     with pytest.raises(ClipleakError, match="has no images"):
-        _load_all(DataSpec.parse(str(no_imgs)), 8)
+        load_all(DataSpec.parse(str(no_imgs)), 8)
     corrupt = tmp_path / "corrupt"
     _save(corrupt / "a" / "ok.png", np.zeros((4, 4, 3), np.uint8))
     (corrupt / "b").mkdir()
     (corrupt / "b" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ClipleakError, match="broken.png"):
-        _load_all(DataSpec.parse(str(corrupt)), 8)
+        load_all(DataSpec.parse(str(corrupt)), 8)
     one_each = tmp_path / "one_each"
     _save(one_each / "a" / "x.png", np.zeros((4, 4, 3), np.uint8))
     _save(one_each / "b" / "y.png", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ClipleakError, match="at least 2 images per class"):
+    with pytest.raises(ClipleakError, match="at least 3 images per class"):
         load_public(DataSpec.parse(str(one_each)), 8)
     with pytest.raises(ClipleakError, match="image_size"):
-        _load_all(MNIST, 0)
+        load_all(MNIST, 0)
 
 
 # ------------------------------------------------------------------------------------ sample_batch
@@ -260,10 +277,10 @@ def test_sample_batch() -> None:
     _, y, _ = sample_batch(priv, 2, seed=1, classes=[1, 4, 9], distinct_classes=True)
     assert len(set(y.tolist())) == 2 and set(y.tolist()) <= {1, 4, 9}
 
-    with pytest.raises(ClipleakError, match="only 1000"):
-        sample_batch(priv, 1001, seed=0)
-    with pytest.raises(ClipleakError, match="only 100"):
-        sample_batch(priv, 101, seed=0, classes=[2])
+    with pytest.raises(ClipleakError, match="only 500"):
+        sample_batch(priv, 501, seed=0)
+    with pytest.raises(ClipleakError, match="only 50"):
+        sample_batch(priv, 51, seed=0, classes=[2])
     with pytest.raises(ClipleakError, match="distinct"):
         sample_batch(priv, 11, seed=0, distinct_classes=True)
     with pytest.raises(ClipleakError, match="out of range"):

@@ -9,7 +9,8 @@ from clipleak.api import attack_observation, make_observation
 from clipleak.data import DataSpec, load_public
 from clipleak.errors import ClipleakError
 from clipleak.models import build_model, save_weights
-from clipleak.priors import decoder_images, save_prior, train_decoder, train_vae
+from clipleak.priors import decoder_images, save_prior
+from clipleak.training import train_decoder, train_vae
 
 
 @pytest.fixture(scope="module")

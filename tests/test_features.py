@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipleak.attacks.features import adapter_features, predict_labels, text_jacobian
-from clipleak.observation import share
+from clipleak.recover import adapter_features, predict_labels, text_jacobian
+from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
 
 
@@ -57,10 +57,10 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
     """On a trained target the CoOp context gradient pins down the image feature and the label: the fit
     (public-feature starts + Levenberg-Marquardt on the exact J^T dL/dT model) gets both back."""
     from clipleak.api import make_observation
-    from clipleak.attacks.features import coop_features
+    from clipleak.recover import coop_features
     from clipleak.data import DataSpec, load_public
-    from clipleak.diagnostics import public_features
-    from clipleak.observation import rebuild_victim
+    from clipleak.recover import public_features
+    from clipleak.peft import rebuild_victim
 
     weights, _ = short_run
     public = load_public(DataSpec(), 32)
@@ -69,7 +69,7 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
     for seed in range(3):
         obs, truth = make_observation(weights=str(weights), method="coop", batch_size=1, seed=seed)
         v = rebuild_victim(obs)
-        feats, labels, residual = coop_features(obs, v, public_features(v, public), public.labels)
+        feats, labels, residual = coop_features(obs, v, public_features(v.clip_info, public), public.labels)
         with torch.no_grad():
             true = F.normalize(v.raw_image_features(truth.images), dim=-1)
         cos.append(float((feats * true).sum()))

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from clipleak import metrics
+from clipleak.evaluation import metrics
 from clipleak.errors import ClipleakError
-from clipleak.evaluate import evaluate
-from clipleak.metrics import (
+from clipleak.evaluation import evaluate
+from clipleak.evaluation.metrics import (
     PSNR_CAP,
     label_accuracy,
     label_count_accuracy,
@@ -26,8 +26,8 @@ from clipleak.metrics import (
     ssim,
     ssim_kernel_size,
 )
-from clipleak.observation import Truth
-from clipleak.reconstruction import Reconstruction
+from clipleak.records import Truth
+from clipleak.records import Reconstruction
 
 
 @dataclass

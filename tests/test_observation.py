@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 
 from clipleak.errors import ClipleakError
 from clipleak.models import save_weights
-from clipleak.observation import Observation, Truth, rebuild_victim, share
+from clipleak.client import share
+from clipleak.peft import rebuild_victim
+from clipleak.records import Observation, Truth
 from clipleak.peft import PeftConfig, build_victim
 
 
@@ -56,9 +58,8 @@ def test_rebuilt_victim_reproduces_gradient(tmp_path, digits):
     obs = share(v, x, y)
     obs.save(tmp_path / "o")
     v2 = rebuild_victim(Observation.load(tmp_path / "o.safetensors"))
-    from clipleak.observation import client_gradient
 
-    g2 = client_gradient(v2, x, y)
+    g2 = v2.gradient(x, y)
     for k in obs.gradients:
         assert torch.allclose(g2[k], obs.gradients[k], atol=1e-6)
 

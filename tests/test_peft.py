@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from clipleak.errors import ClipleakError
-from clipleak.observation import client_gradient
 from clipleak.peft import PeftConfig, build_victim
 
 
@@ -54,7 +53,7 @@ def test_coop_context_of_real_words_reproduces_the_prompt(tiny, digits):
 def test_gradient_nonzero_only_for_chosen(tiny, digits):
     v = build_victim(tiny, digits, PeftConfig(method="adapter"))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    g = client_gradient(v, x, torch.tensor([1, 2]))
+    g = v.gradient(x, torch.tensor([1, 2]))
     assert set(g) == {"adapter.fc1.weight", "adapter.fc2.weight"}
     assert all(t.abs().sum() > 0 for t in g.values())
     assert all(p.grad is None for p in v.parameters())

@@ -18,16 +18,9 @@ from clipleak.client import load_private
 from clipleak.data import DataSpec
 from clipleak.errors import ClipleakError
 from clipleak.models import build_model
-from clipleak.observation import client_gradient
 from clipleak.peft import PeftConfig, build_victim
-from clipleak.pretrain import (
-    PretrainConfig,
-    card_path,
-    checkpoint_dir,
-    load_caption_csv,
-    pretrain,
-    zero_shot_accuracy,
-)
+from clipleak.models import card_path, zero_shot_accuracy
+from clipleak.training import PretrainConfig, checkpoint_dir, load_caption_csv, pretrain
 from conftest import SHORT, SHORT_MIN_ACCURACY
 
 
@@ -54,8 +47,8 @@ def _coop_same_class_cosine(clip) -> float:
     cos = []
     for a, b, k in _same_class_pairs():
         y = torch.tensor([k])
-        ga = client_gradient(victim, a[None], y)["prompt.ctx"].reshape(-1)
-        gb = client_gradient(victim, b[None], y)["prompt.ctx"].reshape(-1)
+        ga = victim.gradient(a[None], y)["prompt.ctx"].reshape(-1)
+        gb = victim.gradient(b[None], y)["prompt.ctx"].reshape(-1)
         cos.append(float(F.cosine_similarity(ga, gb, dim=0)))
     return float(np.mean(cos))
 
@@ -217,7 +210,7 @@ def test_artifact_is_built_once_then_reused(tmp_path, monkeypatch):
     assert artifacts.cache_dir() == tmp_path / "cache"
     assert artifacts.is_artifact("tiny-mnist") and not artifacts.is_artifact("tiny-mnist.safetensors")
     recipe = PretrainConfig(data="digits", steps=3, batch_size=4, warmup_steps=1)
-    monkeypatch.setitem(artifacts._REGISTRY, "test-tiny", lambda: recipe)
+    monkeypatch.setitem(artifacts.REGISTRY, "test-tiny", lambda: artifacts.Artifact("test-tiny", "test", recipe))
     path = artifacts.resolve("test-tiny")
     assert path == tmp_path / "cache" / "test-tiny.safetensors" and path.is_file()
     assert artifacts.card("test-tiny")["steps_done"] == 3
@@ -227,16 +220,16 @@ def test_artifact_is_built_once_then_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(artifacts, "pretrain", boom)
     assert artifacts.resolve("test-tiny") == path
-    clip = build_model("tiny-32", "test-tiny")  # the models.build_model hook
+    clip = build_model("tiny-32", artifacts.resolve_path("test-tiny"))  # names become files above build_model
     assert clip.weights == str(path)
     # the architecture's definition is part of the recipe: a card written for another one is stale
-    card_file = artifacts.card_path(path)
+    card_file = card_path(path)
     card = json.loads(card_file.read_text())
     assert card["arch_config"]["vision_cfg"]["patch_size"] == 8
-    assert artifacts._is_current("test-tiny", path)
-    card["arch_config"]["vision_cfg"]["patch_size"] = 4
+    assert artifacts.is_current("test-tiny")
+    card["artifact"]["expected"]["arch_config"]["vision_cfg"]["patch_size"] = 4
     card_file.write_text(json.dumps(card))
-    assert not artifacts._is_current("test-tiny", path)
+    assert not artifacts.is_current("test-tiny")
 
 
 def test_unknown_artifact_name_is_still_a_tag_error():

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipleak import priors
+from clipleak import artifacts, priors, training
 from clipleak.cli import main
 from clipleak.client import load_private
 from clipleak.data import DataSpec, load_public
 from clipleak.engine import EngineConfig, PixelImages, State, Term, optimise
 from clipleak.errors import ClipleakError
-from clipleak.metrics import psnr, reid_rate
+from clipleak.evaluation.metrics import psnr, reid_rate
 
 THREADS = int(os.environ.get("CLIPLEAK_TEST_THREADS", "2"))
 # A fast test recipe: half-width VAE, 300 steps, high lr (about 5 s on one core). The registered recipe
@@ -33,14 +33,14 @@ def mnist32():
 def vae(mnist32):
     torch.set_num_threads(THREADS)  # session fixtures run before conftest's per-test thread setting
     public, _ = mnist32
-    return priors.train_vae(public, **FAST_VAE)
+    return training.train_vae(public, **FAST_VAE)
 
 
 @pytest.fixture(scope="session")
 def decoder(tiny, mnist32):
     torch.set_num_threads(THREADS)
     public, _ = mnist32
-    return priors.train_decoder(tiny, public.subset(list(range(0, len(public), 16))), steps=4, batch=16, seed=0)
+    return training.train_decoder(tiny, public.subset(list(range(0, len(public), 16))), steps=4, batch=16, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -74,8 +74,8 @@ def test_shapes_for_32_and_64_px_gray_and_colour():
 def test_vae_training_is_deterministic(mnist32):
     public, _ = mnist32
     small = public.subset(list(range(0, len(public), 20)))
-    a = priors.train_vae(small, width=8, steps=3, batch=16, seed=1)
-    b = priors.train_vae(small, width=8, steps=3, batch=16, seed=1)
+    a = training.train_vae(small, width=8, steps=3, batch=16, seed=1)
+    b = training.train_vae(small, width=8, steps=3, batch=16, seed=1)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert a.card["training"]["steps_done"] == 3
@@ -84,19 +84,19 @@ def test_vae_training_is_deterministic(mnist32):
 def test_time_budget_fits_the_schedule(mnist32):
     public, _ = mnist32
     small = public.subset(list(range(0, len(public), 20)))
-    vae = priors.train_vae(small, width=8, seconds=1.0, batch=16)
+    vae = training.train_vae(small, width=8, seconds=1.0, batch=16)
     tr = vae.card["training"]
     assert tr["steps_done"] >= 10 and tr["schedule_steps"] >= tr["steps_done"] and tr["train_seconds"] < 3
     with pytest.raises(ClipleakError):
-        priors.train_vae(small, steps=0)
+        training.train_vae(small, steps=0)
     with pytest.raises(ClipleakError):
-        priors.train_vae(small, seconds=0)
+        training.train_vae(small, seconds=0)
 
 
 def test_vae_reconstructs_private_digits_better_than_class_prototype(vae, mnist32):
     public, private = mnist32
     sub = private.subset(list(range(0, len(private), 4)))  # 250 private digits, all classes
-    q = priors.prior_quality(vae, sub, public)
+    q = training.prior_quality(vae, sub, public)
     # measured (1 thread): re-encode 15.5 dB vs prototype of the TRUE class 13.9 dB
     assert q["private_reencode_psnr_db"] > q["private_prototype_psnr_db"] + 0.8, q
 
@@ -191,17 +191,18 @@ def test_load_prior_errors(vae, tmp_path):
 
 def test_named_prior_trains_once_then_reuses(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIPLEAK_CACHE", str(tmp_path))
-    tiny_recipe = priors.PriorRecipe("vae", "tiny-mnist", "tiny-32", 32, steps=2, latent=8)
-    monkeypatch.setitem(priors.PRIOR_ARTIFACTS, "tiny-mnist-vae", tiny_recipe)
-    p = priors.resolve_prior("tiny-mnist-vae")
+    tiny_recipe = artifacts.PriorRecipe("vae", "tiny-mnist", "tiny-32", steps=2, latent=8)
+    monkeypatch.setitem(artifacts.REGISTRY, "tiny-mnist-vae",
+                        lambda: artifacts.Artifact("tiny-mnist-vae", "test", tiny_recipe))
+    p = artifacts.resolve("tiny-mnist-vae")
     assert p.parent == tmp_path and p.is_file()
     mtime = p.stat().st_mtime_ns
-    assert priors.resolve_prior("tiny-mnist-vae").stat().st_mtime_ns == mtime  # reused, not retrained
-    vae = priors.load_prior("tiny-mnist-vae")
-    assert vae.latent == 8 and vae.card["recipe"]["steps"] == 2
-    assert "private_reencode_psnr_db" in vae.card["quality"]
-    with pytest.raises(ClipleakError, match="unknown prior"):
-        priors.resolve_prior("nope")
+    assert artifacts.resolve("tiny-mnist-vae").stat().st_mtime_ns == mtime  # reused, not retrained
+    vae = priors.load_prior(artifacts.resolve("tiny-mnist-vae"))
+    assert vae.latent == 8 and vae.card["artifact"]["expected"]["recipe"]["steps"] == 2
+    assert "validation_reencode_psnr_db" in vae.card["quality"]
+    with pytest.raises(ClipleakError, match="unknown artifact"):
+        artifacts.resolve("nope")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -211,7 +212,7 @@ def test_cli_prior_train(tmp_path):
     out = tmp_path / "vae.safetensors"
     assert main(["prior", "train", "--kind", "vae", "--out", str(out), "--steps", "3", "--latent", "8"]) == 0
     vae = priors.load_prior(out)
-    assert vae.kind == "vae" and vae.card["quality"]["n_private"] == 1000
+    assert vae.kind == "vae" and vae.card["quality"]["n_validation"] == 500
     assert main(["prior", "train", "--kind", "gan", "--out", str(out)]) == 2
     assert main(["prior", "train", "--kind", "vae", "--out", str(tmp_path / "v.pt")]) == 2
     assert main(["prior", "train", "--kind", "decoder", "--out", str(out)]) == 2  # needs target weights
@@ -250,11 +251,11 @@ def test_generative_prior_beats_pixel_feature_inversion_on_trained_target():
 
     torch.set_num_threads(THREADS)
     clip = build_model("tiny-32", str(artifacts.resolve("tiny-mnist")))
-    dec = priors.load_prior(priors.resolve_prior("tiny-mnist-decoder"))
+    dec = priors.load_prior(artifacts.resolve("tiny-mnist-decoder"))
     priors.check_prior(dec, clip.image_size, clip.weights_sha256, kind="decoder")
     private = load_private(DataSpec("mnist"), 32)
     x, y, _ = sample_batch(private, 20, seed=0)
-    feats = priors.clip_features(clip, x)
+    feats = image_features(clip, x)
     with torch.no_grad():
         prior_rec = priors.decoder_images(dec, feats)
     pixel_rec = _feature_inversion(clip, feats)
@@ -277,9 +278,9 @@ def test_decoder_prior_beats_pixel_feature_inversion_on_the_trained_fixture(shor
     torch.set_num_threads(THREADS)
     public, private = mnist32
     clip = build_model("tiny-32", short_run[0])
-    dec = priors.train_decoder(clip, public, steps=400, batch=32, seed=0)
+    dec = training.train_decoder(clip, public, steps=400, batch=32, seed=0)
     x, y, _ = sample_batch(private, 20, seed=0)
-    feats = priors.clip_features(clip, x)
+    feats = image_features(clip, x)
     prior_rec = priors.decoder_images(dec, feats)
     pixel_rec = _feature_inversion(clip, feats, iterations=100)
     p_prior, p_pixel = float(psnr(prior_rec, x).mean()), float(psnr(pixel_rec, x).mean())

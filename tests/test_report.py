@@ -7,9 +7,9 @@ import json
 import torch
 from PIL import Image
 
-from clipleak.evaluate import evaluate
-from clipleak.observation import Truth
-from clipleak.reconstruction import Reconstruction
+from clipleak.evaluation import evaluate
+from clipleak.records import Truth
+from clipleak.records import Reconstruction
 from clipleak.report import MIN_TILE, write_report
 
 

@@ -5,28 +5,33 @@
     rec = attack_observation("runs/obs.safetensors", name="ig")          # attacker side
     rec.save("runs/rec")
     report, metrics = evaluate_reconstruction("runs/rec", "runs/obs.truth.safetensors", "runs/rec")
+
+Names of registered artifacts (``tiny-mnist``, ``tiny-mnist-decoder``, ``generative:tiny-mnist-vae``)
+are accepted wherever a weights or prior file is, and built on first use (:mod:`clipleak.artifacts`).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .attacks import AttackConfig, run_attack
-from .data import DataSpec
-from .data import public_for_observation as public_for
-from .diagnostics import LEAKAGE_WARNING_COSINE, public_nearest_neighbour, same_class_gradient_cosine
-from .engine import ProgressFn
+from . import artifacts
+from .attacks import ATTACKS, make_config, run_attack
+from .client import load_private, sample_batch, share
+from .data import DataSpec, check_same_split, public_for_observation
 from .errors import ClipleakError
-from .evaluate import evaluate
-from .models import build_model
-from .observation import Observation, Truth, rebuild_victim, share
-from .peft import PeftConfig, build_victim
-from .reconstruction import Reconstruction
+from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
+from .models import build_model, read_card
+from .peft import PeftConfig, build_victim, rebuild_victim
+from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
+
+public_for = public_for_observation
 
 
 def make_observation(
@@ -45,18 +50,20 @@ def make_observation(
     seed: int = 0,
     include_labels: bool = False,
     peft_seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> tuple[Observation, Truth]:
     """Client side: build the victim, draw a private batch, compute the shared gradient.
 
     Returns the observation (what the server receives) and the ground truth (kept by the client,
-    used only for evaluation).
+    used only for evaluation: it alone records the batch-draw seed and the private indices).
     """
-    from .client import load_private, sample_batch  # client side only
-
     if batch_size < 1:
         raise ClipleakError("batch size must be at least 1")
-    clip = build_model(arch, weights, init_seed=init_seed)
+    path = artifacts.resolve_path(weights, progress)
+    clip = build_model(arch, path, init_seed=init_seed)
     spec = DataSpec.parse(data, split_seed=split_seed)
+    if path is not None:
+        check_same_split(spec, read_card(path), f"the target {Path(path).name}")
     private = load_private(spec, clip.image_size)
     names = classnames or private.classnames
     if len(names) != len(private.classnames):
@@ -67,10 +74,16 @@ def make_observation(
     victim = build_victim(clip, names, cfg)
     images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes)
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
-    obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, seed=seed)
+    obs = share(victim, images, labels, include_labels=include_labels, data=data_meta)
     truth = Truth(images=images, labels=labels,
                   meta={"private_indices": idx.tolist(), "data": data_meta, "seed": seed})
     return obs, truth
+
+
+def _resolve_prior(prior: str, progress: ProgressFn | None) -> str:
+    if prior.startswith("generative:"):
+        return "generative:" + str(artifacts.resolve_path(prior.split(":", 1)[1], progress))
+    return prior
 
 
 def attack_observation(
@@ -79,20 +92,23 @@ def attack_observation(
     name: str = "ig",
     weights: str | None = None,
     progress: ProgressFn | None = None,
-    **config: Any,
+    **settings: Any,
 ) -> Reconstruction:
     """Attacker side: rebuild the victim from the observation and run attack ``name``.
 
-    Keyword arguments go into :class:`~clipleak.attacks.AttackConfig` (iterations, restarts, lr,
-    tv_weight, labels, seed, checkpoint, ...).
+    Keyword arguments are the attack's typed config (``clipleak.attacks.ATTACKS[name].config``:
+    iterations, restarts, lr, tv_weight, labels, seed, checkpoint, prior, decoder, ...). Artifact names
+    in ``prior`` (``generative:NAME``) and ``decoder`` are resolved to files here.
     """
     obs = observation if isinstance(observation, Observation) else Observation.load(observation)
-    victim = rebuild_victim(obs, weights)
-    known = set(AttackConfig.__dataclass_fields__)
-    unknown = [k for k in config if k not in known]
-    if unknown:
-        raise ClipleakError(f"unknown attack setting(s): {', '.join(unknown)}")
-    return run_attack(name, obs, victim, AttackConfig(**config), progress)
+    if name not in ATTACKS:
+        raise ClipleakError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+    victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress))
+    if "prior" in settings:
+        settings["prior"] = _resolve_prior(str(settings["prior"]), progress)
+    if settings.get("decoder"):
+        settings["decoder"] = artifacts.resolve_path(str(settings["decoder"]), progress)
+    return run_attack(name, obs, victim, make_config(name, **settings), progress)
 
 
 def evaluate_reconstruction(
@@ -104,9 +120,10 @@ def evaluate_reconstruction(
     with_lpips: bool = True,
     weights: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Evaluator side: score against the truth and the baselines, write the report folder."""
-    from .client import load_private  # the evaluator holds the private split (re-identification)
+    """Evaluator side: score against the truth and the baselines, write the report folder.
 
+    The evaluator holds the private split (re-identification draws its distractors from it).
+    """
     rec = reconstruction if isinstance(reconstruction, Reconstruction) else Reconstruction.load(reconstruction)
     tru = truth if isinstance(truth, Truth) else Truth.load(truth)
     if rec.images.shape != tru.images.shape:
@@ -117,27 +134,91 @@ def evaluate_reconstruction(
     spec, public = public_for(meta)
     private = load_private(spec, int(meta["image_size"]))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
-    obs = Observation(gradients={}, meta=meta)
-    victim = rebuild_victim(obs, weights, check_gradients=False)
-    feats = rec.meta.get("feature_estimate")
+    victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False)
     with torch.no_grad():
-        est = torch.tensor(feats) if feats is not None else victim.raw_image_features(rec.images)
+        est = rec.features if rec.features is not None else victim.raw_image_features(rec.images)
     nn_images, _ = public_nearest_neighbour(victim, public, est, rec.labels)
     ev = evaluate(rec, tru, public.prototypes(), with_lpips=with_lpips, reid_pool=private, reid_k=reid_k,
                   extra_baselines={"public-nn": nn_images})
     cos = same_class_gradient_cosine(victim, public)
     ev["diagnostics"] = {
         "same_class_gradient_cosine": cos,
-        "public_nn_source": "the attack's feature estimate" if feats is not None
+        "public_nn_source": "the attack's feature estimate" if rec.features is not None
         else "the reconstruction's own feature",
         "warning": (f"the shared gradients of different images of one class have cosine {cos:.3f} > "
                     f"{LEAKAGE_WARNING_COSINE}: this model's features barely depend on the image, so no "
                     "attack on it can show instance leakage (use trained weights)")
         if cos > LEAKAGE_WARNING_COSINE else None,
     }
+    recovery = rec.meta.get("feature_recovery")
+    if recovery:
+        ev["feature_recovery"] = recovery
     config = {"attack": rec.attack, "label_source": rec.label_source,
               "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
               "observation": meta}
     report = write_report(out_dir, rec, tru, ev, public.prototypes(), list(meta.get("classnames", [])), config)
     json.dumps(ev)  # fail loudly here if anything is not JSON-serialisable
     return Path(report), ev
+
+
+@dataclass
+class DemoPlan:
+    """What ``clipleak demo`` runs: the policy lives here, not in the CLI."""
+
+    weights: str | None
+    method: str
+    attack: str
+    settings: dict[str, Any]
+    description: str
+
+
+def plan_demo(*, weights: str = "tiny-mnist", method: str = "coop", attack: str = "featmatch",
+              prior: str | None = None, decoder: str | None = "tiny-mnist-decoder", iterations: int | None = None,
+              restarts: int = 1, seed: int = 0) -> DemoPlan:
+    """The demo's choices. On the trained target, ``featmatch`` decodes the recovered feature with the
+    decoder (the best prior measured there) and stops (``iterations=0``); with iterations it refines by
+    a search in the VAE's latent space. ``weights='random'`` is the random-init contrast: no learned
+    prior (they belong to the trained target), pixels + TV."""
+    w = None if weights == "random" else weights
+    dec = decoder or None
+    if w is None or attack != "featmatch":
+        dec = None
+    if prior is None:
+        prior = "generative:tiny-mnist-vae" if w is not None else "tv"
+    if w is None and prior.startswith("generative:tiny-mnist"):
+        prior = "tv"
+    if iterations is None:
+        iterations = 0 if (attack == "featmatch" and dec) else 150
+    pixels = prior in ("none", "tv")
+    settings: dict[str, Any] = {"iterations": iterations, "restarts": restarts, "seed": seed,
+                                "lr": 0.1 if attack == "ig" and pixels else 0.05, "tv_weight": 0.05,
+                                "labels": "auto", "prior": prior if not (dec and iterations == 0) else "none"}
+    if attack == "featmatch":
+        settings["decoder"] = dec
+    if dec and iterations == 0:
+        how = f"decoder {dec} (its output, no search)"
+    else:
+        how = f"prior {prior}" + (f", decoder {dec}" if dec else "") + f", {iterations} steps"
+    return DemoPlan(w, method, attack, settings, f"{attack}, {how}")
+
+
+def run_demo(out: str | Path, plan: DemoPlan, *, batch_size: int = 1, seed: int = 0,
+             progress: ProgressFn | None = None,
+             say: Any = None) -> tuple[Path, dict[str, Any], float]:
+    """share -> attack -> evaluate as the demo plans it; returns the report path, metrics and seconds."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tell = say or (lambda _msg: None)
+    tell(f"1/3 client: tiny-32 ({plan.weights or 'random init'}), {plan.method}, {batch_size} private MNIST "
+         "digit(s)")
+    obs, truth = make_observation(weights=plan.weights, method=plan.method, batch_size=batch_size, seed=seed,
+                                  progress=progress)
+    obs_path = obs.save(out / "observation")
+    truth_path = truth.save(out / "truth")
+    tell(f"2/3 attacker: {plan.description}")
+    rec = attack_observation(obs_path, name=plan.attack, progress=progress, **plan.settings)
+    rec.save(out / "reconstruction")
+    tell("3/3 evaluation")
+    report, ev = evaluate_reconstruction(out / "reconstruction", truth_path, out / "report")
+    return report, ev, time.perf_counter() - t0

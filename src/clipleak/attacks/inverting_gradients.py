@@ -10,34 +10,40 @@ Adam with cosine decay) instead of pixels.
 
 from __future__ import annotations
 
-from ..engine import ProgressFn, optimise
-from ..observation import Observation
+from dataclasses import dataclass
+
+from ..engine import optimise
 from ..peft import Victim
-from ..reconstruction import Reconstruction
-from .base import (
-    AttackConfig,
+from ..records import Observation, ProgressFn, Reconstruction
+from .common import (
+    ImageSearchConfig,
     engine_config,
     gradient_matching_term,
     image_parametrization,
-    register,
     resolve_labels,
     run_tag,
 )
+from .registry import register
 
 
-@register("ig")
-def inverting_gradients(
-    obs: Observation, victim: Victim, cfg: AttackConfig, progress: ProgressFn | None = None
-) -> Reconstruction:
+@dataclass
+class IGConfig(ImageSearchConfig):
+    """Inverting Gradients: the image-search settings plus the gradient distance (``cosine`` or ``l2``)."""
+
+    metric: str = "cosine"
+
+
+@register("ig", IGConfig, "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam")
+def inverting_gradients(obs: Observation, victim: Victim, cfg: IGConfig,
+                        progress: ProgressFn | None = None) -> Reconstruction:
     label_mode, labels = resolve_labels(obs, cfg.labels)
     param, prior_terms = image_parametrization(cfg, obs, victim)
-    terms = [gradient_matching_term(victim, obs, metric=cfg.options.get("metric", "cosine")), *prior_terms]
+    terms = [gradient_matching_term(victim, obs, metric=cfg.metric), *prior_terms]
     pixels = cfg.prior in ("none", "tv")  # signed steps + step decay in pixel space (Geiping et al.)
     ecfg = engine_config(cfg, label_mode, signed=pixels, decay="step" if pixels else "cosine")
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
-                   known_labels=labels, selection="gradient", progress=progress,
-                   checkpoint=cfg.checkpoint,
-                   checkpoint_tag=run_tag(cfg, obs))
+                   known_labels=labels, selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
+                   checkpoint_tag=run_tag(cfg, obs), task="attack ig")
     return Reconstruction(
         images=res.images,
         labels=res.labels,

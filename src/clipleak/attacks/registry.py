@@ -1,0 +1,69 @@
+"""The attack registry: each attack has a name, a typed config and a run function.
+
+The registry is complete as soon as :mod:`clipleak.attacks` is imported; registering a name twice is
+an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import ClipleakError
+from ..peft import Victim
+from ..records import Observation, ProgressFn, Reconstruction
+
+AttackFn = Callable[[Observation, Victim, Any, ProgressFn | None], Reconstruction]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack: its run function, its config class and a one-line summary (with source)."""
+
+    name: str
+    run: AttackFn
+    config: type
+    summary: str
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register(name: str, config: type, summary: str) -> Callable[[AttackFn], AttackFn]:
+    """Register ``fn`` as attack ``name`` taking a ``config`` instance."""
+
+    def deco(fn: AttackFn) -> AttackFn:
+        if name in ATTACKS:
+            raise ClipleakError(f"attack {name!r} is registered twice")
+        ATTACKS[name] = AttackSpec(name, fn, config, summary)
+        return fn
+
+    return deco
+
+
+def attack_spec(name: str) -> AttackSpec:
+    if name not in ATTACKS:
+        raise ClipleakError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def make_config(name: str, **settings: Any) -> Any:
+    """Attack ``name``'s typed config with ``settings`` (an unknown setting is an error)."""
+    cls = attack_spec(name).config
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ClipleakError(f"unknown setting(s) for attack {name!r}: {', '.join(unknown)} "
+                            f"(it takes: {', '.join(sorted(known))})")
+    return cls(**settings)
+
+
+def run_attack(name: str, obs: Observation, victim: Victim, cfg: Any = None,
+               progress: ProgressFn | None = None) -> Reconstruction:
+    """Run attack ``name`` on an observation against the rebuilt victim."""
+    spec = attack_spec(name)
+    cfg = cfg if cfg is not None else spec.config()
+    if not isinstance(cfg, spec.config):
+        raise ClipleakError(f"attack {name!r} takes a {spec.config.__name__}, not a {type(cfg).__name__}")
+    return spec.run(obs, victim, cfg, progress)

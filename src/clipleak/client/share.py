@@ -1,0 +1,66 @@
+"""What a client sends after computing its update on a private batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import ClipleakError
+from ..peft import Victim
+from ..records import Observation
+
+
+def share(
+    victim: Victim,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    include_labels: bool = False,
+    data: dict[str, Any] | None = None,
+) -> Observation:
+    """The observation a client sends for ``images`` (client side).
+
+    Args:
+        images: ``(B, 3, H, W)`` in [0, 1] at the model's image size.
+        labels: ``(B,)`` class indices.
+        include_labels: whether the shared message carries the labels (some protocols do).
+        data: the data set and its split (public facts), recorded for the attacker's public data and
+            baselines. Nothing that identifies the drawn images (seed, indices) goes in: those stay in
+            the client's :class:`~clipleak.records.Truth`.
+    """
+    clip = victim.clip_info
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ClipleakError(f"images must be (B, 3, H, W); got {tuple(images.shape)}")
+    if images.shape[-1] != clip.image_size or images.shape[-2] != clip.image_size:
+        raise ClipleakError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but {clip.arch} takes "
+            f"{clip.image_size}x{clip.image_size}"
+        )
+    if labels.shape != (images.shape[0],):
+        raise ClipleakError("need one label per image")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(victim.classnames):
+        raise ClipleakError(f"labels must be in [0, {len(victim.classnames) - 1}]")
+    grads = victim.gradient(images, labels)
+    meta: dict[str, Any] = {
+        "kind": "gradient",
+        "loss": "cross_entropy",
+        "clipleak_version": __version__,
+        "arch": clip.arch,
+        "weights": clip.weights,
+        "weights_sha256": clip.weights_sha256,
+        "peft": victim.cfg.to_dict(),
+        "classnames": victim.classnames,
+        "batch_size": int(images.shape[0]),
+        "image_size": clip.image_size,
+        "labels_included": bool(include_labels),
+        "data": data,
+        "param_shapes": {k: list(v.shape) for k, v in grads.items()},
+    }
+    return Observation(
+        gradients=grads,
+        meta=meta,
+        peft_state=victim.peft_state(),
+        labels=labels.clone() if include_labels else None,
+    )

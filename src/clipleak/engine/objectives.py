@@ -1,0 +1,27 @@
+"""Objective pieces shared by attacks: image priors in pixel space and gradient distances."""
+
+from __future__ import annotations
+
+import torch
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV: mean absolute difference of neighbouring pixels (Inverting Gradients)."""
+    dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().mean()
+    dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean()
+    return dx + dy
+
+
+def cosine_gradient_distance(
+    grads: list[torch.Tensor], targets: list[torch.Tensor]
+) -> torch.Tensor:
+    """``1 - <g, t> / (|g| |t|)`` over all parameters together (Geiping et al. 2020)."""
+    dot = sum((g * t).sum() for g, t in zip(grads, targets, strict=True))
+    gn = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    tn = torch.sqrt(sum(t.pow(2).sum() for t in targets))
+    return 1 - dot / (gn * tn + 1e-12)
+
+
+def l2_gradient_distance(grads: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Squared Euclidean distance (DLG, Zhu et al. 2019)."""
+    return sum((g - t).pow(2).sum() for g, t in zip(grads, targets, strict=True))

@@ -1,0 +1,304 @@
+"""The one optimisation engine every reconstruction attack runs on.
+
+An attack is a set of weighted objective *terms* over candidate images (and soft labels when the
+labels are unknown) plus an image *parametrisation*:
+
+* :class:`PixelImages` -- free pixels, boxed to [0, 1] (grayscale data: one channel, repeated).
+* generator latents (a learned prior) plug in through the same :class:`Parametrization` protocol.
+
+The engine runs several seeded restarts of Adam (optionally on signed gradients, as in Inverting
+Gradients), with step or cosine learning-rate decay and per-term weight schedules, and keeps the
+restart whose *selection* term (by default the gradient-matching term) ends lowest. Completed
+restarts can be checkpointed and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ClipleakError
+from ..models import math_attention
+from ..records import ProgressEvent, ProgressFn
+
+
+class Parametrization(Protocol):
+    """How candidate images are represented while they are optimised."""
+
+    def init(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Fresh leaf tensors (requires_grad) for one restart."""
+        ...
+
+    def render(self) -> torch.Tensor:
+        """Current images ``(B, 3, H, W)`` in [0, 1] (differentiable in the leaf tensors)."""
+        ...
+
+    def project(self) -> None:
+        """Apply constraints in place after each step (e.g. the [0, 1] box)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        ...
+
+
+class PixelImages:
+    """Free pixels in [0, 1]; one channel repeated three times when the data are grayscale."""
+
+    def __init__(self, size: int, grayscale: bool = False, init: str = "randn", start: torch.Tensor | None = None):
+        if init not in ("randn", "rand", "gray"):
+            raise ClipleakError(f"unknown pixel init {init!r} (randn, rand, gray)")
+        self.size = size
+        self.channels = 1 if grayscale else 3
+        self.init_kind = init if start is None else "given images"
+        self.start = None if start is None else start.detach().float().clone()
+        self.x: torch.Tensor | None = None
+
+    def init(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        shape = (batch, self.channels, self.size, self.size)
+        if self.start is not None:
+            x = self.start[:, :1] if self.channels == 1 else self.start
+            x = x.clone().clamp(0, 1)
+        elif self.init_kind == "randn":
+            x = (0.5 + 0.25 * torch.randn(shape, generator=generator)).clamp(0, 1)
+        elif self.init_kind == "rand":
+            x = torch.rand(shape, generator=generator)
+        else:
+            x = torch.full(shape, 0.5)
+        self.x = x.requires_grad_(True)
+        return [self.x]
+
+    def render(self) -> torch.Tensor:
+        assert self.x is not None
+        return self.x.expand(-1, 3, -1, -1) if self.channels == 1 else self.x
+
+    def project(self) -> None:
+        assert self.x is not None
+        with torch.no_grad():
+            self.x.clamp_(0.0, 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "pixels", "size": self.size, "channels": self.channels, "init": self.init_kind}
+
+
+@dataclass
+class State:
+    """What objective terms see at each step."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    labels: torch.Tensor  # (B,) class indices, or (B, K) soft labels when inferred
+    iteration: int
+    iterations: int
+
+
+TermFn = Callable[[State], torch.Tensor]
+Schedule = Callable[[int, int], float]
+
+
+def constant(_: int, __: int) -> float:
+    return 1.0
+
+
+def switch_at(fraction: float, before: float, after: float) -> Schedule:
+    """A weight multiplier that switches from ``before`` to ``after`` at ``fraction`` of the run."""
+
+    def schedule(it: int, total: int) -> float:
+        return before if it < fraction * total else after
+
+    return schedule
+
+
+@dataclass
+class Term:
+    name: str
+    fn: TermFn
+    weight: float = 1.0
+    schedule: Schedule = constant
+
+
+@dataclass
+class EngineConfig:
+    iterations: int = 300
+    restarts: int = 2
+    lr: float = 0.1
+    signed: bool = True
+    decay: str = "step"  # step | cosine | none
+    seed: int = 0
+    labels: str = "known"  # known | infer (soft labels optimised jointly, DLG style)
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.restarts < 1:
+            raise ClipleakError("iterations and restarts must be at least 1")
+        if self.decay not in ("step", "cosine", "none"):
+            raise ClipleakError(f"unknown decay {self.decay!r}")
+        if self.labels not in ("known", "infer"):
+            raise ClipleakError(f"labels must be 'known' or 'infer', not {self.labels!r}")
+
+
+@dataclass
+class RunResult:
+    images: torch.Tensor
+    labels: torch.Tensor
+    history: dict[str, list[float]]
+    restart_losses: list[float]
+    best_restart: int
+    seconds: float
+    seconds_per_iteration: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _lr_factor(decay: str, it: int, total: int) -> float:
+    if decay == "step":  # Inverting Gradients: x0.1 at 3/8, 5/8, 7/8 of the run
+        return 0.1 ** sum(it >= m * total for m in (3 / 8, 5 / 8, 7 / 8))
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * it / total))
+    return 1.0
+
+
+def optimise(
+    param: Parametrization,
+    terms: list[Term],
+    cfg: EngineConfig,
+    *,
+    batch: int,
+    num_classes: int,
+    known_labels: torch.Tensor | None = None,
+    selection: str | None = None,
+    progress: ProgressFn | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_tag: str = "",
+    task: str = "attack",
+) -> RunResult:
+    """Minimise ``sum_t weight_t * schedule_t(it) * term_t(state)`` over the parametrisation.
+
+    Args:
+        known_labels: the labels when ``cfg.labels == "known"``.
+        selection: name of the term that picks the best restart (default: the first term).
+        task: the name progress events carry.
+        checkpoint: a JSON+safetensors pair at this path stores finished restarts; an interrupted
+            run with the same path resumes after the last finished restart. ``checkpoint_tag``
+            identifies the run (attack settings, observation): a checkpoint with another tag or
+            engine config is ignored and overwritten, never mixed in.
+    """
+    if not terms:
+        raise ClipleakError("an attack needs at least one objective term")
+    names = [t.name for t in terms]
+    selection = selection or names[0]
+    if selection not in names:
+        raise ClipleakError(f"selection term {selection!r} is not among {names}")
+    if cfg.labels == "known" and known_labels is None:
+        raise ClipleakError("labels are unknown: use label inference (labels='infer')")
+
+    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag) if checkpoint else []
+    done = done[: cfg.restarts]
+    results: list[dict[str, Any]] = list(done)
+    t0 = time.perf_counter()
+    n_iters = 0
+    for r in range(len(done), cfg.restarts):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+        leaves = param.init(batch, g)
+        label_logits = None
+        if cfg.labels == "infer":
+            label_logits = (0.01 * torch.randn(batch, num_classes, generator=g)).requires_grad_(True)
+            leaves = [*leaves, label_logits]
+        opt = torch.optim.Adam(leaves, lr=cfg.lr)
+        hist: dict[str, list[float]] = {n: [] for n in [*names, "total"]}
+        for it in range(cfg.iterations):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg.decay, it, cfg.iterations)
+            opt.zero_grad(set_to_none=True)
+            images = param.render()
+            labels = known_labels if label_logits is None else F.softmax(label_logits, dim=-1)
+            assert labels is not None
+            state = State(images=images, labels=labels, iteration=it, iterations=cfg.iterations)
+            total = images.new_zeros(())
+            values: dict[str, float] = {}
+            with math_attention():
+                for term in terms:
+                    w = term.weight * term.schedule(it, cfg.iterations)
+                    if w == 0.0 and term.name != selection:
+                        continue
+                    v = term.fn(state)
+                    values[term.name] = float(v.detach())
+                    total = total + w * v
+                # only the candidate's leaves get gradients (not the victim's parameters)
+                grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            for leaf, g in zip(leaves, grads, strict=True):
+                leaf.grad = None if g is None else (g.sign() if cfg.signed else g)
+            opt.step()
+            param.project()
+            values["total"] = float(total.detach())
+            if it % cfg.log_every == 0 or it == cfg.iterations - 1:
+                for k, v in values.items():
+                    hist[k].append(v)
+            if progress is not None:
+                progress(ProgressEvent(task, r * cfg.iterations + it + 1, cfg.restarts * cfg.iterations,
+                                       values={**values, "restart": float(r + 1)}))
+            n_iters += 1
+        with torch.no_grad(), math_attention():
+            images = param.render().detach().clone()
+            labels = (known_labels if label_logits is None else label_logits.argmax(-1)).clone()
+            soft = known_labels if label_logits is None else F.softmax(label_logits, -1)
+            final_state = State(images=images, labels=soft, iteration=cfg.iterations, iterations=cfg.iterations)
+        sel_term = next(t for t in terms if t.name == selection)
+        with math_attention():
+            final_sel = float(sel_term.fn(final_state).detach())
+        results.append({"images": images, "labels": labels, "history": hist, "selection_loss": final_sel})
+        if checkpoint:
+            _save_checkpoint(checkpoint, results, cfg, checkpoint_tag)
+    seconds = time.perf_counter() - t0
+    losses = [float(r["selection_loss"]) for r in results]
+    best = int(min(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i])))
+    res = results[best]
+    return RunResult(
+        images=res["images"],
+        labels=res["labels"],
+        history=res["history"],
+        restart_losses=losses,
+        best_restart=best,
+        seconds=seconds,
+        seconds_per_iteration=seconds / max(1, n_iters),
+        extra={"engine": asdict(cfg), "parametrization": param.describe(), "selection": selection},
+    )
+
+
+def _ckpt_key(cfg: EngineConfig, tag: str) -> dict[str, Any]:
+    return {"config": {k: v for k, v in asdict(cfg).items() if k != "restarts"}, "tag": tag}
+
+
+def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: EngineConfig, tag: str) -> None:
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: list[dict[str, Any]] = []
+    for i, r in enumerate(results):
+        tensors[f"{i}/images"] = r["images"].contiguous()
+        tensors[f"{i}/labels"] = r["labels"].contiguous()
+        meta.append({"history": r["history"], "selection_loss": r["selection_loss"]})
+    save_file(tensors, str(p.with_suffix(".safetensors")))
+    p.with_suffix(".json").write_text(json.dumps({**_ckpt_key(cfg, tag), "restarts": meta}))
+
+
+def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.with_suffix(".json").is_file() or not p.with_suffix(".safetensors").is_file():
+        return []
+    saved = json.loads(p.with_suffix(".json").read_text())
+    key = _ckpt_key(cfg, tag)
+    if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
+        return []
+    meta = saved["restarts"]
+    t = load_file(str(p.with_suffix(".safetensors")))
+    return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], **m} for i, m in enumerate(meta)]

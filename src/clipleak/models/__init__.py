@@ -1,0 +1,25 @@
+"""CLIP models from open_clip: the factory, safe weight loading, the text tower, image features."""
+
+from .factory import (
+    TINY_ARCHS,
+    ClipModel,
+    arch_config,
+    build_model,
+    card_path,
+    file_sha256,
+    list_architectures,
+    load_state_dict_file,
+    math_attention,
+    read_card,
+    register_configs,
+    save_weights,
+)
+from .features import accuracy, encode_images, image_features, zero_shot_accuracy
+from .text import TextTower, class_text_features
+
+__all__ = [
+    "TINY_ARCHS", "ClipModel", "TextTower", "accuracy", "arch_config", "build_model", "card_path",
+    "class_text_features", "encode_images", "file_sha256", "image_features", "list_architectures",
+    "load_state_dict_file", "math_attention", "read_card", "register_configs", "save_weights",
+    "zero_shot_accuracy",
+]

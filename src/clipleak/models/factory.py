@@ -1,0 +1,251 @@
+"""CLIP models from open_clip: architecture by name, random init or a local weights file.
+
+Nothing is downloaded: a pretrained *tag* (``openai``, ``laion2b_...``) is refused with a message that
+says how to point at a local file instead. Weight files are read with ``weights_only=True`` (or as
+safetensors) and identified by their SHA-256, which observations record so that an attacker can check
+that it rebuilt exactly the model the client used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import ClipleakError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_ARCHS = ("tiny-32", "tiny-64")
+_registered = False
+
+
+def register_configs() -> None:
+    """Register clipleak's tiny model configs (``tiny-32``, ``tiny-64``) with open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def arch_config(arch: str) -> dict | None:
+    """open_clip's config dict for ``arch`` (clipleak's tiny ones included), or None if unknown. Stored in
+    model cards so a cached artifact is rebuilt when an architecture's definition changes."""
+    register_configs()
+    cfg = open_clip.get_model_config(arch)
+    return None if cfg is None else json.loads(json.dumps(cfg))
+
+
+def list_architectures() -> list[str]:
+    """All architecture names open_clip can build, clipleak's tiny ones included."""
+    register_configs()
+    return list(open_clip.list_models())
+
+
+@dataclass
+class ClipModel:
+    """A frozen-by-default open_clip model plus what is needed to feed it."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: str
+    weights: str | None  # path of the weights file, or None for random init
+    weights_sha256: str  # "random-init:<seed>" for random init
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
+        """Map images in [0, 1] to the model's normalised input."""
+        mean = torch.tensor(self.mean, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+        return (images01 - mean) / std
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, safely (``weights_only=True``).
+
+    Accepts plain state dicts, open_clip training checkpoints (``{"state_dict": ...}``) and
+    ``module.``-prefixed keys from DataParallel/DDP runs.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ClipleakError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        try:
+            sd = load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ClipleakError(f"cannot read safetensors file {p}: {e}") from e
+    else:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ClipleakError(
+                f"cannot read {p} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                "TorchScript archives (the original OpenAI .pt files) and pickled objects are not "
+                "loaded; convert to a state dict or .safetensors."
+            ) from e
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ClipleakError(f"{p} does not hold a state dict of tensors")
+        sd = obj
+    return _strip_prefixes(dict(sd))
+
+
+def save_weights(model: nn.Module, path: str | Path) -> str:
+    """Save a model's weights as safetensors; returns the file's SHA-256."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(sd, str(p))
+    return file_sha256(p)
+
+
+def _looks_like_tag(weights: str) -> bool:
+    return not any(ch in weights for ch in "/\\.") and not Path(weights).exists()
+
+
+def card_path(weights_path: str | Path) -> Path:
+    """The card written beside a weights file by clipleak's training: ``<stem>.card.json``."""
+    p = Path(weights_path)
+    return p.with_name(p.stem + ".card.json")
+
+
+def read_card(weights_path: str | Path) -> dict[str, Any] | None:
+    """The card beside a weights file (recipe, data split, quality), or ``None`` when there is none
+    (a checkpoint the user brought). An unreadable card is an error: it may hide a split mismatch."""
+    cp = card_path(weights_path)
+    if not cp.is_file():
+        return None
+    try:
+        card = json.loads(cp.read_text())
+    except (OSError, ValueError) as e:
+        raise ClipleakError(f"cannot read the card {cp}: {e}") from e
+    if not isinstance(card, dict):
+        raise ClipleakError(f"the card {cp} is not a JSON object")
+    return card
+
+
+def build_model(
+    arch: str,
+    weights: str | Path | None = None,
+    *,
+    init_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ClipModel:
+    """Build an open_clip model by architecture name.
+
+    Args:
+        arch: any open_clip architecture (``ViT-B-32``, ``RN50``, ...) or ``tiny-32`` / ``tiny-64``.
+        weights: path to a local weights file (``.safetensors``, open_clip/OpenAI state dict, open_clip
+            training checkpoint), or ``None`` for a random init seeded by ``init_seed``. Names such as
+            ``tiny-mnist`` are turned into files above this layer (:func:`clipleak.artifacts.resolve`).
+        init_seed: seed of the random init (ignored when weights are given).
+    """
+    register_configs()
+    if arch not in open_clip.list_models():
+        raise ClipleakError(
+            f"unknown architecture {arch!r}; try one of: {', '.join(TINY_ARCHS)}, ViT-B-32, RN50 "
+            "(`clipleak models` lists all)"
+        )
+    if weights is not None and _looks_like_tag(str(weights)):
+        raise ClipleakError(
+            f"{weights!r} looks like a pretrained tag; clipleak never downloads weights. Download the "
+            f"checkpoint yourself and pass its path (--weights /path/to/{arch}.safetensors or .pt), "
+            "or train a target with `clipleak pretrain`."
+        )
+    with _quiet_open_clip():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    sha = f"random-init:{init_seed}"
+    if weights is not None:
+        sd = load_state_dict_file(weights)
+        _load_into(model, sd, str(weights))
+        sha = file_sha256(weights)
+    model.eval().requires_grad_(False)
+    model.to(device)
+    pcfg = open_clip.get_model_preprocess_cfg(model)
+    size = pcfg.get("size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return ClipModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(arch),
+        arch=arch,
+        weights=str(weights) if weights is not None else None,
+        weights_sha256=sha,
+        image_size=size,
+        mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    # OpenAI-format state dicts need open_clip's key conversion for custom-text models.
+    if hasattr(model, "text") and not any(k.startswith("text.") for k in sd):
+        sd = open_clip.model.convert_to_custom_text_state_dict(sd)
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own or not k.endswith("position_ids")}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(f"{len(bad_shape)} with wrong shape (e.g. {k}: file {tuple(sd[k].shape)} vs "
+                         f"model {tuple(own[k].shape)})")
+        raise ClipleakError(f"weights {where} do not fit this architecture: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    logger = logging.getLogger()
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Run attention on the math SDPA backend.
+
+    The fused CPU kernels have no double backward ("derivative for aten::_scaled_dot_product_...
+    not implemented"), and every gradient-matching attack differentiates a gradient.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

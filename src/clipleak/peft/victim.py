@@ -1,0 +1,170 @@
+"""The victim: a frozen CLIP with one trainable parameter-efficient module (or a fine-tune mode).
+
+Methods (``PeftConfig.method``):
+
+* ``coop`` -- CoOp soft prompt: M learnable context vectors, shared by all classes or one set per class
+  (``class_specific=True``), placed before each class name: ``[SOT] V1..VM <classname> . [EOT]``.
+* ``adapter`` -- CLIP-Adapter: ``A(f) = ReLU(ReLU(f W1) W2)`` on the image feature, mixed in with a
+  residual ratio ``alpha``: ``f' = alpha A(f) + (1 - alpha) f``. Text features are fixed
+  (``template.format(classname)``).
+* ``full-visual`` -- the whole image encoder is trainable; text features fixed.
+* ``full`` -- every CLIP parameter is trainable.
+
+Logits are ``logit_scale * cos(f(x), t_k)``; the client's loss is cross-entropy over the class names.
+Only the chosen parameters require grad; everything else stays frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ClipleakError
+from ..models import ClipModel, TextTower, encode_images
+from .adapter import ClipAdapter
+from .coop import PromptLearner
+
+Method = Literal["coop", "adapter", "full-visual", "full"]
+METHODS: tuple[str, ...] = ("coop", "adapter", "full-visual", "full")
+
+
+@dataclass
+class PeftConfig:
+    """What the client fine-tunes. Serialised into every observation."""
+
+    method: str = "coop"
+    n_ctx: int = 4
+    class_specific: bool = False
+    ctx_init_std: float = 0.02
+    adapter_reduction: int = 4
+    adapter_ratio: float = 0.2
+    template: str = "a photo of a {}."
+    init_seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ClipleakError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.n_ctx < 1:
+            raise ClipleakError("n_ctx must be at least 1")
+        if not 0.0 <= self.adapter_ratio <= 1.0:
+            raise ClipleakError("adapter_ratio must be in [0, 1]")
+        if "{}" not in self.template:
+            raise ClipleakError("template must contain '{}' where the class name goes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeftConfig:
+        return cls(**d)
+
+
+class Victim(nn.Module):
+    """CLIP + the client's trainable module; ``forward(images01) -> logits`` over ``classnames``."""
+
+    def __init__(self, clip: ClipModel, classnames: list[str], cfg: PeftConfig):
+        super().__init__()
+        if len(classnames) < 2:
+            raise ClipleakError("need at least two class names")
+        self.clip_info = clip
+        self.clip = clip.model
+        self.classnames = list(classnames)
+        self.cfg = cfg
+        self.clip.requires_grad_(False)
+        self.tower = TextTower(self.clip) if cfg.method in ("coop", "full") else None
+        self.prompt: PromptLearner | None = None
+        self.adapter: ClipAdapter | None = None
+        if cfg.method == "coop":
+            assert self.tower is not None
+            self.prompt = PromptLearner(self.tower, clip.tokenizer, self.classnames, cfg)
+        elif cfg.method == "adapter":
+            dim = self._embed_dim()
+            self.adapter = ClipAdapter(dim, cfg.adapter_reduction, cfg.init_seed)
+        elif cfg.method == "full-visual":
+            self.clip.visual.requires_grad_(True)
+        elif cfg.method == "full":
+            self.clip.requires_grad_(True)
+        tokens = clip.tokenizer([cfg.template.format(n) for n in self.classnames])
+        self.register_buffer("class_tokens", tokens, persistent=False)
+        if cfg.method in ("adapter", "full-visual"):
+            with torch.no_grad():
+                fixed = self.clip.encode_text(tokens)
+            self.register_buffer("fixed_text", F.normalize(fixed, dim=-1), persistent=False)
+
+    def _embed_dim(self) -> int:
+        with torch.no_grad():
+            x = torch.zeros(1, 3, self.clip_info.image_size, self.clip_info.image_size)
+            return int(self.clip.encode_image(x).shape[-1])
+
+    # -- pieces an attacker re-uses ---------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The parameters the client trains and shares, by name (stable order)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Current values of the PEFT parameters (empty for the full fine-tune modes)."""
+        if self.cfg.method in ("coop", "adapter"):
+            return {n: p.detach().clone() for n, p in self.trainable().items()}
+        return {}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable()
+        for n, v in state.items():
+            if n not in params or params[n].shape != v.shape:
+                raise ClipleakError(f"PEFT state {n!r} does not match this model's trainable parameters")
+            with torch.no_grad():
+                params[n].copy_(v)
+
+    def raw_image_features(self, images01: torch.Tensor) -> torch.Tensor:
+        """Image-encoder output (before the adapter, not normalised)."""
+        return encode_images(self.clip_info, images01, normalize=False)
+
+    def image_features(self, images01: torch.Tensor) -> torch.Tensor:
+        """Normalised image features as the classifier sees them (after the adapter, if any)."""
+        f = self.raw_image_features(images01)
+        if self.adapter is not None:
+            a = self.cfg.adapter_ratio
+            f = a * self.adapter(f) + (1 - a) * f
+        return F.normalize(f, dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class text features ``(K, E)``."""
+        if self.prompt is not None:
+            assert self.tower is not None
+            t = self.tower.encode_embeddings(self.prompt(), self.prompt.pool_idx)
+            return F.normalize(t, dim=-1)
+        if self.cfg.method == "full":
+            assert self.tower is not None
+            emb = self.tower.embed_tokens(self.class_tokens)
+            t = self.tower.encode_embeddings(emb, self.tower.pool_index(self.class_tokens))
+            return F.normalize(t, dim=-1)
+        return self.fixed_text
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale() * self.image_features(images01) @ self.text_features().t()
+
+    def gradient(self, images01: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradient of the mean cross-entropy w.r.t. the trainable parameters (what a client shares)."""
+        params = self.trainable()
+        grads = torch.autograd.grad(self.loss(images01, labels), list(params.values()))
+        return {n: g.detach().clone() for n, g in zip(params, grads, strict=True)}
+
+    def loss(self, images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy; ``labels`` are class indices ``(B,)`` or soft labels ``(B, K)``."""
+        logits = self(images01)
+        if labels.dim() == 2:
+            return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        return F.cross_entropy(logits, labels)
+
+
+def build_victim(clip: ClipModel, classnames: list[str], cfg: PeftConfig | None = None) -> Victim:
+    """Attach the configured PEFT module (default: CoOp, 4 shared context vectors) to a CLIP model."""
+    return Victim(clip, classnames, cfg or PeftConfig())

@@ -1,0 +1,151 @@
+"""What a client shares, and the client-side ground truth kept apart from it.
+
+An :class:`Observation` is the gradient of the victim's trainable parameters on one batch (mean
+cross-entropy over the class names), saved as ``NAME.safetensors`` (tensors) plus ``NAME.json``
+(everything an attacker needs to rebuild the victim: architecture, weights file and its SHA-256,
+PEFT config and its init seed, class names, batch size, image size, whether labels are included, the
+data set and its split). It holds no image and nothing that identifies which images were drawn: the
+batch-draw seed and the private indices live in the client's :class:`Truth` file only.
+
+The ground truth (:class:`Truth`) is written only on the client side, to a separate file, for
+evaluation; attack code never reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ClipleakError
+
+GRAD_PREFIX = "grad/"
+STATE_PREFIX = "state/"
+LABELS_KEY = "labels"
+
+
+@dataclass
+class Observation:
+    """The client's shared update and the public facts about how it was made."""
+
+    gradients: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    peft_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.meta["batch_size"])
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.meta["classnames"])
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """The PEFT settings the client used (``peft.PeftConfig.from_dict`` rebuilds the dataclass)."""
+        return dict(self.meta["peft"])
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The public facts about the client's data set: name and split (never which images)."""
+        d = self.meta.get("data")
+        return dict(d) if d else None
+
+    def digest(self) -> str:
+        """SHA-256 of what was shared: gradients, PEFT state and labels (names and float32 values)."""
+        h = hashlib.sha256()
+        for prefix, tensors in (("grad/", self.gradients), ("state/", self.peft_state)):
+            for k in sorted(tensors):
+                h.update((prefix + k).encode())
+                h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
+        if self.labels is not None:
+            h.update(b"labels" + self.labels.detach().long().numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns the tensor file path."""
+        p = tensor_path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {GRAD_PREFIX + k: v.detach().contiguous() for k, v in self.gradients.items()}
+        tensors.update({STATE_PREFIX + k: v.detach().contiguous() for k, v in self.peft_state.items()})
+        if self.labels is not None:
+            tensors[LABELS_KEY] = self.labels.detach().to(torch.int64).contiguous()
+        save_file(tensors, str(p), metadata={"clipleak": "observation"})
+        p.with_suffix(".json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Observation:
+        p = tensor_path(path)
+        js = p.with_suffix(".json")
+        if not p.is_file():
+            raise ClipleakError(f"observation file not found: {p}")
+        if not js.is_file():
+            raise ClipleakError(f"observation sidecar not found: {js} (it must sit beside {p.name})")
+        try:
+            meta = json.loads(js.read_text())
+        except json.JSONDecodeError as e:
+            raise ClipleakError(f"observation sidecar {js} is not valid JSON: {e}") from e
+        missing = [k for k in ("arch", "weights_sha256", "peft", "classnames", "batch_size", "image_size")
+                   if k not in meta]
+        if missing:
+            raise ClipleakError(f"observation sidecar {js} lacks {', '.join(missing)}")
+        try:
+            tensors = load_file(str(p))
+        except Exception as e:  # noqa: BLE001
+            raise ClipleakError(f"cannot read observation tensors {p}: {e}") from e
+        grads = {k[len(GRAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(GRAD_PREFIX)}
+        state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+        if not grads:
+            raise ClipleakError(f"{p} holds no gradients")
+        return cls(gradients=grads, meta=meta, peft_state=state, labels=tensors.get(LABELS_KEY))
+
+
+def tensor_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    return p
+
+
+@dataclass
+class Truth:
+    """Client-side ground truth of one shared batch (for evaluation only)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        p = tensor_path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": self.images.contiguous(), "labels": self.labels.to(torch.int64).contiguous()},
+                  str(p), metadata={"clipleak": "truth", "meta": json.dumps(self.meta)})
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Truth:
+        p = tensor_path(path)
+        if not p.is_file():
+            raise ClipleakError(f"ground-truth file not found: {p}")
+        try:
+            from safetensors import safe_open
+
+            t = load_file(str(p))
+            with safe_open(str(p), framework="pt") as f:
+                md = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001
+            raise ClipleakError(f"cannot read ground-truth file {p}: {e}") from e
+        if "images" not in t or "labels" not in t:
+            raise ClipleakError(f"{p} is not a clipleak ground-truth file (needs images and labels)")
+        return cls(images=t["images"], labels=t["labels"], meta=json.loads(md.get("meta", "{}")))
+
+

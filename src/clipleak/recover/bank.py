@@ -1,0 +1,35 @@
+"""The target's features of the attacker's public images, computed once per target and split."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..data import ImageSet
+from ..models import ClipModel, image_features
+
+_BANK: dict[tuple[str, str, str], torch.Tensor] = {}
+_MAX_ENTRIES = 32
+
+
+def _images_digest(images: ImageSet) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(images.images.shape)).encode())
+    h.update(images.images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def public_features(clip: ClipModel, public: ImageSet, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised (pre-adapter) features of ``public[pool]`` (all of it by default), memoised.
+
+    The key is the target's weights hash and a digest of the selected images themselves, so two clients
+    or two splits in one process (a federated simulation) are never served each other's features.
+    """
+    sel = public if pool is None else public.subset(pool)
+    key = (clip.weights_sha256, clip.arch, _images_digest(sel))
+    if key not in _BANK:
+        if len(_BANK) >= _MAX_ENTRIES:
+            _BANK.pop(next(iter(_BANK)))
+        _BANK[key] = image_features(clip, sel.images)
+    return _BANK[key]

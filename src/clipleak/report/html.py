@@ -1,0 +1,307 @@
+"""Write an evaluation as a self-contained report folder.
+
+``write_report`` puts into ``out_dir``:
+
+* ``metrics.json``: the evaluation dict from :func:`clipleak.evaluation.evaluate` plus ``"config"``;
+* ``truth.png``, ``reconstruction.png``, ``prototype.png``: image grids (paired order), upscaled with
+  nearest-neighbour so that every image is at least 128 pixels;
+* ``comparison.png``: truth / reconstruction / prototype rows, one labelled column per image;
+* ``loss.png``: the attack's loss history on a log scale (only when there is a history);
+* ``report.html``: verdict, metrics table, label accuracy, images, loss curve and run config, with
+  inline CSS and images referenced by relative file names.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ..evaluation import METHOD_LABELS  # noqa: E402
+from ..records import Reconstruction, Truth  # noqa: E402
+
+MIN_TILE = 128
+"""Each image in a grid is upscaled (nearest) to at least this many pixels on its shorter side."""
+GRID_COLS = 8
+"""Images per row in the grids and per block in ``comparison.png``."""
+
+
+# -------------------------------------------------------------------------------------------- images
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [0, 1] -> ``(H, W, 3)`` uint8."""
+    arr = img.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+    return (arr * 255.0 + 0.5).astype(np.uint8)
+
+
+def _scale_factor(h: int, w: int) -> int:
+    return max(1, math.ceil(MIN_TILE / max(1, min(h, w))))
+
+
+def save_grid(images: torch.Tensor, path: str | Path, cols: int = GRID_COLS, pad: int = 4) -> Path:
+    """Save ``(N, 3, H, W)`` images in [0, 1] as a grid PNG, upscaled with nearest-neighbour."""
+    n, _, h, w = images.shape
+    f = _scale_factor(h, w)
+    th, tw = h * f, w * f
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    canvas = Image.new("RGB", (cols * tw + (cols + 1) * pad, rows * th + (rows + 1) * pad), (200, 200, 200))
+    for i in range(n):
+        tile = Image.fromarray(_to_uint8(images[i])).resize((tw, th), Image.Resampling.NEAREST)
+        r, c = divmod(i, cols)
+        canvas.paste(tile, (pad + c * (tw + pad), pad + r * (th + pad)))
+    p = Path(path)
+    canvas.save(p)
+    return p
+
+
+def _classname(classnames: list[str], k: int) -> str:
+    return classnames[k] if 0 <= k < len(classnames) else str(k)
+
+
+def save_comparison(
+    rows: list[tuple[str, torch.Tensor, list[str]]], path: str | Path, cols: int = GRID_COLS
+) -> Path:
+    """Side-by-side figure: one row per ``(row name, images (N,3,H,W), per-image captions)``.
+
+    Batches wider than ``cols`` wrap into blocks of ``len(rows)`` rows.
+    """
+    n = rows[0][1].shape[0]
+    cols = max(1, min(cols, n))
+    blocks = math.ceil(n / cols)
+    nrows = blocks * len(rows)
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols + 0.9, 2.15 * nrows), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+    for i in range(n):
+        blk, c = divmod(i, cols)
+        for j, (name, imgs, captions) in enumerate(rows):
+            ax = axes[blk * len(rows) + j, c]
+            ax.imshow(_to_uint8(imgs[i]), interpolation="nearest")
+            ax.set_title(captions[i], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=10, fontweight="bold")
+    for i in range(n, blocks * cols):
+        blk, c = divmod(i, cols)
+        for j in range(len(rows)):
+            axes[blk * len(rows) + j, c].set_visible(False)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
+
+
+def save_loss(history: dict[str, list[float]], path: str | Path) -> Path | None:
+    """Plot each loss term over iterations on a log y-axis; None (nothing written) when empty."""
+    series = {k: np.asarray(v, dtype=float) for k, v in history.items() if len(v) > 0}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    positive = False
+    for name, vals in series.items():
+        shown = np.where(vals > 0, vals, np.nan)  # a log axis cannot show values <= 0
+        positive = positive or bool(np.isfinite(shown).any())
+        ax.plot(np.arange(len(vals)), shown, label=name, linewidth=1.2)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (log scale)" if positive else "loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.verdict{font-size:1.15em;font-weight:600;padding:.8em 1em;border-radius:6px;border:2px solid}
+.verdict.good{color:#135c1f;background:#e8f6ea;border-color:#2e9e44}
+.verdict.bad{color:#8a1616;background:#fbeaea;border-color:#c83232}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.35em .8em;text-align:right}
+th:first-child,td:first-child{text-align:left} tr.attack td{font-weight:600}
+.note{color:#666;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em;border-radius:4px}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _metrics_table(ev: dict[str, Any]) -> str:
+    reid = ev.get("reidentification")
+    head = ["method", "PSNR (dB) ↑", "SSIM ↑", "LPIPS ↓"]
+    if reid is not None:
+        head.append(f"re-identification ↑ (k={reid['k']}, chance {reid['chance']:.0%})")
+    out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for m in ev["methods"]:
+        s = ev["methods"][m]
+        cells = [METHOD_LABELS.get(m, m), _num(s["psnr_mean"], ".2f"), _num(s["ssim_mean"], ".3f"),
+                 _num(s["lpips_mean"], ".3f")]
+        if reid is not None:
+            r = reid.get(m)
+            cells.append("—" if m not in reid else _num(r, ".0%"))
+        out.append(f'<tr class="{_e(m)}">' + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    notes = []
+    if not ev["lpips"]["available"]:
+        notes.append(ev["lpips"]["note"])
+    if reid is not None and reid.get("note"):
+        notes.append("Re-identification: " + reid["note"])
+    notes.append("Means over the batch; per-image values are in metrics.json.")
+    diag = ev.get("diagnostics") or {}
+    if diag.get("warning"):
+        notes.insert(0, "Warning: " + diag["warning"])
+    if diag.get("same_class_gradient_cosine") is not None:
+        notes.append(f"Leakage signal: mean cosine between the shared gradients of different public images of "
+                     f"the same class = {diag['same_class_gradient_cosine']:.3f} (1.0 = the update does not "
+                     "depend on the image).")
+    out += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    return "\n".join(out)
+
+
+def _to_json(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively turn ``obj`` into strict JSON (non-finite floats -> None, unknown types -> str)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return _jsonable(obj.item())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+def write_report(
+    out_dir: str | Path,
+    recon: Reconstruction,
+    truth: Truth,
+    evaluation: dict[str, Any],
+    prototypes: torch.Tensor,
+    classnames: list[str],
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write the report folder (see module docs) and return the path of ``report.html``.
+
+    Images are shown in the evaluation's paired order: column ``i`` is ``truth[i]``, the reconstruction
+    ``recon[pairing[i]]`` and the prototype of that reconstruction's label.
+    """
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    ev = evaluation
+    cfg = dict(config) if config is not None else {}
+
+    (d / "metrics.json").write_text(_to_json({**ev, "config": cfg}) + "\n")
+
+    perm = torch.as_tensor(ev.get("pairing", list(range(truth.images.shape[0]))), dtype=torch.long)
+    t_img = truth.images.detach().cpu().float()
+    r_img = recon.images.detach().cpu().float()[perm]
+    r_lab = [int(v) for v in torch.as_tensor(recon.labels).reshape(-1).long()[perm].tolist()]
+    t_lab = [int(v) for v in torch.as_tensor(truth.labels).reshape(-1).long().tolist()]
+    p_img = prototypes.detach().cpu().float()[torch.as_tensor(r_lab, dtype=torch.long)]
+
+    save_grid(t_img, d / "truth.png")
+    save_grid(r_img, d / "reconstruction.png")
+    save_grid(p_img, d / "prototype.png")
+
+    def db(m: str, i: int) -> str:
+        v = ev["methods"][m]["psnr"][i]
+        return "n/a" if v is None else f"{v:.1f} dB"
+
+    n = t_img.shape[0]
+    names_t = [_classname(classnames, t_lab[i]) for i in range(n)]
+    names_r = [_classname(classnames, r_lab[i]) for i in range(n)]
+    save_comparison([
+        ("truth", t_img, [f"#{i} {names_t[i]}" for i in range(n)]),
+        ("reconstruction", r_img, [f"{names_r[i]}{'' if r_lab[i] == t_lab[i] else ' (wrong)'} · "
+                                   f"{db('attack', i)}" for i in range(n)]),
+        ("prototype", p_img, [f"{names_r[i]} · {db('prototype', i)}" for i in range(n)]),
+    ], d / "comparison.png")
+    loss = save_loss(recon.history, d / "loss.png")
+    if loss is None and (d / "loss.png").exists():
+        (d / "loss.png").unlink()  # a stale curve from an earlier run would be misleading
+
+    v = ev["verdict"]
+    good = bool(v["beat_blank"] and v["beat_prototype"])
+    acc = ev["label_accuracy"]
+    n_ok = sum(int(a == b) for a, b in zip(r_lab, t_lab, strict=True))
+    label_rows = "".join(
+        f"<tr><td>#{i}</td><td>{_e(_classname(classnames, t_lab[i]))}</td>"
+        f"<td>{_e(_classname(classnames, r_lab[i]))}</td><td>{'✓' if t_lab[i] == r_lab[i] else '✗'}</td></tr>"
+        for i in range(n)
+    )
+    # the caller's config normally already holds the reconstruction's meta (attack config, observation)
+    run_cfg = cfg if cfg else {"attack": recon.attack, "label_source": recon.label_source, "meta": recon.meta}
+    title = f"clipleak report: {recon.attack}"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="note">{n} image(s) of {ev["image_size"][0]}×{ev["image_size"][1]} px; '
+        f"labels from: {_e(recon.label_source)}</p>",
+        f'<p class="verdict {"good" if good else "bad"}">{_e(v["text"])}</p>',
+        "<h2>Metrics</h2>",
+        _metrics_table(ev),
+        "<h2>Labels</h2>",
+        f"<p>Label accuracy: <b>{acc:.0%}</b> ({n_ok} of {n} after pairing; labels from "
+        f"{_e(recon.label_source)}). Ignoring order, {ev['label_count_accuracy']:.0%} of the batch's labels "
+        "were recovered (multiset overlap), which does not depend on how images were paired. "
+        "The prototype baseline uses the reconstruction's labels.</p>",
+        "<table><tr><th>image</th><th>true class</th><th>reconstruction's class</th><th></th></tr>",
+        label_rows,
+        "</table>",
+        "<h2>Images</h2>",
+        '<p class="note">Columns in paired order (Hungarian matching on PSNR); captions give the class '
+        "name and the PSNR to the true image.</p>",
+        '<img src="comparison.png" alt="truth, reconstruction and class prototype side by side">',
+        '<p class="note">Full grids: <a href="truth.png">truth.png</a>, '
+        '<a href="reconstruction.png">reconstruction.png</a>, <a href="prototype.png">prototype.png</a>.</p>',
+        "<h2>Loss curve</h2>",
+        '<img src="loss.png" alt="attack loss over iterations (log scale)">' if loss is not None
+        else '<p class="note">No loss history was recorded.</p>',
+        "<h2>Run configuration</h2>",
+        f"<p>Attack: <b>{_e(recon.attack)}</b></p>",
+        f"<pre>{_e(_to_json(run_cfg))}</pre>",
+        '<p class="note">All numbers: <a href="metrics.json">metrics.json</a>.</p>',
+        "</body></html>",
+    ]
+    out = d / "report.html"
+    out.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,266 @@
+"""Training the learned priors (VAE, feature decoder) on the public split, on the one training loop."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation, random_affine
+from ..errors import ClipleakError
+from ..evaluation import psnr
+from ..models import ClipModel, build_model, image_features
+from ..priors import KINDS, ConvVAE, FeatureDecoder, Prior, decoder_images, vae_codes
+from ..records import ProgressEvent, ProgressFn
+from .loop import Budget, train_loop
+
+DEFAULT_VAE_STEPS = 2000
+DEFAULT_DECODER_STEPS = 2000
+
+
+def _cosine_lr(base: float, step: int, total: int | None) -> float:
+    if total is None:  # calibrating: cosine factor ~1 at the start anyway
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def _fit(model: nn.Module, n_items: int, loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *,
+         budget: Budget, lr: float, batch: int, seed: int, task: str,
+         progress: ProgressFn | None) -> dict[str, Any]:
+    """Adam with cosine decay over shuffled mini-batches of ``range(n_items)``, run by :func:`train_loop`."""
+    if n_items < 2:
+        raise ClipleakError("need at least 2 training images")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batch = min(batch, n_items)
+    order = {"perm": torch.randperm(n_items, generator=g), "pos": 0}
+
+    def step(s: int, total: int | None) -> float:
+        if order["pos"] + batch > n_items:
+            order["perm"], order["pos"] = torch.randperm(n_items, generator=g), 0
+        pos = int(order["pos"])
+        idx = order["perm"][pos:pos + batch]
+        order["pos"] = pos + batch
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(lr, s, total)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(idx, g)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    model.train()
+    st = train_loop(step, budget, task=task, progress=progress, lr_of=lambda s, t: _cosine_lr(lr, s, t))
+    model.eval()
+    return {"steps_done": st.step, "schedule_steps": st.total, "train_seconds": round(st.train_seconds, 3),
+            "final_loss": st.running_loss(), "stopped_early": st.stopped}
+
+
+def _train_images(public: ImageSet, images: torch.Tensor | None = None) -> torch.Tensor:
+    """The prior's training targets: ``images`` (default the public ones) with the channels the prior
+    models (one for a grayscale set)."""
+    if len(public) < 2:
+        raise ClipleakError("need at least 2 public images to train a prior")
+    x = public.images if images is None else images
+    x = x[:, :1] if public.grayscale else x
+    return x.contiguous().float()
+
+
+def train_vae(
+    public: ImageSet,
+    *,
+    latent: int = 32,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 1e-3,
+    beta: float = 1.0,
+    width: int = 32,
+    progress: ProgressFn | None = None,
+    task: str = "train vae",
+) -> ConvVAE:
+    """Train a :class:`ConvVAE` on public images (BCE reconstruction + ``beta`` x KL, summed per image).
+
+    Adam, cosine decay from ``lr``, batch ``batch``; default schedule :data:`DEFAULT_VAE_STEPS` steps.
+    Deterministic for fixed ``steps`` and thread count (``seconds`` alone fits the step count to the
+    time budget, which depends on the machine). The training record is in ``vae.card["training"]``.
+    """
+    x = _train_images(public)
+    budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_VAE_STEPS, seconds)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = ConvVAE(int(x.shape[-1]), x.shape[1], latent, width)
+
+    def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = x[idx]
+        logits, mu, logvar = vae(xb, generator=g)
+        rec = F.binary_cross_entropy_with_logits(logits, xb, reduction="sum") / xb.shape[0]
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / xb.shape[0]
+        return rec + beta * kl
+
+    info = _fit(vae, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
+                progress=progress)
+    vae.requires_grad_(False)
+    vae.card = {"training": {"recipe": {"loss": "BCE + beta*KL (sum per image)", "beta": beta, "optimizer": "Adam",
+                                        "lr": lr, "decay": "cosine", "batch": batch, "seed": seed, "latent": latent,
+                                        "width": width, "steps": steps, "seconds": seconds},
+                             "data": public.source, "n_images": len(public), **info}}
+    return vae
+
+
+def train_decoder(
+    clip: ClipModel,
+    public: ImageSet,
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 2e-3,
+    feature_noise: float = 0.0,
+    augment_copies: int = 0,
+    base: int = 64,
+    whiten: bool = True,
+    progress: ProgressFn | None = None,
+    task: str = "train decoder",
+) -> FeatureDecoder:
+    """Train a :class:`FeatureDecoder` for the frozen target ``clip`` on public (feature, image) pairs.
+
+    Loss L1 + MSE, Adam with cosine decay from ``lr``, batch ``batch``; default schedule
+    :data:`DEFAULT_DECODER_STEPS` steps. The features are computed once (not counted in
+    ``train_seconds``). ``feature_noise`` > 0 adds Gaussian noise of that norm-relative scale to the
+    features during training (re-normalised), for robustness to imperfectly recovered features.
+    ``augment_copies`` adds that many random small affine copies of every public image (shift, rotation,
+    scale, as in pretraining; seeded), their features computed once by the frozen target.
+    ``base`` is the decoder's widest channel count; ``whiten`` whitens its input with the public
+    features' statistics (:meth:`FeatureDecoder.fit_whitening`).
+    """
+    if public.images.shape[-1] != clip.image_size:
+        raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
+                            f"{clip.image_size} px")
+    if augment_copies < 0:
+        raise ClipleakError(f"augment_copies must be >= 0, got {augment_copies}")
+    if feature_noise < 0:
+        raise ClipleakError(f"feature_noise must be >= 0, got {feature_noise}")
+    t_feat = time.perf_counter()
+    if progress is not None:
+        progress(ProgressEvent(task, 0, steps, phase="load", note="target features of the public images"))
+    images = public.images
+    if augment_copies:
+        g_aug = torch.Generator().manual_seed(seed + 7919)
+        copies = [random_affine(images, AffineRange(), g_aug, public.grayscale) for _ in range(augment_copies)]
+        images = torch.cat([images, *copies])
+    x = _train_images(public, images)
+    feats = image_features(clip, images)
+    feat_seconds = time.perf_counter() - t_feat
+    budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_DECODER_STEPS, seconds)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base, whiten=whiten)
+    if whiten:
+        dec.fit_whitening(feats)
+
+    def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = x[idx]
+        f = feats[idx]
+        if feature_noise > 0:
+            f = F.normalize(f + feature_noise / math.sqrt(f.shape[1]) * torch.randn(f.shape, generator=g), dim=-1)
+        out = dec(f)
+        out = out[:, :1] if x.shape[1] == 1 else out
+        return F.l1_loss(out, xb) + F.mse_loss(out, xb)
+
+    info = _fit(dec, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
+                progress=progress)
+    info["n_pairs"] = int(x.shape[0])
+    dec.requires_grad_(False)
+    dec.card = {
+        "training": {"recipe": {"loss": "L1 + MSE", "optimizer": "Adam", "lr": lr, "decay": "cosine", "batch": batch,
+                                "seed": seed, "feature_noise": feature_noise, "augment_copies": augment_copies,
+                                "base": base, "whiten": whiten, "steps": steps, "seconds": seconds},
+                     "data": public.source, "n_images": len(public), "feature_seconds": round(feat_seconds, 3),
+                     **info},
+        "target": {"arch": clip.arch, "weights": clip.weights, "weights_sha256": clip.weights_sha256},
+    }
+    return dec
+
+
+def prior_quality(prior: Prior, images: ImageSet, public: ImageSet | None = None,
+                  clip: ClipModel | None = None, split: str = "validation") -> dict[str, Any]:
+    """Quality numbers for a card: mean PSNR (dB) of the prior's reconstruction of ``images``.
+
+    VAE: ``decode(encode(x).mu)``; decoder: ``decoder(feature(x))`` (needs ``clip``). With ``public``,
+    the class-prototype baseline (mean public image of the true class) on the same images is added.
+    """
+    x = images.images.contiguous().float()
+    if isinstance(prior, ConvVAE):
+        with torch.no_grad():
+            rec = prior.decode(vae_codes(prior, x))
+        key = f"{split}_reencode_psnr_db"
+    else:
+        if clip is None:
+            raise ClipleakError("a decoder's quality needs the target model")
+        rec = decoder_images(prior, image_features(clip, x))
+        key = f"{split}_decode_psnr_db"
+    out: dict[str, Any] = {key: round(float(psnr(rec, x).mean()), 3), f"n_{split}": len(images),
+                           f"{split}_data": images.source}
+    if public is not None:
+        proto = public.prototypes()[images.labels]
+        out[f"{split}_prototype_psnr_db"] = round(float(psnr(proto, x).mean()), 3)
+    return out
+
+
+def build_prior(
+    kind: str,
+    *,
+    data: str = "mnist",
+    arch: str = "tiny-32",
+    weights: str | None = None,
+    split_seed: int = 0,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    latent: int = 32,
+    feature_noise: float = 0.0,
+    progress: ProgressFn | None = None,
+    quality: bool = True,
+    task: str | None = None,
+) -> Prior:
+    """Train a prior of ``kind`` for target ``arch``/``weights`` (a file) on ``data``'s public split.
+
+    The card gets the data spec (checked against every observation the prior is used on), the target
+    (for a decoder) and, with ``quality``, the PSNR on the validation split next to the class-prototype
+    baseline (:func:`prior_quality`). ``feature_noise`` (decoder only) trains on noisy features, for
+    features that are fitted rather than exact (CoOp).
+    """
+    if kind not in KINDS:
+        raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
+    if feature_noise < 0 or (feature_noise > 0 and kind != "decoder"):
+        raise ClipleakError(f"feature noise must be >= 0 and only applies to a decoder, got {feature_noise} "
+                            f"for a {kind}")
+    if kind == "decoder" and weights is None:
+        raise ClipleakError("a feature decoder needs the target's trained weights (--weights PATH or tiny-mnist): "
+                            "a random-init CLIP gives every image nearly the same feature")
+    spec = DataSpec.parse(data, split_seed=split_seed)
+    clip = build_model(arch, weights)
+    public = load_public(spec, clip.image_size)
+    name = task or f"train {kind}"
+    if kind == "vae":
+        prior: Prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress,
+                                 task=name)
+    else:
+        prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
+                              progress=progress, task=name)
+    prior.card["data_spec"] = spec.to_dict()
+    prior.card["for_arch"] = arch
+    if quality:
+        if progress is not None:
+            progress(ProgressEvent(name, 0, None, phase="eval", note="quality on the validation split"))
+        prior.card["quality"] = prior_quality(prior, load_validation(spec, clip.image_size), public,
+                                              clip if kind == "decoder" else None)
+    return prior
