@@ -115,3 +115,34 @@ def test_demo_random_init_contrast_runs(tmp_path, capsys):
     assert "Report:" in err and (tmp_path / "demo" / "report" / "report.html").is_file()
     m = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert m["diagnostics"]["same_class_gradient_cosine"] > 0.9  # random init: the update barely depends on x
+
+
+def test_help_paragraphs_wrap_to_the_terminal(monkeypatch):
+    """Every command's help is its docstring with the paragraphs' hard line breaks removed, so that an
+    80-column console wraps them evenly; and every command shows an example."""
+    import typer.main
+
+    from clipleak.cli import app
+
+    group = typer.main.get_command(app)
+    names = []
+
+    def walk(cmd, prefix=""):
+        for name, sub in getattr(cmd, "commands", {}).items():
+            if getattr(sub, "commands", None):
+                walk(sub, prefix + name + " ")
+            else:
+                names.append(prefix + name)
+                text = sub.help or ""
+                assert "Example: clipleak" in text, name
+                for para in text.split("\n\n"):
+                    assert "\n" not in para, (name, para)
+
+    walk(group)
+    assert {"share", "attack", "evaluate", "demo", "pretrain", "prior train", "models"} <= set(names)
+    monkeypatch.setenv("COLUMNS", "80")
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["attack", "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0
+    assert max(len(line) for line in res.output.splitlines()) <= 80

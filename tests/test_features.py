@@ -20,7 +20,7 @@ def test_adapter_gradient_reveals_the_exact_feature_with_sign(tiny, digits):
     for seed in range(3):
         x = _x(1, seed)
         obs = share(v, x, torch.tensor([seed]))
-        f = adapter_features(obs, v)
+        f = adapter_features(obs, v).features
         with torch.no_grad():
             true = F.normalize(v.raw_image_features(x), dim=-1)
         assert float((f * true).sum()) > 0.9999  # same direction, same sign

@@ -173,7 +173,7 @@ def test_reid_true_image_always_found() -> None:
 def test_reid_prototype_near_chance_and_seeded() -> None:
     protos, pool, truth, labels = _reid_setup()
     rate = reid_rate(protos[labels], truth, labels, pool, k=10, draws=20, seed=0)  # 100 trials
-    assert 0.0 <= rate <= 0.35
+    assert rate <= 0.35
     assert rate == reid_rate(protos[labels], truth, labels, pool, k=10, draws=20, seed=0)
 
 
@@ -309,7 +309,7 @@ def test_evaluate_reidentification() -> None:
     r = ev["reidentification"]
     assert r["k"] == 10 and r["chance"] == pytest.approx(0.1)
     assert r["attack"] == 1.0
-    assert 0.0 <= r["prototype"] <= 0.35
+    assert r["prototype"] <= 0.35
     small = evaluate(rec, truth, protos, with_lpips=False, reid_pool=pool, reid_k=50)
     assert small["reidentification"]["attack"] is None
     assert "smaller k" in small["reidentification"]["note"]
@@ -343,9 +343,24 @@ def test_batch_reid_stays_at_chance_after_best_match_pairing() -> None:
         pair_rates.append(sum(reid_rate(paired[i:i + 1], truth[i:i + 1], labels[i:i + 1], private, k=10, draws=10,
                                         seed=trial) for i in range(4)) / 4)
     batch_rate, pair_rate = sum(batch_rates) / 12, sum(pair_rates) / 12
-    print(batch_rate, pair_rate)
-    assert 0.04 <= batch_rate <= 0.17, batch_rate
+    # measured: 0.015 one-to-one (chance 0.1), 0.2 image by image
+    assert batch_rate <= 0.12, batch_rate
     assert pair_rate > batch_rate + 0.05, (pair_rate, batch_rate)
+
+
+def test_batch_reid_counts_each_truth_once() -> None:
+    """B copies of one true image re-identify one truth out of B, not all of them (one-to-one)."""
+    from clipleak.client import load_private
+    from clipleak.data import DataSpec
+
+    private = load_private(DataSpec("mnist"), 16)
+    idx = torch.nonzero(private.labels == 3).flatten()[:4]
+    truth, labels = private.images[idx], private.labels[idx]
+    copies = truth[:1].expand(4, -1, -1, -1).clone()
+    assert reid_rate(copies, truth, labels, private, k=10, draws=5) == pytest.approx(0.25)
+    assert reid_rate(truth.clone(), truth, labels, private, k=10, draws=5) == 1.0
+    two = torch.cat([truth[:2], truth[:2]])  # each of two truths claimed twice: 2 of 4
+    assert reid_rate(two, truth, labels, private, k=10, draws=5) == pytest.approx(0.5)
 
 
 def test_verdict_names_every_baseline_the_attack_loses_to() -> None:

@@ -23,7 +23,7 @@ def _batch(n=2, seed=0):
 def test_observation_round_trip_is_bit_identical(tmp_path, tiny, digits, method):
     v = build_victim(tiny, digits, PeftConfig(method=method))
     x, y = _batch()
-    obs = share(v, x, y, include_labels=True, seed=7)
+    obs = share(v, x, y, include_labels=True)
     p = obs.save(tmp_path / "obs")
     again = Observation.load(p)
     assert set(again.gradients) == set(obs.gradients) == set(v.trainable())
@@ -95,3 +95,41 @@ def test_truth_round_trip(tmp_path):
     p = Truth(images=x, labels=y, meta={"seed": 1}).save(tmp_path / "t")
     t = Truth.load(p)
     assert torch.equal(t.images, x) and torch.equal(t.labels, y) and t.meta == {"seed": 1}
+
+
+def test_observation_identifies_no_drawn_image(tmp_path):
+    """What the client sends says which data set and split, never which images: two different draws give
+    identical metadata, and neither the seed nor the private indices appear anywhere in it."""
+    from clipleak.api import make_observation
+
+    obs_a, truth_a = make_observation(method="adapter", batch_size=2, seed=5)
+    obs_b, truth_b = make_observation(method="adapter", batch_size=2, seed=6)
+    assert obs_a.meta == obs_b.meta
+    assert truth_a.meta["private_indices"] != truth_b.meta["private_indices"]
+    text = json.dumps(obs_a.meta)
+    assert "seed\": 5" not in text and "private_indices" not in text and "indices" not in text
+    assert set(obs_a.meta["data"]) == {"name", "split_seed", "private_fraction", "validation_fraction", "grayscale"}
+    p = obs_a.save(tmp_path / "o")
+    assert set(load_file(str(p))) <= {k for k in load_file(str(p)) if k.startswith(("grad/", "state/"))}
+    assert truth_a.meta["seed"] == 5  # the draw is recorded on the client side only
+
+
+def test_split_mismatch_is_refused(tmp_path):
+    """A target whose card records another split than the observation's is refused, at share and attack time:
+    its training images would be among the "private" ones."""
+    from clipleak.api import attack_observation, make_observation
+    from clipleak.cli import main
+    from clipleak.models import build_model, card_path
+
+    w = tmp_path / "t.safetensors"
+    save_weights(build_model("tiny-32", init_seed=0).model, w)
+    card_path(w).write_text(json.dumps({"data_spec": {"name": "mnist", "split_seed": 0, "private_fraction": 0.1,
+                                                      "validation_fraction": 0.1}}))
+    obs, _ = make_observation(weights=str(w), method="adapter", split_seed=0)  # same split: fine
+    with pytest.raises(ClipleakError, match="split"):
+        make_observation(weights=str(w), method="adapter", split_seed=1)
+    assert main(["share", "--out", str(tmp_path / "o"), "--weights", str(w), "--method", "adapter",
+                 "--split-seed", "1"]) == 2
+    obs.meta["data"]["split_seed"] = 1  # an observation that claims another split
+    with pytest.raises(ClipleakError, match="split"):
+        attack_observation(obs, name="featmatch", iterations=0, decoder=None, prior="none")

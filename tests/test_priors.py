@@ -15,6 +15,7 @@ from clipleak.client import load_private
 from clipleak.data import DataSpec, load_public
 from clipleak.engine import EngineConfig, PixelImages, State, Term, optimise
 from clipleak.errors import ClipleakError
+from clipleak.models import card_path, image_features
 from clipleak.evaluation.metrics import psnr, reid_rate
 
 THREADS = int(os.environ.get("CLIPLEAK_TEST_THREADS", "2"))
@@ -96,7 +97,7 @@ def test_time_budget_fits_the_schedule(mnist32):
 def test_vae_reconstructs_private_digits_better_than_class_prototype(vae, mnist32):
     public, private = mnist32
     sub = private.subset(list(range(0, len(private), 4)))  # 250 private digits, all classes
-    q = training.prior_quality(vae, sub, public)
+    q = training.prior_quality(vae, sub, public, split="private")
     # measured (1 thread): re-encode 15.5 dB vs prototype of the TRUE class 13.9 dB
     assert q["private_reencode_psnr_db"] > q["private_prototype_psnr_db"] + 0.8, q
 
@@ -149,7 +150,7 @@ def test_save_load_round_trip_is_bit_identical(vae, decoder, tiny, tmp_path):
     back = priors.load_prior(p)
     assert back.kind == "vae" and back.image_size == 32 and isinstance(back, priors.ConvVAE)
     assert torch.equal(back.decode(z), vae.decode(z))
-    card = json.loads((tmp_path / "vae.json").read_text())
+    card = json.loads((tmp_path / "vae.card.json").read_text())
     assert card["kind"] == "vae" and card["latent"] == vae.latent and card["channels"] == 1
     assert card["data"]["name"] == "mnist" and card["training"]["steps_done"] == FAST_VAE["steps"]
 
@@ -177,12 +178,12 @@ def test_load_prior_errors(vae, tmp_path):
     with pytest.raises(ClipleakError, match="corrupt"):
         priors.load_prior(p)
     p.write_bytes(b"not a safetensors file")
-    card = json.loads(p.with_suffix(".json").read_text())
+    card = json.loads(card_path(p).read_text())
     card.pop("file_sha256")
-    p.with_suffix(".json").write_text(json.dumps(card))
+    card_path(p).write_text(json.dumps(card))
     with pytest.raises(ClipleakError, match="cannot read"):
         priors.load_prior(p)
-    p.with_suffix(".json").write_text("{not json")
+    card_path(p).write_text("{not json")
     with pytest.raises(ClipleakError, match="card"):
         priors.load_prior(p)
     with pytest.raises(ClipleakError, match=".safetensors"):
@@ -247,7 +248,7 @@ def test_generative_prior_beats_pixel_feature_inversion_on_trained_target():
     """From the TRUE image feature: the decoder prior beats pixel-space inversion on PSNR and re-identification."""
     artifacts = pytest.importorskip("clipleak.artifacts")
     from clipleak.client import sample_batch
-    from clipleak.models import build_model
+    from clipleak.models import build_model, image_features
 
     torch.set_num_threads(THREADS)
     clip = build_model("tiny-32", str(artifacts.resolve("tiny-mnist")))
@@ -273,7 +274,7 @@ def test_decoder_prior_beats_pixel_feature_inversion_on_the_trained_fixture(shor
     """From the TRUE image feature of the small trained fixture: a decoder trained briefly on public
     (feature, image) pairs beats pixel-space feature inversion on PSNR and on re-identification."""
     from clipleak.client import sample_batch
-    from clipleak.models import build_model
+    from clipleak.models import build_model, image_features
 
     torch.set_num_threads(THREADS)
     public, private = mnist32

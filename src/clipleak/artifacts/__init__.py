@@ -73,7 +73,8 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                        PriorRecipe("vae", "tiny-mnist", "tiny-32", steps=DEFAULT_VAE_STEPS)),
     "tiny-mnist-decoder": lambda: Artifact("tiny-mnist-decoder", "feature-to-image decoder for tiny-mnist, trained "
                                            "on the public MNIST split",
-                                           PriorRecipe("decoder", "tiny-mnist", "tiny-32", steps=DEFAULT_DECODER_STEPS)),
+                                           PriorRecipe("decoder", "tiny-mnist", "tiny-32",
+                                                       steps=DEFAULT_DECODER_STEPS)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 

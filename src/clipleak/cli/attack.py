@@ -10,164 +10,164 @@ import typer
 from .common import command, console, parse_ints, progress_bar
 
 
+def models() -> None:
+    """List the model architectures clipleak can build (open_clip's, plus clipleak's tiny ones).
+
+    Example: clipleak models
+    """
+    from ..models import TINY_ARCHS, list_architectures
+
+    console.print(f"clipleak tiny configs: {', '.join(TINY_ARCHS)}")
+    typer.echo("\n".join(list_architectures()))
+
+def share(
+    out: Annotated[Path, typer.Option(help="where to write the observation (.safetensors + .json)")],
+    arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
+    weights: Annotated[str | None, typer.Option(
+        help="weights file or artifact name (tiny-mnist); none = random init")] = None,
+    init_seed: Annotated[int, typer.Option(help="seed of a random init")] = 0,
+    data: Annotated[str, typer.Option(
+        help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
+    split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
+    method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
+    n_ctx: Annotated[int, typer.Option(help="CoOp context length M")] = 4,
+    class_specific: Annotated[bool, typer.Option(help="CoOp: one context per class")] = False,
+    classnames: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
+    batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
+    classes: Annotated[str | None, typer.Option(help="draw only from these class indices, e.g. 3,5")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the batch draw (kept in the truth file only)")] = 0,
+    include_labels: Annotated[bool, typer.Option(help="the shared message carries the labels")] = False,
+    truth_out: Annotated[Path | None, typer.Option(
+        help="client-side ground truth file (default: OUT.truth)")] = None,
+) -> None:
+    """Client side: draw a private batch, compute the update it would share, save it.
+
+    The observation holds what the client sends (the gradient, the model and PEFT settings, the data
+    split); the batch-draw seed and the drawn indices go to the truth file only.
+
+    Example: clipleak share --out runs/obs --weights tiny-mnist --method coop --batch-size 2
+    """
+    from ..api import make_observation
+
+    with progress_bar() as cb:
+        obs, truth = make_observation(
+            arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
+            n_ctx=n_ctx, class_specific=class_specific,
+            classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
+            classes=parse_ints(classes), seed=seed, include_labels=include_labels, progress=cb,
+        )
+    p = obs.save(out)
+    tp = truth.save(truth_out if truth_out is not None else p.with_suffix(".truth"))
+    console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
+    console.print(f"ground truth (client side; never give it to the attacker): {tp}")
+
+def attack(
+    observation: Annotated[Path, typer.Argument(help="observation .safetensors (its .json beside it)")],
+    out: Annotated[Path, typer.Option(help="reconstruction folder")] = Path("reconstruction"),
+    name: Annotated[str, typer.Option("--attack", help="ig (Inverting Gradients) | featmatch (recover the "
+                                      "image features from the update, then decode or match them)")] = "ig",
+    prior: Annotated[str, typer.Option(help="none | tv | generative:VAE (file or name, e.g. "
+                                       "generative:tiny-mnist-vae)")] = "tv",
+    decoder: Annotated[str | None, typer.Option(help="featmatch: feature-to-image decoder (file or name, "
+                                                "e.g. tiny-mnist-decoder); --iterations 0 returns its "
+                                                "output")] = None,
+    weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
+    iterations: Annotated[int, typer.Option(help="optimisation steps per restart")] = 300,
+    restarts: Annotated[int, typer.Option(help="seeded restarts; the best by gradient loss is kept")] = 2,
+    lr: Annotated[float, typer.Option(help="Adam step size")] = 0.1,
+    tv: Annotated[float, typer.Option(help="total-variation weight")] = 0.05,
+    labels: Annotated[str, typer.Option(help="auto | known | infer")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
+    resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
+) -> None:
+    """Attacker side: reconstruct the client's images from an observation.
+
+    Example: clipleak attack runs/obs.safetensors --out runs/rec --iterations 300 --restarts 2
+
+    Example: clipleak attack runs/obs.safetensors --attack featmatch --decoder tiny-mnist-decoder --iterations 0 --out runs/rec
+    """  # noqa: E501
+    from ..api import attack_observation
+
+    settings = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
+                "seed": seed, "prior": prior, "checkpoint": str(out / "checkpoint") if resume else None}
+    if name == "featmatch":
+        settings["decoder"] = decoder
+    elif decoder:
+        console.print("note: --decoder applies to --attack featmatch only; ignored")
+    with progress_bar() as cb:
+        rec = attack_observation(observation, name=name, weights=weights, progress=cb, **settings)
+    rec.save(out)
+    console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s, "
+                  f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
+    for note in (rec.meta.get("feature_recovery") or {}).get("notes", []):
+        console.print(f"note: {note}")
+
+def evaluate(
+    reconstruction: Annotated[Path, typer.Argument(help="reconstruction folder from `clipleak attack`")],
+    truth: Annotated[Path, typer.Option(help="client-side ground truth file from `clipleak share`")],
+    out: Annotated[Path | None, typer.Option(help="report folder (default: the reconstruction folder)")] = None,
+    reid_k: Annotated[int, typer.Option(help="re-identification pool size (true image + K-1 of its class)")]
+    = 10,
+) -> None:
+    """Score a reconstruction against the truth and the honest baselines; write the report.
+
+    Example: clipleak evaluate runs/rec --truth runs/obs.truth.safetensors
+    """
+    from ..api import evaluate_reconstruction
+
+    report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k)
+    console.print(ev["verdict"]["text"])
+    console.print(f"report: [bold]{report}[/]")
+
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("clipleak-demo"),
+    weights: Annotated[str, typer.Option(help="target weights: a file, a named artifact (tiny-mnist, built "
+                                         "on first use), or 'random' for a random-init contrast")]
+    = "tiny-mnist",
+    method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
+    name: Annotated[str, typer.Option("--attack", help="featmatch | ig")] = "featmatch",
+    prior: Annotated[str | None, typer.Option(help="none | tv | generative:VAE (default: the VAE on the "
+                                              "trained target, tv on a random one)")] = None,
+    decoder: Annotated[str | None, typer.Option(help="feature-to-image decoder for featmatch ('' for none)")]
+    = "tiny-mnist-decoder",
+    batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
+    iterations: Annotated[int | None, typer.Option(
+        help="attack steps per restart (default: 0 for featmatch with a decoder, i.e. the decoder's "
+             "output; else 150)")] = None,
+    restarts: Annotated[int, typer.Option(help="attack restarts")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the batch draw and the attack")] = 0,
+) -> None:
+    """Run share -> attack -> evaluate on the built-in default and print where the report is.
+
+    Default: the tiny CLIP pretrained by clipleak on public MNIST digits (tiny-mnist), a CoOp prompt,
+    one private digit; the attacker fits the image feature and the label to the prompt gradient and
+    turns the feature into a digit with a decoder trained on the public split (the best prior measured
+    on this target; add --iterations 150 to refine it by a VAE latent search). The first run trains
+    the target and the priors once (about 10 minutes on 2 cores, cached); later runs take under a minute.
+
+    Example: clipleak demo --out runs/demo
+
+    Example: clipleak demo --method adapter --out runs/demo-adapter
+
+    Example: clipleak demo --weights random --attack ig --out runs/demo-random
+    """
+    from ..api import plan_demo, run_demo
+
+    plan = plan_demo(weights=weights, method=method, attack=name, prior=prior, decoder=decoder,
+                     iterations=iterations, restarts=restarts, seed=seed)
+    with progress_bar() as cb:
+        report, ev, seconds = run_demo(out, plan, batch_size=batch_size, seed=seed, progress=cb,
+                                       say=lambda msg: console.print(f"[bold]{msg}[/]"))
+    console.print(ev["verdict"]["text"])
+    reid = ev.get("reidentification") or {}
+    if reid.get("attack") is not None:
+        nn = f"public nearest neighbour {reid['public-nn']:.0%}, " if reid.get("public-nn") is not None else ""
+        console.print(f"re-identification: {reid['attack']:.0%} (class prototype {reid['prototype']:.0%}, "
+                      f"{nn}chance {reid['chance']:.0%})")
+    console.print(f"done in {seconds:.0f} s. Report: [bold]{report}[/]")
+
+
 def register(app: typer.Typer) -> None:
-    @command(app)
-    def models() -> None:
-        """List the model architectures clipleak can build (open_clip's, plus clipleak's tiny ones).
-
-        Example: clipleak models
-        """
-        from ..models import TINY_ARCHS, list_architectures
-
-        console.print(f"clipleak tiny configs: {', '.join(TINY_ARCHS)}")
-        typer.echo("\n".join(list_architectures()))
-
-    @command(app)
-    def share(
-        out: Annotated[Path, typer.Option(help="where to write the observation (.safetensors + .json)")],
-        arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
-        weights: Annotated[str | None, typer.Option(
-            help="weights file or artifact name (tiny-mnist); none = random init")] = None,
-        init_seed: Annotated[int, typer.Option(help="seed of a random init")] = 0,
-        data: Annotated[str, typer.Option(
-            help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
-        split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
-        method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
-        n_ctx: Annotated[int, typer.Option(help="CoOp context length M")] = 4,
-        class_specific: Annotated[bool, typer.Option(help="CoOp: one context per class")] = False,
-        classnames: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
-        batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
-        classes: Annotated[str | None, typer.Option(help="draw only from these class indices, e.g. 3,5")] = None,
-        seed: Annotated[int, typer.Option(help="seed of the batch draw (kept in the truth file only)")] = 0,
-        include_labels: Annotated[bool, typer.Option(help="the shared message carries the labels")] = False,
-        truth_out: Annotated[Path | None, typer.Option(
-            help="client-side ground truth file (default: OUT.truth)")] = None,
-    ) -> None:
-        """Client side: draw a private batch, compute the update it would share, save it.
-
-        The observation holds what the client sends (the gradient, the model and PEFT settings, the data
-        split); the batch-draw seed and the drawn indices go to the truth file only.
-
-        Example: clipleak share --out runs/obs --weights tiny-mnist --method coop --batch-size 2
-        """
-        from ..api import make_observation
-
-        with progress_bar() as cb:
-            obs, truth = make_observation(
-                arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
-                n_ctx=n_ctx, class_specific=class_specific,
-                classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
-                classes=parse_ints(classes), seed=seed, include_labels=include_labels, progress=cb,
-            )
-        p = obs.save(out)
-        tp = truth.save(truth_out if truth_out is not None else p.with_suffix(".truth"))
-        console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
-        console.print(f"ground truth (client side; never give it to the attacker): {tp}")
-
-    @command(app)
-    def attack(
-        observation: Annotated[Path, typer.Argument(help="observation .safetensors (its .json beside it)")],
-        out: Annotated[Path, typer.Option(help="reconstruction folder")] = Path("reconstruction"),
-        name: Annotated[str, typer.Option("--attack", help="ig (Inverting Gradients) | featmatch (recover the "
-                                          "image features from the update, then decode or match them)")] = "ig",
-        prior: Annotated[str, typer.Option(help="none | tv | generative:VAE (file or name, e.g. "
-                                           "generative:tiny-mnist-vae)")] = "tv",
-        decoder: Annotated[str | None, typer.Option(help="featmatch: feature-to-image decoder (file or name, "
-                                                    "e.g. tiny-mnist-decoder); --iterations 0 returns its "
-                                                    "output")] = None,
-        weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
-        iterations: Annotated[int, typer.Option(help="optimisation steps per restart")] = 300,
-        restarts: Annotated[int, typer.Option(help="seeded restarts; the best by gradient loss is kept")] = 2,
-        lr: Annotated[float, typer.Option(help="Adam step size")] = 0.1,
-        tv: Annotated[float, typer.Option(help="total-variation weight")] = 0.05,
-        labels: Annotated[str, typer.Option(help="auto | known | infer")] = "auto",
-        seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
-        resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
-    ) -> None:
-        """Attacker side: reconstruct the client's images from an observation.
-
-        Example: clipleak attack runs/obs.safetensors --out runs/rec --iterations 300 --restarts 2
-
-        Example: clipleak attack runs/obs.safetensors --attack featmatch --decoder tiny-mnist-decoder --iterations 0 --out runs/rec
-        """  # noqa: E501
-        from ..api import attack_observation
-
-        settings = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
-                    "seed": seed, "prior": prior, "checkpoint": str(out / "checkpoint") if resume else None}
-        if name == "featmatch":
-            settings["decoder"] = decoder
-        elif decoder:
-            console.print("note: --decoder applies to --attack featmatch only; ignored")
-        with progress_bar() as cb:
-            rec = attack_observation(observation, name=name, weights=weights, progress=cb, **settings)
-        rec.save(out)
-        console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s, "
-                      f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
-        for note in (rec.meta.get("feature_recovery") or {}).get("notes", []):
-            console.print(f"note: {note}")
-
-    @command(app)
-    def evaluate(
-        reconstruction: Annotated[Path, typer.Argument(help="reconstruction folder from `clipleak attack`")],
-        truth: Annotated[Path, typer.Option(help="client-side ground truth file from `clipleak share`")],
-        out: Annotated[Path | None, typer.Option(help="report folder (default: the reconstruction folder)")] = None,
-        reid_k: Annotated[int, typer.Option(help="re-identification pool size (true image + K-1 of its class)")]
-        = 10,
-    ) -> None:
-        """Score a reconstruction against the truth and the honest baselines; write the report.
-
-        Example: clipleak evaluate runs/rec --truth runs/obs.truth.safetensors
-        """
-        from ..api import evaluate_reconstruction
-
-        report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k)
-        console.print(ev["verdict"]["text"])
-        console.print(f"report: [bold]{report}[/]")
-
-    @command(app)
-    def demo(
-        out: Annotated[Path, typer.Option(help="output folder")] = Path("clipleak-demo"),
-        weights: Annotated[str, typer.Option(help="target weights: a file, a named artifact (tiny-mnist, built "
-                                             "on first use), or 'random' for a random-init contrast")]
-        = "tiny-mnist",
-        method: Annotated[str, typer.Option(help="coop | adapter | full-visual | full")] = "coop",
-        name: Annotated[str, typer.Option("--attack", help="featmatch | ig")] = "featmatch",
-        prior: Annotated[str | None, typer.Option(help="none | tv | generative:VAE (default: the VAE on the "
-                                                  "trained target, tv on a random one)")] = None,
-        decoder: Annotated[str | None, typer.Option(help="feature-to-image decoder for featmatch ('' for none)")]
-        = "tiny-mnist-decoder",
-        batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
-        iterations: Annotated[int | None, typer.Option(
-            help="attack steps per restart (default: 0 for featmatch with a decoder, i.e. the decoder's "
-                 "output; else 150)")] = None,
-        restarts: Annotated[int, typer.Option(help="attack restarts")] = 1,
-        seed: Annotated[int, typer.Option(help="seed of the batch draw and the attack")] = 0,
-    ) -> None:
-        """Run share -> attack -> evaluate on the built-in default and print where the report is.
-
-        Default: the tiny CLIP pretrained by clipleak on public MNIST digits (tiny-mnist), a CoOp prompt,
-        one private digit; the attacker fits the image feature and the label to the prompt gradient and
-        turns the feature into a digit with a decoder trained on the public split (the best prior measured
-        on this target; add --iterations 150 to refine it by a VAE latent search). The first run trains
-        the target and the priors once (about 10 minutes on 2 cores, cached); later runs take under a minute.
-
-        Example: clipleak demo --out runs/demo
-
-        Example: clipleak demo --method adapter --out runs/demo-adapter
-
-        Example: clipleak demo --weights random --attack ig --out runs/demo-random
-        """
-        from ..api import plan_demo, run_demo
-
-        plan = plan_demo(weights=weights, method=method, attack=name, prior=prior, decoder=decoder,
-                         iterations=iterations, restarts=restarts, seed=seed)
-        with progress_bar() as cb:
-            report, ev, seconds = run_demo(out, plan, batch_size=batch_size, seed=seed, progress=cb,
-                                           say=lambda msg: console.print(f"[bold]{msg}[/]"))
-        console.print(ev["verdict"]["text"])
-        reid = ev.get("reidentification") or {}
-        if reid.get("attack") is not None:
-            nn = f"public nearest neighbour {reid['public-nn']:.0%}, " if reid.get("public-nn") is not None else ""
-            console.print(f"re-identification: {reid['attack']:.0%} (class prototype {reid['prototype']:.0%}, "
-                          f"{nn}chance {reid['chance']:.0%})")
-        console.print(f"done in {seconds:.0f} s. Report: [bold]{report}[/]")
+    """Add the data-path commands to ``app``."""
+    for fn in (models, share, attack, evaluate, demo):
+        command(app)(fn)

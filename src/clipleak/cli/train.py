@@ -11,99 +11,101 @@ from ..errors import ClipleakError
 from .common import command, console, helptext, progress_bar
 
 
+def pretrain(
+    out: Annotated[Path, typer.Option(help="weights file to write (.safetensors; + .card.json beside it)")],
+    arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
+    data: Annotated[str, typer.Option(help="mnist | digits | folder:PATH | csv:PATH")] = "mnist",
+    steps: Annotated[int | None, typer.Option(help="schedule length (default 1500 or fit to budget)")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="seconds of training; stops there")] = None,
+    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = 32,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps (at most 10% of the steps)")] = 200,
+    augment: Annotated[bool, typer.Option(help="random shift/rotation/scale of each image")] = True,
+    patch_dropout: Annotated[float, typer.Option(help="fraction of patches dropped in training steps")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seed of the init, data order, captions, augmentation")] = 0,
+    split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 400,
+    resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (1 is faster on a busy machine)")] = None,
+) -> None:
+    """Pretrain a target CLIP on the PUBLIC split of a data set (contrastive, captions from templates).
+
+    Reports zero-shot accuracy on the validation split (and the random init's) in OUT's model card. The
+    defaults are the recipe of the tiny-mnist artifact.
+
+    Example: clipleak pretrain --out runs/mine.safetensors --data mnist --time-budget 300 --threads 1
+    """
+    from ..training import PretrainConfig
+    from ..training import pretrain as run_pretrain
+
+    if steps is None and time_budget is None:
+        steps = PretrainConfig.steps
+    cfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=steps, batch_size=batch_size,
+                         lr=lr, warmup_steps=warmup_steps, seed=seed, augment=augment,
+                         patch_dropout=patch_dropout, checkpoint_every=checkpoint_every,
+                         time_budget_s=time_budget)
+    with progress_bar() as cb:
+        card = run_pretrain(cfg, out, resume=resume, progress=cb, threads=threads)
+    zs = card["zero_shot"]
+    console.print(f"weights: [bold]{out}[/] ({card['steps_done']} steps, {card['train_seconds']:.0f} s "
+                  f"of training, final loss {card['final_loss']:.3f})")
+    if card["stopped_early"]:
+        console.print(f"stopped early: {card['stopped_early']} (resume with --resume and a larger budget)")
+    if zs is not None:
+        console.print(f"zero-shot accuracy on {zs['n_images']} validation images ('{zs['prompt']}'): "
+                      f"[bold]{zs['accuracy']:.1%}[/] (template ensemble {zs['ensemble_accuracy']:.1%}; "
+                      f"random init {zs['random_init_accuracy']:.1%}, chance {zs['chance']:.1%})")
+    console.print(f"model card: {out.with_name(out.stem + '.card.json')}")
+
+def prior_train(
+    kind: Annotated[str, typer.Option(help="vae (latent space for searches) | decoder (CLIP feature -> image)")],
+    out: Annotated[Path, typer.Option(help="prior file to write (.safetensors; + .card.json beside it)")],
+    data: Annotated[str, typer.Option(
+        help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
+    arch: Annotated[str, typer.Option(help="target architecture (sets the image size)")] = "tiny-32",
+    weights: Annotated[str | None, typer.Option(
+        help="target weights (decoder: required; a file or tiny-mnist)")] = None,
+    seconds: Annotated[float | None, typer.Option(help="training time budget (fits the schedule to it)")]
+    = None,
+    steps: Annotated[int | None, typer.Option(help="steps (default 2000; --seconds stops early)")] = None,
+    latent: Annotated[int, typer.Option(help="VAE latent dimension")] = 32,
+    feature_noise: Annotated[float, typer.Option(
+        help="decoder: train on features with Gaussian noise of this norm (0.05 suits features fitted to "
+             "a CoOp gradient)")] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
+) -> None:
+    """Train an image prior on the PUBLIC split and save it with a card (quality on the validation split).
+
+    Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
+
+    Example: clipleak prior train --kind vae --out runs/vae.safetensors --steps 2000
+    """  # noqa: E501
+    from ..artifacts import resolve_path
+    from ..priors import save_prior
+    from ..training import build_prior
+
+    if out.suffix != ".safetensors":
+        raise ClipleakError(f"--out must end in .safetensors, got {out}")
+    with progress_bar() as cb:
+        prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
+                            steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
+                            progress=cb)
+    path = save_prior(prior, out)
+    tr = prior.card["training"]
+    console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
+    q = prior.card.get("quality", {})
+    key = "validation_reencode_psnr_db" if kind == "vae" else "validation_decode_psnr_db"
+    if key in q:
+        console.print(f"validation split: {q[key]:.1f} dB PSNR (class-prototype baseline "
+                      f"{q['validation_prototype_psnr_db']:.1f} dB)")
+    console.print(f"card: {path.with_name(path.stem + '.card.json')}")
+
+
 def register(app: typer.Typer) -> None:
-    @command(app)
-    def pretrain(
-        out: Annotated[Path, typer.Option(help="weights file to write (.safetensors; + .card.json beside it)")],
-        arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
-        data: Annotated[str, typer.Option(help="mnist | digits | folder:PATH | csv:PATH")] = "mnist",
-        steps: Annotated[int | None, typer.Option(help="schedule length (default 1500 or fit to budget)")] = None,
-        time_budget: Annotated[float | None, typer.Option(help="seconds of training; stops there")] = None,
-        batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = 32,
-        lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
-        warmup_steps: Annotated[int, typer.Option(help="linear warmup steps (at most 10% of the steps)")] = 200,
-        augment: Annotated[bool, typer.Option(help="random shift/rotation/scale of each image")] = True,
-        patch_dropout: Annotated[float, typer.Option(help="fraction of patches dropped in training steps")] = 0.0,
-        seed: Annotated[int, typer.Option(help="seed of the init, data order, captions, augmentation")] = 0,
-        split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
-        checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 400,
-        resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint")] = False,
-        threads: Annotated[int | None, typer.Option(help="torch threads (1 is faster on a busy machine)")] = None,
-    ) -> None:
-        """Pretrain a target CLIP on the PUBLIC split of a data set (contrastive, captions from templates).
-
-        Reports zero-shot accuracy on the validation split (and the random init's) in OUT's model card. The
-        defaults are the recipe of the tiny-mnist artifact.
-
-        Example: clipleak pretrain --out runs/mine.safetensors --data mnist --time-budget 300 --threads 1
-        """
-        from ..training import PretrainConfig
-        from ..training import pretrain as run_pretrain
-
-        if steps is None and time_budget is None:
-            steps = PretrainConfig.steps
-        cfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=steps, batch_size=batch_size,
-                             lr=lr, warmup_steps=warmup_steps, seed=seed, augment=augment,
-                             patch_dropout=patch_dropout, checkpoint_every=checkpoint_every,
-                             time_budget_s=time_budget)
-        with progress_bar() as cb:
-            card = run_pretrain(cfg, out, resume=resume, progress=cb, threads=threads)
-        zs = card["zero_shot"]
-        console.print(f"weights: [bold]{out}[/] ({card['steps_done']} steps, {card['train_seconds']:.0f} s "
-                      f"of training, final loss {card['final_loss']:.3f})")
-        if card["stopped_early"]:
-            console.print(f"stopped early: {card['stopped_early']} (resume with --resume and a larger budget)")
-        if zs is not None:
-            console.print(f"zero-shot accuracy on {zs['n_images']} validation images ('{zs['prompt']}'): "
-                          f"[bold]{zs['accuracy']:.1%}[/] (template ensemble {zs['ensemble_accuracy']:.1%}; "
-                          f"random init {zs['random_init_accuracy']:.1%}, chance {zs['chance']:.1%})")
-        console.print(f"model card: {out.with_name(out.stem + '.card.json')}")
-
-    prior_app = typer.Typer(help=helptext("""Learned image priors (VAE, feature-to-image decoder) trained on PUBLIC
-        data."""), no_args_is_help=True)
+    """Add ``pretrain`` and the ``prior`` group to ``app``."""
+    command(app)(pretrain)
+    prior_app = typer.Typer(help=helptext("Learned image priors (VAE, feature-to-image decoder) trained on PUBLIC "
+                                          "data."), no_args_is_help=True)
     app.add_typer(prior_app, name="prior")
-
-    @command(prior_app, "train")
-    def prior_train(
-        kind: Annotated[str, typer.Option(help="vae (latent space for searches) | decoder (CLIP feature -> image)")],
-        out: Annotated[Path, typer.Option(help="prior file to write (.safetensors; + .card.json beside it)")],
-        data: Annotated[str, typer.Option(
-            help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
-        arch: Annotated[str, typer.Option(help="target architecture (sets the image size)")] = "tiny-32",
-        weights: Annotated[str | None, typer.Option(
-            help="target weights (decoder: required; a file or tiny-mnist)")] = None,
-        seconds: Annotated[float | None, typer.Option(help="training time budget (fits the schedule to it)")]
-        = None,
-        steps: Annotated[int | None, typer.Option(help="steps (default 2000; --seconds stops early)")] = None,
-        latent: Annotated[int, typer.Option(help="VAE latent dimension")] = 32,
-        feature_noise: Annotated[float, typer.Option(
-            help="decoder: train on features with Gaussian noise of this norm (0.05 suits features fitted to "
-                 "a CoOp gradient)")] = 0.0,
-        split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
-        seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
-    ) -> None:
-        """Train an image prior on the PUBLIC split and save it with a card (quality on the validation split).
-
-        Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
-
-        Example: clipleak prior train --kind vae --out runs/vae.safetensors --steps 2000
-        """  # noqa: E501
-        from ..artifacts import resolve_path
-        from ..priors import save_prior
-        from ..training import build_prior
-
-        if out.suffix != ".safetensors":
-            raise ClipleakError(f"--out must end in .safetensors, got {out}")
-        with progress_bar() as cb:
-            prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
-                                steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
-                                progress=cb)
-        path = save_prior(prior, out)
-        tr = prior.card["training"]
-        console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
-        q = prior.card.get("quality", {})
-        key = "validation_reencode_psnr_db" if kind == "vae" else "validation_decode_psnr_db"
-        if key in q:
-            console.print(f"validation split: {q[key]:.1f} dB PSNR (class-prototype baseline "
-                          f"{q['validation_prototype_psnr_db']:.1f} dB)")
-        console.print(f"card: {path.with_name(path.stem + '.card.json')}")
+    command(prior_app, "train")(prior_train)

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -261,6 +259,7 @@ def read_image(path: Path) -> tuple[np.ndarray, bool]:
     """Read one image as float32 ``(H, W, 3)`` in [0, 1] (alpha composited on black) + single-channel flag."""
     from PIL import Image, ImageOps
 
+    im: Image.Image  # Image.open gives an ImageFile; exif_transpose may give a plain Image
     try:
         with Image.open(path) as im:
             im.load()

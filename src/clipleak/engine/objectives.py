@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
@@ -16,12 +18,13 @@ def cosine_gradient_distance(
     grads: list[torch.Tensor], targets: list[torch.Tensor]
 ) -> torch.Tensor:
     """``1 - <g, t> / (|g| |t|)`` over all parameters together (Geiping et al. 2020)."""
+    # sum() of tensors is a tensor (its int start value 0 only remains for an empty list)
     dot = sum((g * t).sum() for g, t in zip(grads, targets, strict=True))
-    gn = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-    tn = torch.sqrt(sum(t.pow(2).sum() for t in targets))
+    gn = torch.sqrt(cast(torch.Tensor, sum(g.pow(2).sum() for g in grads)))
+    tn = torch.sqrt(cast(torch.Tensor, sum(t.pow(2).sum() for t in targets)))
     return 1 - dot / (gn * tn + 1e-12)
 
 
 def l2_gradient_distance(grads: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     """Squared Euclidean distance (DLG, Zhu et al. 2019)."""
-    return sum((g - t).pow(2).sum() for g, t in zip(grads, targets, strict=True))
+    return cast(torch.Tensor, sum((g - t).pow(2).sum() for g, t in zip(grads, targets, strict=True)))

@@ -231,22 +231,24 @@ def optimise(
                     total = total + w * v
                 # only the candidate's leaves get gradients (not the victim's parameters)
                 grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            for leaf, g in zip(leaves, grads, strict=True):
-                leaf.grad = None if g is None else (g.sign() if cfg.signed else g)
+            for leaf, grad in zip(leaves, grads, strict=True):
+                leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
             opt.step()
             param.project()
             values["total"] = float(total.detach())
             if it % cfg.log_every == 0 or it == cfg.iterations - 1:
-                for k, v in values.items():
-                    hist[k].append(v)
+                for k, val in values.items():
+                    hist[k].append(val)
             if progress is not None:
                 progress(ProgressEvent(task, r * cfg.iterations + it + 1, cfg.restarts * cfg.iterations,
                                        values={**values, "restart": float(r + 1)}))
             n_iters += 1
         with torch.no_grad(), math_attention():
             images = param.render().detach().clone()
-            labels = (known_labels if label_logits is None else label_logits.argmax(-1)).clone()
+            hard = known_labels if label_logits is None else label_logits.argmax(-1)
             soft = known_labels if label_logits is None else F.softmax(label_logits, -1)
+            assert hard is not None and soft is not None  # known_labels is checked above for labels="known"
+            labels = hard.clone()
             final_state = State(images=images, labels=soft, iteration=cfg.iterations, iterations=cfg.iterations)
         sel_term = next(t for t in terms if t.name == selection)
         with math_attention():

@@ -354,11 +354,11 @@ def reid_rate(
         return hits / draws
     hits = 0
     for _ in range(draws):
-        chosen = []
+        picked: list[torch.Tensor] = []
         for c, idx in pools.items():
             n = (k - 1) * int((labels == c).sum())
-            chosen.append(idx[torch.randperm(idx.numel(), generator=gen)[:n]])
-        distract = pool.images.index_select(0, torch.cat(chosen)).to(truth.dtype)
+            picked.append(idx[torch.randperm(idx.numel(), generator=gen)[:n]])
+        distract = pool.images.index_select(0, torch.cat(picked)).to(truth.dtype)
         claimed: set[int] = set()  # one truth can be claimed once, however many reconstructions pick it
         for i in range(b):
             to_truth = psnr(rec[i].unsqueeze(0).expand_as(truth), truth)

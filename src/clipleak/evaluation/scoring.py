@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ClipleakError
+from ..records import Reconstruction, Truth
 from .metrics import (
     LabelledImages,
     finite_or_none,
@@ -28,7 +29,6 @@ from .metrics import (
     reid_rate,
     ssim,
 )
-from ..records import Reconstruction, Truth
 
 METHODS = ("attack", "blank", "prototype")
 METHOD_LABELS = {

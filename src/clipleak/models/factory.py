@@ -12,10 +12,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
@@ -52,12 +52,26 @@ def list_architectures() -> list[str]:
     return list(open_clip.list_models())
 
 
+if TYPE_CHECKING:
+
+    class OpenClipModel(nn.Module):
+        """Static view of an open_clip ``CLIP`` / ``CustomTextCLIP`` (open_clip ships no type information):
+        the members clipleak uses. For type checking only; at run time it is open_clip's own class."""
+
+        visual: nn.Module
+        logit_scale: nn.Parameter
+
+        def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+        def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+
 @dataclass
 class ClipModel:
     """A frozen-by-default open_clip model plus what is needed to feed it."""
 
-    model: nn.Module
-    tokenizer: object
+    model: OpenClipModel
+    tokenizer: Callable[..., torch.Tensor]  # class names / captions -> token ids (N, L)
     arch: str
     weights: str | None  # path of the weights file, or None for random init
     weights_sha256: str  # "random-init:<seed>" for random init

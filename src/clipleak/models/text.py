@@ -7,12 +7,26 @@ CustomTextCLIP, and cuts the sequence to the pooled token (exact under the causa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipleakError
 from .factory import ClipModel
+
+if TYPE_CHECKING:
+
+    class OpenClipText(nn.Module):
+        """Static view of open_clip's built-in text transformer (the model itself, or CustomTextCLIP's
+        ``.text``): the members :class:`TextTower` uses. For type checking only."""
+
+        token_embedding: nn.Embedding
+        positional_embedding: nn.Parameter
+        transformer: nn.Module
+        ln_final: nn.Module
+        text_projection: nn.Parameter | nn.Linear | None
 
 
 class TextTower:
@@ -26,9 +40,9 @@ class TextTower:
                 "prompt learning needs open_clip's built-in text transformer; this architecture's "
                 "text tower (e.g. a Hugging Face model or CoCa) is not supported for 'coop'"
             )
-        self.t = t
-        self.pool_type = getattr(t, "text_pool_type", getattr(t, "pool_type", "argmax"))
-        self.eos_id = getattr(t, "text_eos_id", getattr(t, "eos_id", None))
+        self.t = cast("OpenClipText", t)  # checked just above: open_clip's built-in text transformer
+        self.pool_type: str = getattr(t, "text_pool_type", getattr(t, "pool_type", "argmax"))
+        self.eos_id: Any = getattr(t, "text_eos_id", getattr(t, "eos_id", None))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.t.token_embedding(tokens)

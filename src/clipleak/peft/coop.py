@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 class PromptLearner(nn.Module):
     """CoOp context vectors (shared ``(M, D)`` or class-specific ``(K, M, D)``)."""
 
+    # buffers registered in __init__
+    tokens: torch.Tensor
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+    pool_idx: torch.Tensor
+
     def __init__(self, tower: TextTower, tokenizer: Any, classnames: list[str], cfg: PeftConfig):
         super().__init__()
         m = cfg.n_ctx
@@ -33,7 +39,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("pool_idx", tower.pool_index(tokens), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        ctx = self.ctx
+        ctx: torch.Tensor = self.ctx
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)

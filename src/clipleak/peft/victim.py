@@ -67,6 +67,10 @@ class PeftConfig:
 class Victim(nn.Module):
     """CLIP + the client's trainable module; ``forward(images01) -> logits`` over ``classnames``."""
 
+    # buffers registered in __init__ (fixed_text only for the fixed-text methods)
+    class_tokens: torch.Tensor
+    fixed_text: torch.Tensor
+
     def __init__(self, clip: ClipModel, classnames: list[str], cfg: PeftConfig):
         super().__init__()
         if len(classnames) < 2:

@@ -25,6 +25,9 @@ class FeatureDecoder(nn.Module):
     """
 
     kind = "decoder"
+    # buffers registered in __init__ when whiten=True
+    in_mean: torch.Tensor
+    in_proj: torch.Tensor
 
     def __init__(self, embed_dim: int = 128, image_size: int = 32, channels: int = 1, base: int = 64,
                  whiten: bool = False):

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import DataSpec, check_same_split
 from ..errors import ClipleakError
 from ..models import card_path, file_sha256

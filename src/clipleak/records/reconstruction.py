@@ -22,9 +22,9 @@ class Reconstruction:
 
     ``label_source`` is ``"observation"`` when the shared message carried the labels, otherwise the
     name of the inference used. ``features`` is the attack's estimate of the images' normalised target
-    features ``(B, E)`` when it made one (the evaluator's public-nearest-neighbour baseline uses it). ``history`` maps a loss-term name to its values over iterations (of
-    the restart that was kept); ``meta`` holds the attack config, the observation's metadata,
-    timings and per-restart losses.
+    features ``(B, E)`` when it made one (the evaluator's public-nearest-neighbour baseline uses it).
+    ``history`` maps a loss-term name to its values over iterations (of the restart that was kept);
+    ``meta`` holds the attack config, the observation's metadata, timings and per-restart losses.
     """
 
     images: torch.Tensor

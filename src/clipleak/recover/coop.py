@@ -161,8 +161,8 @@ def coop_features(
         short = [(*refine(f, y, screen_iterations), y) for f, y in pool]
         short.sort(key=lambda t: t[1])
         fits = [(*refine(f, y, iterations), y) for f, _, y in short[:2]]
-        f, cost, y = min(fits, key=lambda t: t[1])
-        return F.normalize(f.float(), dim=-1), y, cost
+        f, cost, best_y = min(fits, key=lambda t: t[1])
+        return F.normalize(f.float(), dim=-1), best_y, cost
     # batch: greedy pursuit over candidates, then a joint refinement
     chosen: list[int] = []
     total = torch.zeros_like(target)

@@ -61,7 +61,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +75,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation, random_affine, read_image, square_image
+from ..data import (
+    AffineRange,
+    DataSpec,
+    ImageSet,
+    load_public,
+    load_validation,
+    random_affine,
+    read_image,
+    square_image,
+)
 from ..errors import ClipleakError
 from ..models import (
     ClipModel,
@@ -400,7 +408,8 @@ class _Trainer:
         self.used = torch.unique(tokens)
         self.local_tokens = torch.searchsorted(self.used, tokens)
         self.rows = nn.Parameter(emb.weight.detach()[self.used].clone())
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue

@@ -38,7 +38,7 @@ def _fit(model: nn.Module, n_items: int, loss_fn: Callable[[torch.Tensor, torch.
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch = min(batch, n_items)
-    order = {"perm": torch.randperm(n_items, generator=g), "pos": 0}
+    order: dict[str, Any] = {"perm": torch.randperm(n_items, generator=g), "pos": 0}
 
     def step(s: int, total: int | None) -> float:
         if order["pos"] + batch > n_items:
