@@ -17,9 +17,9 @@ import time
 import torch
 
 from clipleak.attacks import gradient_matching_term
+from clipleak.client import share
 from clipleak.engine import State, total_variation
 from clipleak.models import build_model, math_attention
-from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 
-from clipleak.attacks import IGConfig, run_attack
-from clipleak.attacks import gradient_matching_term
+from clipleak.attacks import IGConfig, gradient_matching_term, run_attack
+from clipleak.client import share
 from clipleak.engine import EngineConfig, PixelImages, State, Term, optimise
 from clipleak.errors import ClipleakError
-from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
 
 

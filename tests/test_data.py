@@ -155,7 +155,8 @@ def test_photos(name: str, must_have: str) -> None:
         load_all.__globals__["_load_cached"].cache_clear()
         assert torch.equal(full.images, load_all(DataSpec(name), 48).images)
     pub, priv = load_public(DataSpec(name), 48), load_private(DataSpec(name), 48)
-    assert len(pub) + len(load_validation(DataSpec(name), 48)) + len(priv) == len(full) and pub.prototypes().shape[0] == len(full.classnames)
+    assert len(pub) + len(load_validation(DataSpec(name), 48)) + len(priv) == len(full)
+    assert pub.prototypes().shape[0] == len(full.classnames)
 
 
 def test_available_and_parse(tmp_path: Path) -> None:

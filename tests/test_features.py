@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipleak.recover import adapter_features, predict_labels, text_jacobian
 from clipleak.client import share
 from clipleak.peft import PeftConfig, build_victim
+from clipleak.recover import adapter_features, predict_labels, text_jacobian
 
 
 def _x(n, seed=0):
@@ -57,10 +57,9 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
     """On a trained target the CoOp context gradient pins down the image feature and the label: the fit
     (public-feature starts + Levenberg-Marquardt on the exact J^T dL/dT model) gets both back."""
     from clipleak.api import make_observation
-    from clipleak.recover import coop_features
     from clipleak.data import DataSpec, load_public
-    from clipleak.recover import public_features
     from clipleak.peft import rebuild_victim
+    from clipleak.recover import coop_features, public_features
 
     weights, _ = short_run
     public = load_public(DataSpec(), 32)
@@ -77,3 +76,22 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
         print(seed, cos[-1], int(labels[0]), int(truth.labels[0]), residual)
     assert min(cos) > 0.9, cos
     assert hits == 3
+
+
+def test_adapter_batch_features_are_distinct_or_flagged(tiny, digits):
+    """A batch never yields duplicate or negated feature directions. On a random-init CLIP (all features
+    nearly parallel) the rows cannot be separated per image, and the recovery says how many it separated."""
+    v = build_victim(tiny, digits, PeftConfig(method="adapter"))
+    x = _x(4, 11)
+    obs = share(v, x, torch.tensor([1, 2, 3, 4]))
+    rec = adapter_features(obs, v)
+    f = rec.features
+    assert f.shape == (4, f.shape[1])
+    cos = (f @ f.t()).abs() - torch.eye(4)
+    assert float(cos.max()) < 0.99  # distinct directions, none negated
+    assert 0 <= rec.separated <= 4
+    from clipleak.recover import recovered_features
+
+    est = recovered_features(obs, v)
+    if est.separated < 4:
+        assert est.notes and "separated" in est.notes[0]

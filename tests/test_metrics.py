@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from clipleak.evaluation import metrics
 from clipleak.errors import ClipleakError
-from clipleak.evaluation import evaluate
+from clipleak.evaluation import evaluate, metrics
 from clipleak.evaluation.metrics import (
     PSNR_CAP,
     label_accuracy,
@@ -26,8 +25,7 @@ from clipleak.evaluation.metrics import (
     ssim,
     ssim_kernel_size,
 )
-from clipleak.records import Truth
-from clipleak.records import Reconstruction
+from clipleak.records import Reconstruction, Truth
 
 
 @dataclass

@@ -6,12 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipleak.client import share
 from clipleak.errors import ClipleakError
 from clipleak.models import save_weights
-from clipleak.client import share
-from clipleak.peft import rebuild_victim
+from clipleak.peft import PeftConfig, build_victim, rebuild_victim
 from clipleak.records import Observation, Truth
-from clipleak.peft import PeftConfig, build_victim
 
 
 def _batch(n=2, seed=0):

@@ -17,9 +17,8 @@ from clipleak.cli import main as cli_main
 from clipleak.client import load_private
 from clipleak.data import DataSpec
 from clipleak.errors import ClipleakError
-from clipleak.models import build_model
+from clipleak.models import build_model, card_path, zero_shot_accuracy
 from clipleak.peft import PeftConfig, build_victim
-from clipleak.models import card_path, zero_shot_accuracy
 from clipleak.training import PretrainConfig, checkpoint_dir, load_caption_csv, pretrain
 from conftest import SHORT, SHORT_MIN_ACCURACY
 

@@ -15,8 +15,8 @@ from clipleak.client import load_private
 from clipleak.data import DataSpec, load_public
 from clipleak.engine import EngineConfig, PixelImages, State, Term, optimise
 from clipleak.errors import ClipleakError
-from clipleak.models import card_path, image_features
 from clipleak.evaluation.metrics import psnr, reid_rate
+from clipleak.models import card_path, image_features
 
 THREADS = int(os.environ.get("CLIPLEAK_TEST_THREADS", "2"))
 # A fast test recipe: half-width VAE, 300 steps, high lr (about 5 s on one core). The registered recipe
@@ -248,7 +248,7 @@ def test_generative_prior_beats_pixel_feature_inversion_on_trained_target():
     """From the TRUE image feature: the decoder prior beats pixel-space inversion on PSNR and re-identification."""
     artifacts = pytest.importorskip("clipleak.artifacts")
     from clipleak.client import sample_batch
-    from clipleak.models import build_model, image_features
+    from clipleak.models import build_model
 
     torch.set_num_threads(THREADS)
     clip = build_model("tiny-32", str(artifacts.resolve("tiny-mnist")))
@@ -274,7 +274,7 @@ def test_decoder_prior_beats_pixel_feature_inversion_on_the_trained_fixture(shor
     """From the TRUE image feature of the small trained fixture: a decoder trained briefly on public
     (feature, image) pairs beats pixel-space feature inversion on PSNR and on re-identification."""
     from clipleak.client import sample_batch
-    from clipleak.models import build_model, image_features
+    from clipleak.models import build_model
 
     torch.set_num_threads(THREADS)
     public, private = mnist32

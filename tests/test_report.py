@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from clipleak.evaluation import evaluate
-from clipleak.records import Truth
-from clipleak.records import Reconstruction
+from clipleak.records import Reconstruction, Truth
 from clipleak.report import MIN_TILE, write_report
 
 
