@@ -50,12 +50,14 @@ def make_observation(
     seed: int = 0,
     include_labels: bool = False,
     peft_seed: int = 0,
+    part: str = "private",
     progress: ProgressFn | None = None,
 ) -> tuple[Observation, Truth]:
     """Client side: build the victim, draw a private batch, compute the shared gradient.
 
     Returns the observation (what the server receives) and the ground truth (kept by the client,
     used only for evaluation: it alone records the batch-draw seed and the private indices).
+    ``part="validation"`` draws the client's images from the validation split (for tuning).
     """
     if batch_size < 1:
         raise ClipleakError("batch size must be at least 1")
@@ -64,7 +66,7 @@ def make_observation(
     spec = DataSpec.parse(data, split_seed=split_seed)
     if path is not None:
         check_same_split(spec, read_card(path), f"the target {Path(path).name}")
-    private = load_private(spec, clip.image_size)
+    private = load_private(spec, clip.image_size, part)
     names = classnames or private.classnames
     if len(names) != len(private.classnames):
         raise ClipleakError(
@@ -76,7 +78,7 @@ def make_observation(
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
     obs = share(victim, images, labels, include_labels=include_labels, data=data_meta)
     truth = Truth(images=images, labels=labels,
-                  meta={"private_indices": idx.tolist(), "data": data_meta, "seed": seed})
+                  meta={"private_indices": idx.tolist(), "data": data_meta, "seed": seed, "part": part})
     return obs, truth
 
 
@@ -132,7 +134,7 @@ def evaluate_reconstruction(
         )
     meta = rec.meta.get("observation", {})
     spec, public = public_for(meta)
-    private = load_private(spec, int(meta["image_size"]))
+    private = load_private(spec, int(meta["image_size"]), str(tru.meta.get("part", "private")))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
     victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False)
     with torch.no_grad():

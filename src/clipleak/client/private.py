@@ -16,9 +16,15 @@ from ..data import DataSpec, ImageSet, load_part
 from ..errors import ClipleakError
 
 
-def load_private(spec: DataSpec, image_size: int) -> ImageSet:
-    """The PRIVATE part of ``spec``'s seeded split at ``image_size`` (disjoint from public and validation)."""
-    return load_part(spec, image_size, "private")
+def load_private(spec: DataSpec, image_size: int, part: str = "private") -> ImageSet:
+    """The PRIVATE part of ``spec``'s seeded split at ``image_size`` (disjoint from public and validation).
+
+    ``part="validation"`` gives the validation part instead: clients drawn from it are what clipleak's own
+    settings are tuned on, so that the private part stays unseen until a figure is reported.
+    """
+    if part not in ("private", "validation"):
+        raise ClipleakError(f"clients draw from the private or the validation part, not {part!r}")
+    return load_part(spec, image_size, "private" if part == "private" else "validation")
 
 
 def sample_batch(
