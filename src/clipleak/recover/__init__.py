@@ -3,9 +3,9 @@ and labels. Exact for CLIP-Adapter; a Levenberg-Marquardt fit of ``J^T dL/dT`` f
 
 from .adapter import AdapterFeatures, adapter_features
 from .bank import public_features
-from .coop import CoopGradientModel, coop_features, levenberg_marquardt, text_jacobian
+from .coop import CoopFit, CoopGradientModel, coop_features, levenberg_marquardt, text_jacobian
 from .features import FeatureEstimate, recovered_features
 from .labels import predict_labels
 
-__all__ = ["AdapterFeatures", "CoopGradientModel", "FeatureEstimate", "adapter_features", "coop_features",
+__all__ = ["AdapterFeatures", "CoopFit", "CoopGradientModel", "FeatureEstimate", "adapter_features", "coop_features",
            "levenberg_marquardt", "predict_labels", "public_features", "recovered_features", "text_jacobian"]

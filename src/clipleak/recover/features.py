@@ -14,7 +14,7 @@ from ..peft import Victim
 from ..records import Observation
 from .adapter import adapter_features
 from .bank import public_features
-from .coop import coop_features
+from .coop import CoopFit, coop_features
 from .labels import predict_labels
 
 
@@ -66,13 +66,18 @@ def recovered_features(obs: Observation, victim: Victim, *, use_shared_labels: b
         if key not in _COOP_FITS:
             public = public_for_observation(obs.meta)[1]
             pf = public_features(victim.clip_info, public)
-            feats, labels, cost = coop_features(obs, victim, pf, public.labels, labels=shared)
+            fit = coop_features(obs, victim, pf, public.labels, labels=shared)
             if len(_COOP_FITS) >= 8:
                 _COOP_FITS.pop(next(iter(_COOP_FITS)))
-            _COOP_FITS[key] = (feats, labels, cost)
-        feats, labels, cost = _COOP_FITS[key]
-        source = "observation" if shared is not None else "fitted to the context gradient"
-        return FeatureEstimate(feats.clone(), labels.clone(), source, b, residual=cost)
+            _COOP_FITS[key] = fit
+        fit = _COOP_FITS[key]
+        source = "observation" if shared is not None else (
+            "read off the context gradient" if b == 1 else "fitted to the context gradient")
+        notes = [] if fit.determined >= 1 else [
+            f"the context gradient determines {fit.determined:.0%} of the unknown feature numbers; a prior "
+            "fitted to the public features fills the rest"]
+        return FeatureEstimate(fit.features.clone(), fit.labels.clone(), source, b, residual=fit.residual,
+                               notes=notes)
     raise ClipleakError(
         f"feature recovery is implemented for 'adapter' and 'coop' observations; this one is "
         f"{victim.cfg.method!r} (use --attack ig)"
@@ -85,4 +90,4 @@ def _fit_key(obs: Observation, shared: torch.Tensor | None) -> str:
                        "labels": None if shared is None else shared.tolist()}, sort_keys=True)
 
 
-_COOP_FITS: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+_COOP_FITS: dict[str, CoopFit] = {}
