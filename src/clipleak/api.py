@@ -99,8 +99,9 @@ def attack_observation(
     """Attacker side: rebuild the victim from the observation and run attack ``name``.
 
     Keyword arguments are the attack's typed config (``clipleak.attacks.ATTACKS[name].config``:
-    iterations, restarts, lr, tv_weight, labels, seed, checkpoint, prior, decoder, ...). Artifact names
-    in ``prior`` (``generative:NAME``) and ``decoder`` are resolved to files here.
+    iterations, restarts, lr, tv_weight, labels, seed, checkpoint, prior, decoder, bn_prior, ...); settings
+    not given keep the preset's defaults. Artifact names in ``prior`` (``generative:NAME``), ``decoder``
+    and ``bn_prior`` are resolved to files here.
     """
     obs = observation if isinstance(observation, Observation) else Observation.load(observation)
     if name not in ATTACKS:
@@ -110,7 +111,10 @@ def attack_observation(
         settings["prior"] = _resolve_prior(str(settings["prior"]), progress)
     if settings.get("decoder"):
         settings["decoder"] = artifacts.resolve_path(str(settings["decoder"]), progress)
-    return run_attack(name, obs, victim, make_config(name, **settings), progress)
+    cfg = make_config(name, **settings)
+    if getattr(cfg, "bn_prior", None):  # gradvit's prior network, by default the tiny-mnist-cnn artifact
+        cfg.bn_prior = artifacts.resolve_path(str(cfg.bn_prior), progress)
+    return run_attack(name, obs, victim, cfg, progress)
 
 
 def evaluate_reconstruction(

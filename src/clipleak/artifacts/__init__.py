@@ -24,7 +24,15 @@ from ..errors import ClipleakError
 from ..models import arch_config, card_path, file_sha256, read_card
 from ..priors import save_prior
 from ..records import ProgressFn
-from ..training import DEFAULT_DECODER_STEPS, DEFAULT_VAE_STEPS, PretrainConfig, build_prior, checkpoint_dir, pretrain
+from ..training import (
+    DEFAULT_CNN_STEPS,
+    DEFAULT_DECODER_STEPS,
+    DEFAULT_VAE_STEPS,
+    PretrainConfig,
+    build_prior,
+    checkpoint_dir,
+    pretrain,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                            "on the public MNIST split",
                                            PriorRecipe("decoder", "tiny-mnist", "tiny-32",
                                                        steps=DEFAULT_DECODER_STEPS)),
+    "tiny-mnist-cnn": lambda: Artifact("tiny-mnist-cnn", "GradViT's prior network: a BatchNorm CNN classifier "
+                                       "trained on the public MNIST split, BN statistics calibrated there",
+                                       PriorRecipe("cnn", "tiny-mnist", "tiny-32", steps=DEFAULT_CNN_STEPS)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 

@@ -64,36 +64,53 @@ def share(
 def attack(
     observation: Annotated[Path, typer.Argument(help="observation .safetensors (its .json beside it)")],
     out: Annotated[Path, typer.Option(help="reconstruction folder")] = Path("reconstruction"),
-    name: Annotated[str, typer.Option("--attack", help="ig (Inverting Gradients) | featmatch (recover the "
-                                      "image features from the update, then decode or match them)")] = "ig",
-    prior: Annotated[str, typer.Option(help="none | tv | generative:VAE (file or name, e.g. "
-                                       "generative:tiny-mnist-vae)")] = "tv",
-    decoder: Annotated[str | None, typer.Option(help="featmatch: feature-to-image decoder (file or name, "
-                                                "e.g. tiny-mnist-decoder); --iterations 0 returns its "
+    name: Annotated[str, typer.Option("--attack", help="gradient matching presets: dlg | idlg | ig | gradvit; "
+                                      "featmatch (recover the image features from the update, then decode or "
+                                      "match them); full-visual/full ViT read-outs: closed-form | projection. "
+                                      "`clipleak attacks` lists each one's source and defaults")] = "ig",
+    prior: Annotated[str | None, typer.Option(help="none | tv | generative:VAE (file or name, e.g. "
+                                              "generative:tiny-mnist-vae); default: the attack's")] = None,
+    decoder: Annotated[str | None, typer.Option(help="featmatch/projection: feature-to-image decoder (file or "
+                                                "name, e.g. tiny-mnist-decoder); --iterations 0 returns its "
                                                 "output")] = None,
+    bn_prior: Annotated[str | None, typer.Option(help="gradvit: prior CNN whose BN statistics are the image "
+                                                 "prior (default tiny-mnist-cnn)")] = None,
     weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
-    iterations: Annotated[int, typer.Option(help="optimisation steps per restart")] = 300,
-    restarts: Annotated[int, typer.Option(help="seeded restarts; the best by gradient loss is kept")] = 2,
-    lr: Annotated[float, typer.Option(help="Adam step size")] = 0.1,
-    tv: Annotated[float, typer.Option(help="total-variation weight")] = 0.05,
+    iterations: Annotated[int | None, typer.Option(help="optimisation steps per restart")] = None,
+    restarts: Annotated[int | None, typer.Option(help="seeded restarts; the best by gradient loss is kept")]
+    = None,
+    lr: Annotated[float | None, typer.Option(help="step size (Adam, or L-BFGS for dlg/idlg)")] = None,
+    tv: Annotated[float | None, typer.Option(help="total-variation weight")] = None,
     labels: Annotated[str, typer.Option(help="auto | known | infer")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
     resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
 ) -> None:
     """Attacker side: reconstruct the client's images from an observation.
 
+    Settings left out keep the attack's defaults (each preset's come from its paper; see `clipleak attacks`).
+
     Example: clipleak attack runs/obs.safetensors --out runs/rec --iterations 300 --restarts 2
 
     Example: clipleak attack runs/obs.safetensors --attack featmatch --decoder tiny-mnist-decoder --iterations 0 --out runs/rec
-    """  # noqa: E501
-    from ..api import attack_observation
 
-    settings = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
-                "seed": seed, "prior": prior, "checkpoint": str(out / "checkpoint") if resume else None}
-    if name == "featmatch":
-        settings["decoder"] = decoder
-    elif decoder:
-        console.print("note: --decoder applies to --attack featmatch only; ignored")
+    Example: clipleak attack runs/fv.safetensors --attack gradvit --iterations 200 --out runs/rec-gradvit
+
+    Example: clipleak attack runs/fv.safetensors --attack closed-form --out runs/rec-cf
+    """  # noqa: E501
+    from dataclasses import fields
+
+    from ..api import attack_observation
+    from ..attacks import attack_spec
+
+    known = {f.name for f in fields(attack_spec(name).config)}
+    given = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
+             "seed": seed, "prior": prior, "decoder": decoder, "bn_prior": bn_prior,
+             "checkpoint": str(out / "checkpoint") if resume else None}
+    settings = {k: v for k, v in given.items() if k in known and (v is not None or k == "checkpoint")}
+    for k in sorted(k for k, v in given.items() if v is not None and k not in known
+                    and k not in ("checkpoint", "seed", "labels")):
+        console.print(f"note: --{k.replace('_weight', '').replace('_', '-')} does not apply to --attack {name}; "
+                      "ignored")
     with progress_bar() as cb:
         rec = attack_observation(observation, name=name, weights=weights, progress=cb, **settings)
     rec.save(out)
@@ -101,6 +118,17 @@ def attack(
                   f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
     for note in (rec.meta.get("feature_recovery") or {}).get("notes", []):
         console.print(f"note: {note}")
+
+
+def attacks() -> None:
+    """List the registered attacks: each one's source and defaults.
+
+    Example: clipleak attacks
+    """
+    from ..attacks import ATTACKS
+
+    for spec in ATTACKS.values():
+        console.print(f"[bold]{spec.name}[/]: {spec.summary}", highlight=False)
 
 def evaluate(
     reconstruction: Annotated[Path, typer.Argument(help="reconstruction folder from `clipleak attack`")],
@@ -169,5 +197,5 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add the data-path commands to ``app``."""
-    for fn in (models, share, attack, evaluate, demo):
+    for fn in (models, share, attack, attacks, evaluate, demo):
         command(app)(fn)

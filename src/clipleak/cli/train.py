@@ -58,7 +58,8 @@ def pretrain(
     console.print(f"model card: {out.with_name(out.stem + '.card.json')}")
 
 def prior_train(
-    kind: Annotated[str, typer.Option(help="vae (latent space for searches) | decoder (CLIP feature -> image)")],
+    kind: Annotated[str, typer.Option(help="vae (latent space for searches) | decoder (CLIP feature -> image) | "
+                                      "cnn (GradViT's BatchNorm prior network)")],
     out: Annotated[Path, typer.Option(help="prior file to write (.safetensors; + .card.json beside it)")],
     data: Annotated[str, typer.Option(
         help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
@@ -80,6 +81,8 @@ def prior_train(
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
 
     Example: clipleak prior train --kind vae --out runs/vae.safetensors --steps 2000
+
+    Example: clipleak prior train --kind cnn --out runs/cnn.safetensors --steps 600
     """  # noqa: E501
     from ..artifacts import resolve_path
     from ..priors import save_prior
@@ -96,6 +99,10 @@ def prior_train(
     console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
     q = prior.card.get("quality", {})
     key = "validation_reencode_psnr_db" if kind == "vae" else "validation_decode_psnr_db"
+    if "validation_accuracy" in q:
+        console.print(f"validation split: {q['validation_accuracy']:.1%} accuracy; BN prior of batches of 4: "
+                      f"{q['validation_bn_prior_batch4_mean']:.2f} "
+                      f"(uniform noise {q['noise_bn_prior_batch4_mean']:.2f})")
     if key in q:
         console.print(f"validation split: {q[key]:.1f} dB PSNR (class-prototype baseline "
                       f"{q['validation_prototype_psnr_db']:.1f} dB)")
@@ -105,7 +112,7 @@ def prior_train(
 def register(app: typer.Typer) -> None:
     """Add ``pretrain`` and the ``prior`` group to ``app``."""
     command(app)(pretrain)
-    prior_app = typer.Typer(help=helptext("Learned image priors (VAE, feature-to-image decoder) trained on PUBLIC "
-                                          "data."), no_args_is_help=True)
+    prior_app = typer.Typer(help=helptext("Learned image priors (VAE, feature-to-image decoder, BN prior CNN) "
+                                          "trained on PUBLIC data."), no_args_is_help=True)
     app.add_typer(prior_app, name="prior")
     command(prior_app, "train")(prior_train)

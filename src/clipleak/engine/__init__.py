@@ -1,6 +1,12 @@
 """The one optimisation engine every reconstruction attack runs on (see :mod:`.optimise`)."""
 
-from .objectives import cosine_gradient_distance, l2_gradient_distance, total_variation
+from .objectives import (
+    cosine_gradient_distance,
+    image_l2,
+    l2_gradient_distance,
+    patch_border_variation,
+    total_variation,
+)
 from .optimise import (
     EngineConfig,
     Parametrization,
@@ -17,5 +23,6 @@ from .optimise import (
 
 __all__ = [
     "EngineConfig", "Parametrization", "PixelImages", "RunResult", "Schedule", "State", "Term", "TermFn",
-    "constant", "cosine_gradient_distance", "l2_gradient_distance", "optimise", "switch_at", "total_variation",
+    "constant", "cosine_gradient_distance", "image_l2", "l2_gradient_distance",
+    "patch_border_variation", "optimise", "switch_at", "total_variation",
 ]

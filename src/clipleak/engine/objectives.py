@@ -28,3 +28,20 @@ def cosine_gradient_distance(
 def l2_gradient_distance(grads: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     """Squared Euclidean distance (DLG, Zhu et al. 2019)."""
     return cast(torch.Tensor, sum((g - t).pow(2).sum() for g, t in zip(grads, targets, strict=True)))
+
+
+def patch_border_variation(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """TV across the borders of a ViT's ``patch`` x ``patch`` grid only (GradViT's patch prior): mean
+    absolute difference of the pixel pairs that straddle a patch border, both directions."""
+    size = images.shape[-1]
+    if patch < 2 or patch >= size:
+        return images.new_zeros(())
+    cut = torch.arange(patch, size, patch, device=images.device)
+    dx = (images[..., :, cut] - images[..., :, cut - 1]).abs().mean()
+    dy = (images[..., cut, :] - images[..., cut - 1, :]).abs().mean()
+    return dx + dy
+
+
+def image_l2(images: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel value (the auxiliary l2 image prior of DeepInversion / GradViT)."""
+    return images.pow(2).mean()

@@ -7,7 +7,8 @@ labels are unknown) plus an image *parametrisation*:
 * generator latents (a learned prior) plug in through the same :class:`Parametrization` protocol.
 
 The engine runs several seeded restarts of Adam (optionally on signed gradients, as in Inverting
-Gradients), with step or cosine learning-rate decay and per-term weight schedules, and keeps the
+Gradients) or L-BFGS (one L-BFGS iteration, one objective evaluation, per engine step; DLG), with step or
+cosine learning-rate decay and per-term weight schedules, and keeps the
 restart whose *selection* term (by default the gradient-matching term) ends lowest. Completed
 restarts can be checkpointed and resumed.
 """
@@ -133,6 +134,7 @@ class EngineConfig:
     seed: int = 0
     labels: str = "known"  # known | infer (soft labels optimised jointly, DLG style)
     log_every: int = 1
+    optimizer: str = "adam"  # adam | lbfgs (history 100, no line search: one evaluation per step)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.restarts < 1:
@@ -141,6 +143,10 @@ class EngineConfig:
             raise ClipleakError(f"unknown decay {self.decay!r}")
         if self.labels not in ("known", "infer"):
             raise ClipleakError(f"labels must be 'known' or 'infer', not {self.labels!r}")
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ClipleakError(f"unknown optimizer {self.optimizer!r} (adam, lbfgs)")
+        if self.optimizer == "lbfgs" and self.signed:
+            raise ClipleakError("L-BFGS needs the true gradient: signed=False")
 
 
 @dataclass
@@ -209,31 +215,42 @@ def optimise(
         if cfg.labels == "infer":
             label_logits = (0.01 * torch.randn(batch, num_classes, generator=g)).requires_grad_(True)
             leaves = [*leaves, label_logits]
-        opt = torch.optim.Adam(leaves, lr=cfg.lr)
+        opt: torch.optim.Optimizer = (torch.optim.LBFGS(leaves, lr=cfg.lr, max_iter=1, history_size=100)
+                                      if cfg.optimizer == "lbfgs" else torch.optim.Adam(leaves, lr=cfg.lr))
         hist: dict[str, list[float]] = {n: [] for n in [*names, "total"]}
         for it in range(cfg.iterations):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg.decay, it, cfg.iterations)
-            opt.zero_grad(set_to_none=True)
-            images = param.render()
-            labels = known_labels if label_logits is None else F.softmax(label_logits, dim=-1)
-            assert labels is not None
-            state = State(images=images, labels=labels, iteration=it, iterations=cfg.iterations)
-            total = images.new_zeros(())
             values: dict[str, float] = {}
-            with math_attention():
-                for term in terms:
-                    w = term.weight * term.schedule(it, cfg.iterations)
-                    if w == 0.0 and term.name != selection:
-                        continue
-                    v = term.fn(state)
-                    values[term.name] = float(v.detach())
-                    total = total + w * v
-                # only the candidate's leaves get gradients (not the victim's parameters)
-                grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            for leaf, grad in zip(leaves, grads, strict=True):
-                leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
-            opt.step()
+
+            def closure(it: int = it, values: dict[str, float] = values, leaves: list[torch.Tensor] = leaves,
+                        label_logits: torch.Tensor | None = label_logits) -> torch.Tensor:
+                """One evaluation of the weighted objective; sets the leaves' gradients."""
+                images = param.render()
+                labels = known_labels if label_logits is None else F.softmax(label_logits, dim=-1)
+                assert labels is not None
+                state = State(images=images, labels=labels, iteration=it, iterations=cfg.iterations)
+                total = images.new_zeros(())
+                with math_attention():
+                    for term in terms:
+                        w = term.weight * term.schedule(it, cfg.iterations)
+                        if w == 0.0 and term.name != selection:
+                            continue
+                        v = term.fn(state)
+                        values[term.name] = float(v.detach())
+                        total = total + w * v
+                    # only the candidate's leaves get gradients (not the victim's parameters)
+                    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+                for leaf, grad in zip(leaves, grads, strict=True):
+                    leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
+                return total.detach()
+
+            if isinstance(opt, torch.optim.LBFGS):
+                total = opt.step(closure)
+            else:
+                opt.zero_grad(set_to_none=True)
+                total = closure()
+                opt.step()
             param.project()
             values["total"] = float(total.detach())
             if it % cfg.log_every == 0 or it == cfg.iterations - 1:

@@ -9,12 +9,13 @@ from typing import Any
 from ..data import DataSpec, check_same_split
 from ..errors import ClipleakError
 from ..models import card_path, file_sha256
+from .cnn import PriorCNN
 from .decoder import FeatureDecoder
 from .vae import ConvVAE
 
 FORMAT = "clipleak-prior/1"
-KINDS = ("vae", "decoder")
-Prior = ConvVAE | FeatureDecoder
+KINDS = ("vae", "decoder", "cnn")
+Prior = ConvVAE | FeatureDecoder | PriorCNN
 
 
 def prior_card_path(path: Path) -> Path:
@@ -40,7 +41,7 @@ def save_prior(prior: Prior, path: str | Path, card: dict[str, Any] | None = Non
     """
     from safetensors.torch import save_file
 
-    if not isinstance(prior, ConvVAE | FeatureDecoder):
+    if not isinstance(prior, ConvVAE | FeatureDecoder | PriorCNN):
         raise ClipleakError(f"not a prior: {type(prior).__name__}")
     p = prior_weights_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,10 @@ def save_prior(prior: Prior, path: str | Path, card: dict[str, Any] | None = Non
                  "channels": prior.channels, "file_sha256": file_sha256(p)})
     if isinstance(prior, ConvVAE):
         full["latent"] = prior.latent
-    else:
+    elif isinstance(prior, FeatureDecoder):
         full["embed_dim"] = prior.embed_dim
+    else:
+        full["classes"] = prior.classes
     prior_card_path(p).write_text(json.dumps(full, indent=2, default=str))
     prior.card = full
     return p
@@ -80,7 +83,7 @@ def load_prior(path: str | Path) -> Prior:
     except (OSError, ValueError) as e:
         raise ClipleakError(f"cannot read prior card {cp}: {e}") from e
     if card.get("format") != FORMAT or card.get("kind") not in KINDS or not isinstance(card.get("arch"), dict):
-        raise ClipleakError(f"{cp} is not a clipleak prior card (format {FORMAT!r}, kind vae|decoder)")
+        raise ClipleakError(f"{cp} is not a clipleak prior card (format {FORMAT!r}, kind vae|decoder|cnn)")
     sha = file_sha256(p)
     if card.get("file_sha256") not in (None, sha):
         raise ClipleakError(f"prior file {p} does not match its card (SHA-256 differs): corrupt or modified")
@@ -88,7 +91,7 @@ def load_prior(path: str | Path) -> Prior:
         sd = load_file(str(p))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise ClipleakError(f"cannot read prior weights {p}: {e}") from e
-    cls = ConvVAE if card["kind"] == "vae" else FeatureDecoder
+    cls: type[Prior] = {"vae": ConvVAE, "decoder": FeatureDecoder, "cnn": PriorCNN}[card["kind"]]
     try:
         prior = cls(**card["arch"])
         prior.load_state_dict(sd, strict=True)

@@ -1,11 +1,25 @@
 """What the update gives away before any image search: image features (the inverse gradient estimate)
-and labels. Exact for CLIP-Adapter; a Levenberg-Marquardt fit of ``J^T dL/dT`` for CoOp."""
+and labels. Exact for CLIP-Adapter; a Levenberg-Marquardt fit of ``J^T dL/dT`` for CoOp; for full fine-tuning of a ViT,
+the image in closed form at batch 1 (APRIL) and the features off the visual projection's gradient."""
 
 from .adapter import AdapterFeatures, adapter_features
 from .bank import public_features
 from .coop import CoopFit, CoopGradientModel, coop_features, levenberg_marquardt, text_jacobian
 from .features import FeatureEstimate, recovered_features
 from .labels import predict_labels
+from .vit import (
+    ClosedFormImages,
+    ProjectionFeatures,
+    ProjectionModel,
+    closed_form_images,
+    labels_from_features,
+    pooled_tokens,
+    projection_features,
+)
 
-__all__ = ["AdapterFeatures", "CoopFit", "CoopGradientModel", "FeatureEstimate", "adapter_features", "coop_features",
-           "levenberg_marquardt", "predict_labels", "public_features", "recovered_features", "text_jacobian"]
+__all__ = [
+    "AdapterFeatures", "ClosedFormImages", "CoopFit", "CoopGradientModel", "FeatureEstimate", "ProjectionFeatures",
+    "ProjectionModel", "adapter_features", "closed_form_images", "coop_features", "labels_from_features",
+    "levenberg_marquardt", "pooled_tokens", "predict_labels", "projection_features", "public_features",
+    "recovered_features", "text_jacobian",
+]

@@ -16,6 +16,7 @@ from .adapter import adapter_features
 from .bank import public_features
 from .coop import CoopFit, coop_features
 from .labels import predict_labels
+from .vit import FULL_METHODS, projection_features
 
 
 @dataclass
@@ -46,7 +47,9 @@ def recovered_features(obs: Observation, victim: Victim, *, use_shared_labels: b
 
     adapter: exact, from the rank-one rows of the ``W1`` gradient; labels predicted from the
     feature. coop: features and labels fitted to the context gradient (:func:`coop_features`),
-    started from the features of the observation's public split; fits are memoised per observation
+    started from the features of the observation's public split; full-visual / full: features and labels
+    read off the visual-projection gradient (:func:`clipleak.recover.vit.projection_features`: exact at
+    batch 1, a fit started from public images for a batch); fits are memoised per observation
     (its gradients, PEFT state, data split, target weights and the shared labels), so several attacks
     on one observation fit it once and different clients never share a fit.
     """
@@ -78,8 +81,21 @@ def recovered_features(obs: Observation, victim: Victim, *, use_shared_labels: b
             "fitted to the public features fills the rest"]
         return FeatureEstimate(fit.features.clone(), fit.labels.clone(), source, b, residual=fit.residual,
                                notes=notes)
+    if victim.cfg.method in FULL_METHODS:
+        key = _fit_key(obs, shared)
+        if key not in _PROJ_FITS:
+            starts = public_for_observation(obs.meta)[1] if b > 1 else None
+            rec_p = projection_features(obs, victim, labels=shared,
+                                        public_images=None if starts is None else starts.images,
+                                        public_labels=None if starts is None else starts.labels)
+            if len(_PROJ_FITS) >= 8:
+                _PROJ_FITS.pop(next(iter(_PROJ_FITS)))
+            _PROJ_FITS[key] = (rec_p.features, rec_p.labels, rec_p.separated, rec_p.residual, rec_p.notes)
+        feats, labels, separated, cost, notes = _PROJ_FITS[key]
+        source = "observation" if shared is not None else "fitted to the visual-projection gradient"
+        return FeatureEstimate(feats.clone(), labels.clone(), source, separated, residual=cost, notes=list(notes))
     raise ClipleakError(
-        f"feature recovery is implemented for 'adapter' and 'coop' observations; this one is "
+        f"feature recovery is implemented for 'adapter', 'coop', 'full-visual' and 'full' observations; this one is "
         f"{victim.cfg.method!r} (use --attack ig)"
     )
 
@@ -91,3 +107,4 @@ def _fit_key(obs: Observation, shared: torch.Tensor | None) -> str:
 
 
 _COOP_FITS: dict[str, CoopFit] = {}
+_PROJ_FITS: dict[str, tuple[torch.Tensor, torch.Tensor, int, float, list[str]]] = {}

@@ -2,10 +2,20 @@
 
 from .loop import Budget, LoopState, train_loop
 from .pretrain import EVAL_PROMPT, PretrainConfig, checkpoint_dir, load_caption_csv, lr_at, pretrain
-from .priors import DEFAULT_DECODER_STEPS, DEFAULT_VAE_STEPS, build_prior, prior_quality, train_decoder, train_vae
+from .priors import (
+    DEFAULT_CNN_STEPS,
+    DEFAULT_DECODER_STEPS,
+    DEFAULT_VAE_STEPS,
+    build_prior,
+    cnn_quality,
+    prior_quality,
+    train_cnn,
+    train_decoder,
+    train_vae,
+)
 
 __all__ = [
-    "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "LoopState", "PretrainConfig",
-    "build_prior", "checkpoint_dir", "load_caption_csv", "lr_at", "pretrain", "prior_quality", "train_decoder",
-    "train_loop", "train_vae",
+    "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "LoopState",
+    "PretrainConfig", "build_prior", "checkpoint_dir", "cnn_quality", "load_caption_csv", "lr_at", "pretrain",
+    "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

@@ -1,4 +1,5 @@
-"""Training the learned priors (VAE, feature decoder) on the public split, on the one training loop."""
+"""Training the learned priors (VAE, feature decoder, GradViT's BN prior CNN) on the public split, on the one
+training loop."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation
 from ..errors import ClipleakError
 from ..evaluation import psnr
 from ..models import ClipModel, build_model, image_features
-from ..priors import KINDS, ConvVAE, FeatureDecoder, Prior, decoder_images, vae_codes
+from ..priors import KINDS, ConvVAE, FeatureDecoder, Prior, PriorCNN, bn_statistics_loss, decoder_images, vae_codes
 from ..records import ProgressEvent, ProgressFn
 from .loop import Budget, train_loop
 
 DEFAULT_VAE_STEPS = 2000
 DEFAULT_DECODER_STEPS = 2000
+DEFAULT_CNN_STEPS = 600
 
 
 def _cosine_lr(base: float, step: int, total: int | None) -> float:
@@ -190,6 +192,59 @@ def train_decoder(
     return dec
 
 
+def train_cnn(
+    public: ImageSet,
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 3e-3,
+    width: int = 16,
+    depth: int = 3,
+    progress: ProgressFn | None = None,
+    task: str = "train cnn",
+) -> PriorCNN:
+    """Train GradViT's prior network, a :class:`PriorCNN` classifier, on the public images (cross-entropy,
+    Adam with cosine decay, default :data:`DEFAULT_CNN_STEPS` steps), then calibrate its BatchNorm running
+    statistics to the exact statistics of the public images (:meth:`PriorCNN.calibrate`)."""
+    x = _train_images(public)
+    y = public.labels.long()
+    budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_CNN_STEPS, seconds)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = PriorCNN(int(x.shape[-1]), x.shape[1], len(public.classnames), width=width, depth=depth)
+
+    def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(net(x[idx]), y[idx])
+
+    info = _fit(net, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
+                progress=progress)
+    net.calibrate(x)
+    net.requires_grad_(False)
+    net.card = {"training": {"recipe": {"loss": "cross-entropy", "optimizer": "Adam", "lr": lr, "decay": "cosine",
+                                        "batch": batch, "seed": seed, "width": width, "depth": depth,
+                                        "steps": steps, "seconds": seconds,
+                                        "bn_statistics": "calibrated: exact statistics of the public images"},
+                             "data": public.source, "n_images": len(public), **info}}
+    return net
+
+
+def cnn_quality(net: PriorCNN, images: ImageSet, split: str = "validation", seed: int = 0) -> dict[str, Any]:
+    """A prior CNN's card numbers: accuracy on ``images`` and its BN prior on them (batches of 4) next to
+    the prior of uniform noise batches of the same size."""
+    x = images.images.contiguous().float()
+    with torch.no_grad():
+        net.eval()
+        acc = float((net(x).argmax(-1) == images.labels).float().mean())
+        real = [float(bn_statistics_loss(net, x[i:i + 4])) for i in range(0, min(len(x), 200), 4)]
+        g = torch.Generator().manual_seed(seed)
+        noise = [float(bn_statistics_loss(net, torch.rand(4, *x.shape[1:], generator=g))) for _ in range(10)]
+    return {f"{split}_accuracy": round(acc, 4), f"n_{split}": len(images), f"{split}_data": images.source,
+            f"{split}_bn_prior_batch4_mean": round(sum(real) / len(real), 4),
+            "noise_bn_prior_batch4_mean": round(sum(noise) / len(noise), 4)}
+
+
 def prior_quality(prior: Prior, images: ImageSet, public: ImageSet | None = None,
                   clip: ClipModel | None = None, split: str = "validation") -> dict[str, Any]:
     """Quality numbers for a card: mean PSNR (dB) of the prior's reconstruction of ``images``.
@@ -198,6 +253,8 @@ def prior_quality(prior: Prior, images: ImageSet, public: ImageSet | None = None
     the class-prototype baseline (mean public image of the true class) on the same images is added.
     """
     x = images.images.contiguous().float()
+    if isinstance(prior, PriorCNN):
+        return cnn_quality(prior, images, split)
     if isinstance(prior, ConvVAE):
         with torch.no_grad():
             rec = prior.decode(vae_codes(prior, x))
@@ -239,7 +296,7 @@ def build_prior(
     features that are fitted rather than exact (CoOp).
     """
     if kind not in KINDS:
-        raise ClipleakError(f"unknown prior kind {kind!r}; choose vae or decoder")
+        raise ClipleakError(f"unknown prior kind {kind!r}; choose vae, decoder or cnn")
     if feature_noise < 0 or (feature_noise > 0 and kind != "decoder"):
         raise ClipleakError(f"feature noise must be >= 0 and only applies to a decoder, got {feature_noise} "
                             f"for a {kind}")
@@ -250,8 +307,10 @@ def build_prior(
     clip = build_model(arch, weights)
     public = load_public(spec, clip.image_size)
     name = task or f"train {kind}"
-    if kind == "vae":
-        prior: Prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress,
+    if kind == "cnn":
+        prior: Prior = train_cnn(public, steps=steps, seconds=seconds, seed=seed, progress=progress, task=name)
+    elif kind == "vae":
+        prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress,
                                  task=name)
     else:
         prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
@@ -261,6 +320,9 @@ def build_prior(
     if quality:
         if progress is not None:
             progress(ProgressEvent(name, 0, None, phase="eval", note="quality on the validation split"))
-        prior.card["quality"] = prior_quality(prior, load_validation(spec, clip.image_size), public,
-                                              clip if kind == "decoder" else None)
+        validation = load_validation(spec, clip.image_size)
+        if isinstance(prior, PriorCNN):
+            prior.card["quality"] = cnn_quality(prior, validation)
+        else:
+            prior.card["quality"] = prior_quality(prior, validation, public, clip if kind == "decoder" else None)
     return prior
