@@ -60,7 +60,10 @@ def test_decoder_for_other_weights_is_refused(setup, tmp_path):
         attack_observation(obs2, name="featmatch", decoder=str(dec_p), iterations=0)
 
 
-def test_featmatch_needs_a_peft_observation():
-    obs, _ = make_observation(method="full-visual", batch_size=1)
-    with pytest.raises(ClipleakError, match="feature recovery"):
-        attack_observation(obs, name="featmatch", iterations=1, restarts=1)
+def test_featmatch_reads_full_visual_features_off_the_projection():
+    """A full-visual update has a rank-one visual-projection gradient: featmatch reads the feature off it."""
+    obs, truth = make_observation(method="full-visual", batch_size=1)
+    rec = attack_observation(obs, name="featmatch", iterations=1, restarts=1, prior="none")
+    clip = build_model("tiny-32", init_seed=0)
+    true_feat = F.normalize(clip.model.encode_image(clip.normalize(truth.images)), dim=-1).detach()
+    assert rec.features is not None and float((rec.features * true_feat).sum()) > 0.999

@@ -68,13 +68,15 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
     for seed in range(3):
         obs, truth = make_observation(weights=str(weights), method="coop", batch_size=1, seed=seed)
         v = rebuild_victim(obs)
-        feats, labels, residual = coop_features(obs, v, public_features(v.clip_info, public), public.labels)
+        fit = coop_features(obs, v, public_features(v.clip_info, public), public.labels)
+        feats, labels, residual = fit.features, fit.labels, fit.residual
+        assert int(fit.label_coefficients.argmin()) == int(labels[0])  # the label read off the gradient
         with torch.no_grad():
             true = F.normalize(v.raw_image_features(truth.images), dim=-1)
         cos.append(float((feats * true).sum()))
         hits += int(labels[0] == truth.labels[0])
         print(seed, cos[-1], int(labels[0]), int(truth.labels[0]), residual)
-    assert min(cos) > 0.9, cos
+    assert min(cos) > 0.99, cos  # measured 1.000 on all three with the whitened fit
     assert hits == 3
 
 

@@ -64,3 +64,14 @@ def test_bad_config():
         PeftConfig(method="lora")
     with pytest.raises(ClipleakError):
         PeftConfig(template="no placeholder")
+
+
+def test_full_finetune_victims_do_not_unfreeze_the_shared_model(tiny, digits):
+    """A full-visual victim trains its own copy: the model it was built from stays frozen, and a CoOp
+    victim built on the same model afterwards shares only its prompt."""
+    full = build_victim(tiny, digits, PeftConfig(method="full-visual"))
+    assert any(p.requires_grad for p in full.trainable().values())
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    coop = build_victim(tiny, digits, PeftConfig(method="coop"))
+    assert set(coop.trainable()) == {"prompt.ctx"}
+    assert len(full.trainable()) > 1  # the full-visual victim is unaffected by the later one

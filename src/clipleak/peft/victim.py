@@ -16,6 +16,8 @@ Only the chosen parameters require grad; everything else stays frozen.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -75,6 +77,10 @@ class Victim(nn.Module):
         super().__init__()
         if len(classnames) < 2:
             raise ClipleakError("need at least two class names")
+        if cfg.method in ("full-visual", "full"):
+            # these modes train the CLIP itself: the victim gets its own copy, so that the caller's model
+            # (and every other victim built on it) stays frozen
+            clip = dataclasses.replace(clip, model=copy.deepcopy(clip.model))
         self.clip_info = clip
         self.clip = clip.model
         self.classnames = list(classnames)
