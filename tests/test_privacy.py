@@ -340,7 +340,7 @@ def test_cli_bad_accountant_input_exits_2(capsys):
     assert "sample rate must be in (0, 1]" in capsys.readouterr().err
     assert main(["privacy", "noise", "--epsilon", "3", "--sample-rate", "0.01", "--steps", "0"]) == 2
     assert main(["share", "--out", "x", "--clip", "1"]) == 2
-    assert "apply only with --dp" in capsys.readouterr().err
+    assert "used only with --dp" in capsys.readouterr().err
 
 
 # -- defended observations ---------------------------------------------------------------------------

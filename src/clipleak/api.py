@@ -29,7 +29,7 @@ from .errors import ClipleakError
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import build_model, read_card
 from .peft import PeftConfig, build_victim, rebuild_victim
-from .privacy import DpSetting
+from .privacy import PER_EXAMPLE_METHODS, DpSetting
 from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
 
@@ -70,6 +70,9 @@ def make_observation(
         raise ClipleakError("batch size must be at least 1")
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
     if setting is not None:
+        if setting.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
+            raise ClipleakError(f"per-example DP needs a frozen image encoder ({', '.join(PER_EXAMPLE_METHODS)}), "
+                                f"not {method!r}; use the per-batch mechanism")
         setting = setting.resolve()  # calibrate and check before loading anything
         if dp_seed is None:
             dp_seed = secrets.randbits(63)

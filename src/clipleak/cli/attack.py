@@ -82,7 +82,7 @@ def share(
                                 ("--delta", delta), ("--sample-rate", sample_rate), ("--steps", steps),
                                 ("--dp-seed", dp_seed)) if v is not None]
         if given:
-            raise ClipleakError(f"{', '.join(given)} apply only with --dp per-example|per-batch")
+            raise ClipleakError(f"{', '.join(given)}: DP options, used only with --dp per-example|per-batch")
     else:
         if clip is None:
             raise ClipleakError("--dp needs --clip C")

@@ -8,7 +8,7 @@ sample rate ``q`` and the number of steps. Two accountants:
 * ``rdp`` (default) -- Renyi DP of the subsampled Gaussian (Mironov, Talwar, Zhang 2019) converted to
   (epsilon, delta) with the improved conversion, Opacus's :class:`~opacus.accountants.RDPAccountant`.
   A guaranteed upper bound with no numerical tolerance, milliseconds to compute for any schedule, and
-  the accountant Dp-CLIP reports; it over-estimates epsilon by 5-30% in the usual range.
+  the accountant Dp-CLIP reports; it is looser than PRV (sigma 1, q 0.01, 1000 steps: 2.10 vs 1.84).
 * ``prv`` -- the privacy random variable accountant (Gopi, Lee, Wutschitz 2021), Opacus's
   :class:`~opacus.accountants.PRVAccountant`: a numerical composition of the privacy loss distribution
   with a stated error (``eps_error`` = 0.01 in epsilon, ``delta_error`` = delta / 1000). clipleak reports

@@ -42,41 +42,58 @@ def global_norm(grads: Grads, batched: bool = False) -> torch.Tensor:
     if not grads:
         raise ClipleakError("no gradients to clip")
     if batched:
-        return torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-    return torch.stack([g.pow(2).sum() for g in grads.values()]).sum().sqrt()
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()]), dim=0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
 
 
 def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
     return (bound / (norm + _EPS)).clamp(max=1.0)
 
 
-def clip_gradient(grads: Grads, clip: float, clipping: str = "flat") -> Grads:
-    """One gradient clipped to norm C (``flat``: global norm; ``per-tensor``: each tensor to C / sqrt(T))."""
+def clip_factors(grads: Grads, clip: float, clipping: str = "flat") -> dict[str, float]:
+    """The factor each tensor of one gradient is multiplied by to clip it to norm C."""
     _check(clip, 0.0, clipping)
     if clipping == "flat":
-        f = _factor(global_norm(grads), clip)
-        return {k: g * f for k, g in grads.items()}
+        f = float(_factor(global_norm(grads), clip))
+        return dict.fromkeys(grads, f)
     bound = clip / math.sqrt(len(grads))
-    return {k: g * _factor(g.norm(), bound) for k, g in grads.items()}
+    return {k: float(_factor(torch.linalg.vector_norm(g), bound)) for k, g in grads.items()}
+
+
+def clip_gradient(grads: Grads, clip: float, clipping: str = "flat") -> Grads:
+    """One gradient clipped to norm C (``flat``: global norm; ``per-tensor``: each tensor to C / sqrt(T))."""
+    f = clip_factors(grads, clip, clipping)
+    return {k: g * f[k] for k, g in grads.items()}
+
+
+def per_example_factors(per_example: Grads, clip: float, clipping: str = "flat") -> dict[str, torch.Tensor]:
+    """Per tensor, the ``(B,)`` factors that clip each example's gradient to norm C."""
+    _check(clip, 0.0, clipping)
+    if clipping == "flat":
+        f = _factor(global_norm(per_example, batched=True), clip)
+        return dict.fromkeys(per_example, f)
+    bound = clip / math.sqrt(len(per_example))
+    return {k: _factor(torch.linalg.vector_norm(g.flatten(1), dim=1), bound) for k, g in per_example.items()}
 
 
 def clip_per_example(per_example: Grads, clip: float, clipping: str = "flat") -> Grads:
     """Per-example gradients ``(B, *shape)`` each clipped to norm C; same shapes."""
-    _check(clip, 0.0, clipping)
-    if clipping == "flat":
-        f = _factor(global_norm(per_example, batched=True), clip)
-        return {k: g * f.view(-1, *([1] * (g.dim() - 1))) for k, g in per_example.items()}
-    bound = clip / math.sqrt(len(per_example))
-    out = {}
-    for k, g in per_example.items():
-        f = _factor(g.flatten(1).norm(dim=1), bound)
-        out[k] = g * f.view(-1, *([1] * (g.dim() - 1)))
-    return out
+    f = per_example_factors(per_example, clip, clipping)
+    return {k: g * f[k].view(-1, *([1] * (g.dim() - 1))) for k, g in per_example.items()}
 
 
 def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads:
     """Independent N(0, std^2) per coordinate, shaped like ``like``, drawn in ``like``'s key order."""
-    return {k: torch.randn(g.shape, generator=generator, dtype=g.dtype) * std for k, g in like.items()}
+    return {k: torch.empty(g.shape, dtype=g.dtype).normal_(0.0, std, generator=generator) for k, g in like.items()}
+
+
+def _add_noise(base: Grads, std: float, generator: torch.Generator) -> Grads:
+    """``base`` + N(0, std^2) per coordinate, in place of freshly drawn noise (one pass, no extra copy)."""
+    if std == 0:
+        return base
+    noise = gaussian_noise(base, std, generator)
+    return {k: noise[k].add_(b) for k, b in base.items()}
 
 
 def dp_sgd(per_example: Grads, clip: float, noise_multiplier: float, generator: torch.Generator,
@@ -88,11 +105,11 @@ def dp_sgd(per_example: Grads, clip: float, noise_multiplier: float, generator: 
     example is C, so ``noise_multiplier`` is the accountant's sigma.
     """
     _check(clip, noise_multiplier, clipping)
-    clipped = clip_per_example(per_example, clip, clipping)
-    b = next(iter(clipped.values())).shape[0]
-    summed = {k: g.sum(0) for k, g in clipped.items()}
-    noise = gaussian_noise(summed, noise_multiplier * clip, generator)
-    return {k: (summed[k] + noise[k]) / b for k in summed}
+    f = per_example_factors(per_example, clip, clipping)
+    b = next(iter(per_example.values())).shape[0]
+    # sum_i f_i g_i as one contraction (no clipped copy of the per-example gradients)
+    summed = {k: torch.tensordot(f[k], g, dims=1) for k, g in per_example.items()}
+    return {k: v.div_(b) for k, v in _add_noise(summed, noise_multiplier * clip, generator).items()}
 
 
 def dp_clip(batch_gradient: Grads, clip: float, noise_multiplier: float, generator: torch.Generator,
@@ -104,6 +121,9 @@ def dp_clip(batch_gradient: Grads, clip: float, noise_multiplier: float, generat
     ball of radius C, so the sensitivity is 2C (see :class:`~clipleak.privacy.DpSetting`).
     """
     _check(clip, noise_multiplier, clipping)
-    clipped = clip_gradient(batch_gradient, clip, clipping)
-    noise = gaussian_noise(clipped, noise_multiplier * clip, generator)
-    return {k: clipped[k] + noise[k] for k in clipped}
+    f = clip_factors(batch_gradient, clip, clipping)
+    std = noise_multiplier * clip
+    if std == 0:
+        return {k: g * f[k] for k, g in batch_gradient.items()}
+    noise = gaussian_noise(batch_gradient, std, generator)
+    return {k: noise[k].add_(g, alpha=f[k]) for k, g in batch_gradient.items()}
