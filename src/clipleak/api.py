@@ -13,6 +13,7 @@ are accepted wherever a weights or prior file is, and built on first use (:mod:`
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .errors import ClipleakError
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import build_model, read_card
 from .peft import PeftConfig, build_victim, rebuild_victim
+from .privacy import PER_EXAMPLE_METHODS, DpSetting
 from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
 
@@ -51,6 +53,8 @@ def make_observation(
     include_labels: bool = False,
     peft_seed: int = 0,
     part: str = "private",
+    dp: DpSetting | dict[str, Any] | None = None,
+    dp_seed: int | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[Observation, Truth]:
     """Client side: build the victim, draw a private batch, compute the shared gradient.
@@ -58,9 +62,22 @@ def make_observation(
     Returns the observation (what the server receives) and the ground truth (kept by the client,
     used only for evaluation: it alone records the batch-draw seed and the private indices).
     ``part="validation"`` draws the client's images from the validation split (for tuning).
+
+    ``dp`` (a :class:`~clipleak.privacy.DpSetting` or its fields as a dict, e.g.
+    ``{"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}``) privatises the shared
+    gradient; the observation records the setting under ``meta["defense"]``. The noise seed
+    ``dp_seed`` (default: a fresh secret one) goes to the truth file only.
     """
     if batch_size < 1:
         raise ClipleakError("batch size must be at least 1")
+    setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
+    if setting is not None:
+        if setting.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
+            raise ClipleakError(f"per-example DP needs a frozen image encoder ({', '.join(PER_EXAMPLE_METHODS)}), "
+                                f"not {method!r}; use the per-batch mechanism")
+        setting = setting.resolve()  # calibrate and check before loading anything
+        if dp_seed is None:
+            dp_seed = secrets.randbits(63)
     path = artifacts.resolve_path(weights, progress)
     clip = build_model(arch, path, init_seed=init_seed)
     spec = DataSpec.parse(data, split_seed=split_seed)
@@ -76,9 +93,13 @@ def make_observation(
     victim = build_victim(clip, names, cfg)
     images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes)
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
-    obs = share(victim, images, labels, include_labels=include_labels, data=data_meta)
-    truth = Truth(images=images, labels=labels,
-                  meta={"private_indices": idx.tolist(), "data": data_meta, "seed": seed, "part": part})
+    obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, dp=setting,
+                dp_seed=dp_seed)
+    truth_meta: dict[str, Any] = {"private_indices": idx.tolist(), "data": data_meta, "seed": seed,
+                                  "part": part}
+    if setting is not None:
+        truth_meta["dp_seed"] = dp_seed
+    truth = Truth(images=images, labels=labels, meta=truth_meta)
     return obs, truth
 
 

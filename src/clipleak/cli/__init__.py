@@ -1,7 +1,8 @@
 """The ``clipleak`` command line, a thin layer over :mod:`clipleak.api`.
 
-One file per command group (:mod:`.attack`: the data path; :mod:`.train`: targets and priors). User
-errors (:class:`~clipleak.errors.ClipleakError`) print one line and exit with code 2.
+One file per command group (:mod:`.attack`: the data path; :mod:`.train`: targets and priors;
+:mod:`.privacy`: the DP accountant). User errors (:class:`~clipleak.errors.ClipleakError`) print one
+line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import ClipleakError
-from . import attack, train
+from . import attack, privacy, train
 from .common import console, helptext
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 attack.register(app)
 train.register(app)
+privacy.register(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -39,26 +39,76 @@ def share(
     include_labels: Annotated[bool, typer.Option(help="the shared message carries the labels")] = False,
     truth_out: Annotated[Path | None, typer.Option(
         help="client-side ground truth file (default: OUT.truth)")] = None,
+    dp: Annotated[str | None, typer.Option(
+        help="differential privacy: per-example (DP-SGD; coop, adapter) | per-batch (Dp-CLIP)")] = None,
+    clip: Annotated[float | None, typer.Option(help="DP: clipping norm C")] = None,
+    clipping: Annotated[str, typer.Option(help="DP: flat (global norm) | per-tensor (each tensor to "
+                                          "C/sqrt(T))")] = "flat",
+    noise_multiplier: Annotated[float | None, typer.Option(
+        help="DP: noise standard deviation / C (or give --epsilon)")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        help="DP: target epsilon; calibrates the noise multiplier (needs --delta, --sample-rate, --steps)")]
+    = None,
+    delta: Annotated[float | None, typer.Option(help="DP: delta of the budget")] = None,
+    sample_rate: Annotated[float | None, typer.Option(
+        help="DP: batch size / data set size of the training schedule")] = None,
+    steps: Annotated[int | None, typer.Option(help="DP: steps of the training schedule")] = None,
+    accountant: Annotated[str, typer.Option(help="DP: rdp | prv")] = "rdp",
+    dp_seed: Annotated[int | None, typer.Option(
+        help="DP: seed of the noise (kept in the truth file only; default: a fresh secret one)")] = None,
 ) -> None:
     """Client side: draw a private batch, compute the update it would share, save it.
 
     The observation holds what the client sends (the gradient, the model and PEFT settings, the data
     split); the batch-draw seed and the drawn indices go to the truth file only.
 
+    With --dp the shared gradient is privatised: per-example clips each image's gradient to C, adds
+    Gaussian noise of standard deviation sigma*C to the sum and divides by the batch size; per-batch
+    clips the batch gradient to C and adds the noise. Sigma is --noise-multiplier, or calibrated from
+    --epsilon over the schedule (--delta, --sample-rate, --steps). The observation records the
+    setting and its epsilon under "defense"; the noise seed goes to the truth file.
+
     Example: clipleak share --out runs/obs --weights tiny-mnist --method coop --batch-size 2
-    """
+
+    Example: clipleak share --out runs/obs-dp --method adapter --batch-size 8 --dp per-example --clip 1 --epsilon 3 --delta 1e-5 --sample-rate 0.01 --steps 1000
+    """  # noqa: E501
     from ..api import make_observation
+    from ..errors import ClipleakError
+    from ..privacy import DpSetting
+
+    setting = None
+    if dp is None:
+        given = [n for n, v in (("--clip", clip), ("--noise-multiplier", noise_multiplier), ("--epsilon", epsilon),
+                                ("--delta", delta), ("--sample-rate", sample_rate), ("--steps", steps),
+                                ("--dp-seed", dp_seed)) if v is not None]
+        if given:
+            raise ClipleakError(f"{', '.join(given)}: DP options, used only with --dp per-example|per-batch")
+    else:
+        if clip is None:
+            raise ClipleakError("--dp needs --clip C")
+        if noise_multiplier is not None and epsilon is not None:
+            raise ClipleakError("give --noise-multiplier or --epsilon, not both")
+        setting = DpSetting(mechanism=dp, clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon,
+                            delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+                            clipping=clipping)
 
     with progress_bar() as cb:
         obs, truth = make_observation(
             arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
             n_ctx=n_ctx, class_specific=class_specific,
             classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
-            classes=parse_ints(classes), seed=seed, include_labels=include_labels, progress=cb,
+            classes=parse_ints(classes), seed=seed, include_labels=include_labels, dp=setting, dp_seed=dp_seed,
+            progress=cb,
         )
     p = obs.save(out)
     tp = truth.save(truth_out if truth_out is not None else p.with_suffix(".truth"))
     console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
+    defense = obs.meta.get("defense")
+    if defense is not None:
+        eps = f"epsilon {defense['epsilon']:.3g} at delta {defense['delta']:g}" if defense["epsilon"] is not None \
+            else "no epsilon (no schedule given)"
+        console.print(f"defense: {defense['mechanism']}, C {defense['clip']:g}, noise multiplier "
+                      f"{defense['noise_multiplier']:.4g}, {eps}")
     console.print(f"ground truth (client side; never give it to the attacker): {tp}")
 
 def attack(

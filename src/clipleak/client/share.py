@@ -1,7 +1,8 @@
-"""What a client sends after computing its update on a private batch."""
+"""What a client sends after computing its update on a private batch, with or without differential privacy."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .. import __version__
 from ..errors import ClipleakError
 from ..peft import Victim
+from ..privacy import DpSetting, privatise
 from ..records import Observation
 
 
@@ -19,6 +21,8 @@ def share(
     *,
     include_labels: bool = False,
     data: dict[str, Any] | None = None,
+    dp: DpSetting | None = None,
+    dp_seed: int | None = None,
 ) -> Observation:
     """The observation a client sends for ``images`` (client side).
 
@@ -29,6 +33,12 @@ def share(
         data: the data set and its split (public facts), recorded for the attacker's public data and
             baselines. Nothing that identifies the drawn images (seed, indices) goes in: those stay in
             the client's :class:`~clipleak.records.Truth`.
+        dp: a DP setting (:class:`~clipleak.privacy.DpSetting`): the shared gradient is then the
+            mechanism's noisy one, and the observation's ``meta["defense"]`` records the mechanism, C,
+            sigma and epsilon. ``None``: the plain gradient, and no ``defense`` key (the observation is
+            exactly what it was before DP existed).
+        dp_seed: seed of the DP noise; keep it in the truth file, never in the observation. ``None``
+            draws a fresh secret one (not reproducible).
     """
     clip = victim.clip_info
     if images.dim() != 4 or images.shape[1] != 3:
@@ -42,7 +52,12 @@ def share(
         raise ClipleakError("need one label per image")
     if int(labels.min()) < 0 or int(labels.max()) >= len(victim.classnames):
         raise ClipleakError(f"labels must be in [0, {len(victim.classnames) - 1}]")
-    grads = victim.gradient(images, labels)
+    setting = dp.resolve() if dp is not None else None
+    if setting is None:
+        grads = victim.gradient(images, labels)
+    else:
+        seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
+        grads = privatise(victim, images, labels, setting, seed)
     meta: dict[str, Any] = {
         "kind": "gradient",
         "loss": "cross_entropy",
@@ -58,6 +73,8 @@ def share(
         "data": data,
         "param_shapes": {k: list(v.shape) for k, v in grads.items()},
     }
+    if setting is not None:
+        meta["defense"] = setting.record()
     return Observation(
         gradients=grads,
         meta=meta,

@@ -136,7 +136,11 @@ class Victim(nn.Module):
 
     def image_features(self, images01: torch.Tensor) -> torch.Tensor:
         """Normalised image features as the classifier sees them (after the adapter, if any)."""
-        f = self.raw_image_features(images01)
+        return self.features_from_raw(self.raw_image_features(images01))
+
+    def features_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """:meth:`image_features` from the encoder output ``raw`` (:meth:`raw_image_features`)."""
+        f = raw
         if self.adapter is not None:
             a = self.cfg.adapter_ratio
             f = a * self.adapter(f) + (1 - a) * f
@@ -159,7 +163,12 @@ class Victim(nn.Module):
         return self.clip.logit_scale.exp()
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale() * self.image_features(images01) @ self.text_features().t()
+        return self.logits_from_raw(self.raw_image_features(images01))
+
+    def logits_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen encoder's output ``raw``: the part of :meth:`forward` that the PEFT
+        parameters of ``coop`` and ``adapter`` act on (per-example gradients vmap over it alone)."""
+        return self.logit_scale() * self.features_from_raw(raw) @ self.text_features().t()
 
     def gradient(self, images01: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradient of the mean cross-entropy w.r.t. the trainable parameters (what a client shares)."""

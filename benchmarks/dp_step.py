@@ -1,0 +1,126 @@
+"""Seconds per DP step vs. the plain (non-private) step, tiny-32 random init, one thread.
+
+For CoOp and CLIP-Adapter at batch B it times
+  * plain: the client's forward + backward of the PEFT gradient (``Victim.gradient``),
+  * per-example: DP-SGD (per-example gradients with torch.func, per-example clipping, noise, / B),
+  * per-batch: Dp-CLIP's mechanism on the same cross-entropy gradient (clip the batch gradient, noise),
+and, for Dp-CLIP's own setting, the contrastive loss of the whole tiny CLIP (image-caption pairs, every
+parameter trainable): plain forward + backward vs. the same plus per-batch clipping and noise, and the
+Gaussian sampling alone (noise-only: one N(0, 1) draw per parameter).
+
+Timings are interleaved (plain, DP, plain, DP, ...) so that load from other processes hits both alike;
+the median and the minimum over the repeats are reported, with the ratio of each to plain's (on a
+shared machine the minima are the steadier estimate of the cost).
+Run:  python benchmarks/dp_step.py [--batch 32] [--repeats 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from clipleak.models import build_model
+from clipleak.peft import PeftConfig, build_victim
+from clipleak.privacy import DpSetting, dp_clip, gaussian_noise, privatise
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = random.Random(0)
+    for _ in range(repeats):
+        keys = list(fns)
+        order.shuffle(keys)  # no variant always runs right after the memory-hungry one
+        for k in keys:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    return {k: {"median_ms": 1000 * med[k], "min_ms": 1000 * low[k], "ratio": med[k] / med[base],
+                "ratio_min": low[k] / low[base]} for k in times}
+
+
+def peft_rows(batch: int, repeats: int) -> dict[str, dict[str, dict[str, float]]]:
+    clip = build_model("tiny-32", init_seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, clip.image_size, clip.image_size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    per_example = DpSetting("per-example", clip=1.0, noise_multiplier=1.0).resolve()
+    per_batch = DpSetting("per-batch", clip=1.0, noise_multiplier=1.0).resolve()
+    out = {}
+    for method in ("coop", "adapter"):
+        v = build_victim(clip, NAMES, PeftConfig(method=method))
+        times = _interleaved({
+            "plain": lambda v=v: v.gradient(x, y),
+            "per-example": lambda v=v: privatise(v, x, y, per_example, seed=0),
+            "per-batch": lambda v=v: privatise(v, x, y, per_batch, seed=0),
+        }, repeats)
+        out[method] = _summary(times, "plain")
+    return out
+
+
+def contrastive_row(batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    clip = build_model("tiny-32", init_seed=0)
+    model = clip.model
+    model.requires_grad_(True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, clip.image_size, clip.image_size, generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g).tolist()
+    tokens = clip.tokenizer([f"a photo of a {NAMES[i]}." for i in labels])
+
+    def grads() -> dict[str, torch.Tensor]:
+        fi = F.normalize(model.encode_image(clip.normalize(x)), dim=-1)
+        ft = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * fi @ ft.t()
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+
+    gen = torch.Generator().manual_seed(0)
+    like = {n: p.detach() for n, p in params.items()}
+    times = _interleaved({"plain": grads, "per-batch": lambda: dp_clip(grads(), 1.0, 1.0, gen),
+                          "noise-only": lambda: gaussian_noise(like, 1.0, gen)}, repeats)
+    row = _summary(times, "plain")
+    row["parameters"] = {"count": float(sum(p.numel() for p in params.values()))}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__,
+           "peft": peft_rows(args.batch, args.repeats), "contrastive-full": contrastive_row(args.batch, args.repeats)}
+    for name, row in [*res["peft"].items(), ("contrastive-full", res["contrastive-full"])]:
+        for k, s in row.items():
+            if "median_ms" in s:
+                print(f"{name:17s} {k:12s} median {s['median_ms']:7.1f} ms  min {s['min_ms']:7.1f} ms  "
+                      f"{s['ratio']:.2f}x plain (medians), {s['ratio_min']:.2f}x (minima)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Differential privacy for the client's update: per-example DP-SGD, Dp-CLIP's per-batch clipping, and
+accounting with Opacus's RDP and PRV accountants.
+
+    from clipleak.privacy import DpSetting, epsilon, noise_multiplier
+    epsilon(1.0, 0.01, 1000, 1e-5)                  # 2.10 (RDP)
+    noise_multiplier(3.0, 1e-5, 0.01, 1000)         # sigma for epsilon 3
+    DpSetting("per-example", clip=1.0, epsilon=3.0, delta=1e-5, sample_rate=0.01, steps=1000).resolve()
+
+This floor imports only peft, models, data, records and errors; the client (``clipleak.client.share``)
+and the API build defended observations on it.
+"""
+
+from .accountant import ACCOUNTANTS, check_inputs, epsilon, noise_multiplier, prv_bounds
+from .mechanisms import CLIPPINGS, clip_gradient, clip_per_example, dp_clip, dp_sgd, gaussian_noise, global_norm
+from .per_example import PER_EXAMPLE_METHODS, per_example_gradients
+from .setting import MECHANISMS, DpSetting, privatise
+
+__all__ = [
+    "ACCOUNTANTS",
+    "CLIPPINGS",
+    "MECHANISMS",
+    "PER_EXAMPLE_METHODS",
+    "DpSetting",
+    "check_inputs",
+    "clip_gradient",
+    "clip_per_example",
+    "dp_clip",
+    "dp_sgd",
+    "epsilon",
+    "gaussian_noise",
+    "global_norm",
+    "noise_multiplier",
+    "per_example_gradients",
+    "privatise",
+    "prv_bounds",
+]

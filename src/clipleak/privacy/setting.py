@@ -1,0 +1,134 @@
+"""A client's DP setting: which mechanism, C, sigma (given, or calibrated from a target epsilon), and
+what the shared observation records about it.
+
+Mechanisms:
+
+* ``per-example`` -- DP-SGD: per-example gradients (:func:`per_example_gradients`), each clipped to C,
+  summed, N(0, (sigma C)^2) added, divided by the batch size. Sensitivity C (add/remove one example), so
+  the accountant's noise multiplier is sigma. ``coop`` and ``adapter`` only.
+* ``per-batch`` -- Dp-CLIP: the batch gradient clipped to C, N(0, (sigma C)^2) added. One example can
+  move the clipped batch gradient from one point of the C-ball to another, so the sensitivity is 2C and
+  clipleak accounts it at noise multiplier sigma / 2 (a noise multiplier calibrated from epsilon is
+  doubled). Any PEFT method.
+
+The noise generator's seed is never part of the setting or the observation (an attacker who knew it
+could subtract the noise); the client keeps it in its truth file.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from ..errors import ClipleakError
+from ..peft import Victim
+from .accountant import ACCOUNTANTS, epsilon, noise_multiplier
+from .mechanisms import CLIPPINGS, dp_clip, dp_sgd
+from .per_example import per_example_gradients
+
+MECHANISMS: tuple[str, ...] = ("per-example", "per-batch")
+NORMALISATION = {
+    "per-example": "(sum of clipped per-example gradients + noise) / batch size",
+    "per-batch": "clipped batch-mean gradient + noise (no division)",
+}
+
+
+@dataclass(frozen=True)
+class DpSetting:
+    """How a client privatises its update: ``noise_multiplier``, or a target ``epsilon`` to calibrate it.
+
+    ``epsilon`` needs ``delta``, ``sample_rate`` (batch size / data set size) and ``steps`` (the
+    training schedule the budget is spent over); with ``noise_multiplier``, giving all three also
+    reports the epsilon. :meth:`resolve` fills in the missing one. When both are given the noise
+    multiplier wins and epsilon is recomputed from it (what the setting actually spends).
+    """
+
+    mechanism: str
+    clip: float
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    accountant: str = "rdp"
+    clipping: str = "flat"
+    resolved: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ClipleakError(f"unknown DP mechanism {self.mechanism!r}; choose one of {', '.join(MECHANISMS)}")
+        if self.clipping not in CLIPPINGS:
+            raise ClipleakError(f"unknown clipping {self.clipping!r}; choose one of {', '.join(CLIPPINGS)}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ClipleakError(f"unknown accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        if not _finite(self.clip) or self.clip <= 0:
+            raise ClipleakError(f"the clipping norm C must be > 0, got {self.clip!r}")
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ClipleakError("give a noise multiplier or a target epsilon (with delta, sample rate and steps)")
+        if self.noise_multiplier is not None and (not _finite(self.noise_multiplier) or self.noise_multiplier < 0):
+            raise ClipleakError(f"the noise multiplier must be >= 0, got {self.noise_multiplier!r}")
+        schedule = (self.delta, self.sample_rate, self.steps)
+        if self.epsilon is not None and any(v is None for v in schedule):
+            raise ClipleakError("a target epsilon needs delta, the sample rate and the number of steps")
+        if any(v is None for v in schedule) and any(v is not None for v in schedule):
+            raise ClipleakError("give delta, the sample rate and the number of steps together (or none of them)")
+
+    @property
+    def sensitivity_factor(self) -> float:
+        """Sensitivity over C: 1 for per-example DP-SGD, 2 for the per-batch mechanism."""
+        return 1.0 if self.mechanism == "per-example" else 2.0
+
+    def resolve(self) -> DpSetting:
+        """A copy with both ``noise_multiplier`` and (when a schedule is given) ``epsilon`` filled in.
+
+        Calibration and accounting run once: a resolved setting returns itself."""
+        if self.resolved:
+            return self
+        k = self.sensitivity_factor
+        if self.noise_multiplier is None:
+            assert self.epsilon is not None
+            assert self.delta is not None and self.sample_rate is not None and self.steps is not None
+            sigma = k * noise_multiplier(self.epsilon, self.delta, self.sample_rate, self.steps, self.accountant)
+            eps = epsilon(sigma / k, self.sample_rate, self.steps, self.delta, self.accountant)
+            return replace(self, noise_multiplier=sigma, epsilon=eps, resolved=True)
+        if self.delta is None or self.sample_rate is None or self.steps is None or self.noise_multiplier == 0:
+            return replace(self, epsilon=None, resolved=True)
+        eps = epsilon(self.noise_multiplier / k, self.sample_rate, self.steps, self.delta, self.accountant)
+        return replace(self, epsilon=eps, resolved=True)
+
+    def record(self) -> dict[str, Any]:
+        """The ``defense`` entry of an observation (resolved: sigma and epsilon filled in where possible)."""
+        s = self.resolve()
+        assert s.noise_multiplier is not None
+        d: dict[str, Any] = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "resolved"}
+        d["accountant"] = s.accountant if s.epsilon is not None else None
+        d["noise_std"] = s.noise_multiplier * s.clip
+        d["sensitivity"] = s.sensitivity_factor * s.clip
+        d["normalisation"] = NORMALISATION[s.mechanism]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DpSetting:
+        keys = {"mechanism", "clip", "noise_multiplier", "epsilon", "delta", "sample_rate", "steps",
+                "accountant", "clipping"}
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def privatise(victim: Victim, images01: torch.Tensor, labels: torch.Tensor, setting: DpSetting,
+              seed: int) -> dict[str, torch.Tensor]:
+    """The DP gradient of the victim's cross-entropy on this batch under ``setting``; noise seeded by ``seed``."""
+    s = setting.resolve()
+    assert s.noise_multiplier is not None
+    gen = torch.Generator().manual_seed(int(seed))
+    if s.mechanism == "per-example":
+        per = per_example_gradients(victim, images01, labels)
+        return dp_sgd(per, s.clip, s.noise_multiplier, gen, s.clipping)
+    return dp_clip(victim.gradient(images01, labels), s.clip, s.noise_multiplier, gen, s.clipping)
