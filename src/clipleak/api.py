@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import artifacts
 from .attacks import ATTACKS, make_config, run_attack
@@ -179,7 +180,14 @@ def evaluate_reconstruction(
     }
     recovery = rec.meta.get("feature_recovery")
     if recovery:
-        ev["feature_recovery"] = recovery
+        ev["feature_recovery"] = dict(recovery)
+    if rec.features is not None:  # evaluator side: how close the recovered features are to the truth's
+        with torch.no_grad():
+            true_feats = F.normalize(victim.raw_image_features(tru.images), dim=-1)
+        perm = torch.tensor(ev["pairing"])
+        feat_cos = (F.normalize(rec.features.float(), dim=-1)[perm] * true_feats).sum(-1)
+        ev.setdefault("feature_recovery", {})["cosine_to_truth"] = [round(float(c), 4) for c in feat_cos]
+        ev["feature_recovery"]["cosine_to_truth_mean"] = round(float(feat_cos.mean()), 4)
     config = {"attack": rec.attack, "label_source": rec.label_source,
               "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
               "observation": meta}

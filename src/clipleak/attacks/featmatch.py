@@ -47,7 +47,7 @@ def feature_matching(obs: Observation, victim: Victim, cfg: FeatMatchConfig,
     reconstruction). Seconds include the feature recovery.
     """
     t0 = time.perf_counter()
-    est = recovered_features(obs, victim, use_shared_labels=cfg.labels != "infer")
+    est = recovered_features(obs, victim, labels={"infer": "predicted"}.get(cfg.labels, cfg.labels))
     target, labels = est.features, est.labels
     decoder = load_decoder(cfg.decoder, obs, victim)
     start = decoder_images(decoder, target) if decoder is not None else None

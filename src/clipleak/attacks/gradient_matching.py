@@ -186,7 +186,7 @@ def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingCon
     source = "observation"
     notes: list[str] = []
     if label_mode == "infer" and cfg.label_read == "analytic":
-        est = recovered_features(obs, victim, use_shared_labels=False)
+        est = recovered_features(obs, victim, labels="predicted")
         labels, label_mode, source = est.labels, "known", f"read off the update first ({est.label_source})"
         notes = est.notes
     elif label_mode == "infer":

@@ -131,7 +131,13 @@ def attack(
     = None,
     lr: Annotated[float | None, typer.Option(help="step size (Adam, or L-BFGS for dlg/idlg)")] = None,
     tv: Annotated[float | None, typer.Option(help="total-variation weight")] = None,
-    labels: Annotated[str, typer.Option(help="auto | known | infer")] = "auto",
+    labels: Annotated[str, typer.Option(help="auto | known | infer; for mip: auto | known | predicted (read "
+                                        "off the gradient) | feature (zero-shot class of the recovered "
+                                        "feature)")] = "auto",
+    search: Annotated[int | None, typer.Option(help="mip: VAE latent-search steps after decoding (with --prior "
+                                               "generative:VAE)")] = None,
+    refine: Annotated[int | None, typer.Option(help="mip: gradient-matching steps from the decoded images")]
+    = None,
     seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
     resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
 ) -> None:
@@ -146,6 +152,8 @@ def attack(
     Example: clipleak attack runs/fv.safetensors --attack gradvit --iterations 200 --out runs/rec-gradvit
 
     Example: clipleak attack runs/fv.safetensors --attack closed-form --out runs/rec-cf
+
+    Example: clipleak attack runs/obs.safetensors --attack mip --decoder tiny-mnist-decoder --out runs/rec-mip
     """  # noqa: E501
     from dataclasses import fields
 
@@ -153,8 +161,11 @@ def attack(
     from ..attacks import attack_spec
 
     known = {f.name for f in fields(attack_spec(name).config)}
+    if name == "mip" and labels == "infer":
+        labels = "predicted"
     given = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
-             "seed": seed, "prior": prior, "decoder": decoder, "bn_prior": bn_prior,
+             "seed": seed, "prior": prior, "decoder": decoder, "bn_prior": bn_prior, "search": search,
+             "refine": refine,
              "checkpoint": str(out / "checkpoint") if resume else None}
     settings = {k: v for k, v in given.items() if k in known and (v is not None or k == "checkpoint")}
     for k in sorted(k for k, v in given.items() if v is not None and k not in known

@@ -5,7 +5,7 @@ the image in closed form at batch 1 (APRIL) and the features off the visual proj
 from .adapter import AdapterFeatures, adapter_features
 from .bank import public_features
 from .coop import CoopFit, CoopGradientModel, coop_features, levenberg_marquardt, text_jacobian
-from .features import FeatureEstimate, recovered_features
+from .features import LABEL_MODES, FeatureEstimate, recovered_features
 from .labels import predict_labels
 from .vit import (
     ClosedFormImages,
@@ -18,8 +18,8 @@ from .vit import (
 )
 
 __all__ = [
-    "AdapterFeatures", "ClosedFormImages", "CoopFit", "CoopGradientModel", "FeatureEstimate", "ProjectionFeatures",
-    "ProjectionModel", "adapter_features", "closed_form_images", "coop_features", "labels_from_features",
-    "levenberg_marquardt", "pooled_tokens", "predict_labels", "projection_features", "public_features",
-    "recovered_features", "text_jacobian",
+    "LABEL_MODES", "AdapterFeatures", "ClosedFormImages", "CoopFit", "CoopGradientModel", "FeatureEstimate",
+    "ProjectionFeatures", "ProjectionModel", "adapter_features", "closed_form_images", "coop_features",
+    "labels_from_features", "levenberg_marquardt", "pooled_tokens", "predict_labels", "projection_features",
+    "public_features", "recovered_features", "text_jacobian",
 ]

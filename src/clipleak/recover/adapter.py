@@ -211,8 +211,8 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
 
 
 def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tensor, public_labels: torch.Tensor,
-                      start: torch.Tensor, *, candidates: int = 400, iterations: int = 100,
-                      rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, float]:
+                      start: torch.Tensor, *, labels: torch.Tensor | None = None, candidates: int = 400,
+                      iterations: int = 100, rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Features and labels of an adapter batch, fitted to both weight gradients (MIP's inverse gradient
     estimation for a batch).
 
@@ -221,6 +221,7 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     labels); a greedy pursuit picks ``B`` that explain the gradient together, and so do the clustered
     directions ``start``. Each set is refined jointly inside the span (:func:`refine_adapter_batch`), then
     relabelled (:func:`adapter_labels`) and refined again, ``rounds`` times at most; the lower residual wins.
+    Known ``labels`` (shared by the client) are kept as they are (only the candidates of those labels).
     Returns ``(features (B, E), labels (B,), relative residual)``.
     """
     model = AdapterGradientModel(victim)
@@ -232,25 +233,32 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     basis = vh[:b]
     unit = F.normalize(public_feats.double(), dim=-1)
     inside = (unit @ basis.t()).norm(dim=1)
+    if labels is not None:
+        inside[~torch.isin(public_labels, labels)] = -1.0
     keep = torch.argsort(inside, descending=True)[:candidates]
     proj = F.normalize((unit[keep] @ basis.t()) @ basis, dim=-1)
     labs_c = public_labels[keep].long()
     cand = torch.stack([model.gradient(proj[i:i + 1], labs_c[i:i + 1]) for i in range(proj.shape[0])])
     chosen: list[int] = []
     total = torch.zeros_like(target)
+    need = None if labels is None else torch.bincount(labels.long(), minlength=model.k)
     for _ in range(b):
         res = ((total[None] + cand) / b - target).norm(dim=1)
         if chosen:
             res[chosen] = float("inf")
+        if need is not None:
+            res[need[labs_c] == 0] = float("inf")
         j = int(res.argmin())
         chosen.append(j)
         total = total + cand[j]
+        if need is not None:
+            need[labs_c[j]] -= 1
     results = []
-    for feats, labs in ((proj[chosen], labs_c[chosen]), (start.double(), None)):
+    for feats, labs in ((proj[chosen], labs_c[chosen]), (start.double(), labels)):
         if labs is None:
             labs, _ = adapter_labels(model, feats, target, predict_labels_unit(model, feats))
         f, cost = refine_adapter_batch(model, obs, feats, labs, iterations)
-        for _ in range(rounds):
+        for _ in range(rounds if labels is None else 0):
             new_labs, _ = adapter_labels(model, f, target, labs)
             if torch.equal(new_labs, labs):
                 break

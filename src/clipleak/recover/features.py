@@ -12,9 +12,9 @@ from ..data import public_for_observation
 from ..errors import ClipleakError
 from ..peft import Victim
 from ..records import Observation
-from .adapter import adapter_features
+from .adapter import AdapterGradientModel, adapter_features, adapter_labels, adapter_target, fit_adapter_batch
 from .bank import public_features
-from .coop import CoopFit, coop_features
+from .coop import coop_features
 from .labels import predict_labels
 from .vit import FULL_METHODS, projection_features
 
@@ -35,6 +35,10 @@ class FeatureEstimate:
     residual: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def copy(self) -> FeatureEstimate:
+        return FeatureEstimate(self.features.clone(), self.labels.clone(), self.label_source, self.separated,
+                               self.residual, list(self.notes))
+
     def summary(self) -> dict[str, Any]:
         """What a report shows of the estimate (never the raw feature numbers)."""
         return {"images_separated": self.separated, "batch_size": int(self.features.shape[0]),
@@ -42,58 +46,83 @@ class FeatureEstimate:
                 "notes": list(self.notes)}
 
 
-def recovered_features(obs: Observation, victim: Victim, *, use_shared_labels: bool = True) -> FeatureEstimate:
-    """The image-feature estimate this observation allows, with labels and where they came from.
+LABEL_MODES = ("auto", "known", "predicted", "feature")
 
-    adapter: exact, from the rank-one rows of the ``W1`` gradient; labels predicted from the
-    feature. coop: features and labels fitted to the context gradient (:func:`coop_features`),
-    started from the features of the observation's public split; full-visual / full: features and labels
-    read off the visual-projection gradient (:func:`clipleak.recover.vit.projection_features`: exact at
-    batch 1, a fit started from public images for a batch); fits are memoised per observation
-    (its gradients, PEFT state, data split, target weights and the shared labels), so several attacks
-    on one observation fit it once and different clients never share a fit.
+
+def recovered_features(obs: Observation, victim: Victim, *, labels: str = "auto") -> FeatureEstimate:
+    """The image-feature estimate this observation allows (MIP's inverse gradient estimation), with labels.
+
+    ``labels``: ``known`` (the observation's shared labels; an error if it carries none), ``predicted``
+    (read off the gradient before any image search: MIP's label prediction), ``feature`` (the victim's own
+    zero-shot class of each recovered feature; what earlier versions did for the adapter) or ``auto``
+    (known when shared, else predicted).
+
+    adapter: batch 1 exact, from the rank-one ``W1`` gradient; a batch is fitted to both weight gradients
+    inside the span the ``W1`` gradient reveals (:func:`fit_adapter_batch`). coop: features and labels
+    fitted to the context gradient (:func:`coop_features`). full-visual / full: read off the
+    visual-projection gradient (:func:`clipleak.recover.vit.projection_features`). Fits are memoised per
+    observation (its gradients, PEFT state, data split, target weights and the label mode), so several
+    attacks on one observation fit it once and different clients never share a fit.
     """
-    shared = obs.labels.clone() if (use_shared_labels and obs.labels is not None) else None
+    if labels not in LABEL_MODES:
+        raise ClipleakError(f"labels must be one of {', '.join(LABEL_MODES)}, not {labels!r}")
+    if labels == "known" and obs.labels is None:
+        raise ClipleakError("the observation carries no labels: use labels 'predicted' or 'feature'")
+    mode = labels if labels != "auto" else ("known" if obs.labels is not None else "predicted")
+    est = _recover(obs, victim, obs.labels.clone() if mode == "known" and obs.labels is not None else None)
+    if mode == "feature":
+        est.labels = predict_labels(victim, est.features)
+        est.label_source = "zero-shot class of the recovered feature"
+    return est
+
+
+def _recover(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> FeatureEstimate:
+    key = _fit_key(obs, shared)
+    if key not in _FITS:
+        if len(_FITS) >= 8:
+            _FITS.pop(next(iter(_FITS)))
+        _FITS[key] = _fit(obs, victim, shared)
+    return _FITS[key].copy()
+
+
+def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> FeatureEstimate:
     b = obs.batch_size
     if victim.cfg.method == "adapter":
         rec = adapter_features(obs, victim)
-        notes = [] if rec.separated == b else [
-            f"the adapter gradient separated {rec.separated} of {b} images; the other "
-            f"{b - rec.separated} feature(s) are mixtures of the batch, not single images"]
-        if shared is not None:
-            return FeatureEstimate(rec.features, shared, "observation", rec.separated, notes=notes)
-        return FeatureEstimate(rec.features, predict_labels(victim, rec.features),
-                               "predicted from the recovered feature", rec.separated, notes=notes)
+        model = AdapterGradientModel(victim)
+        target = adapter_target(obs)
+        if b == 1:
+            if shared is not None:
+                labs, cost = shared, float((model.gradient(rec.features, shared) - target).norm() / target.norm())
+            else:
+                labs, cost = adapter_labels(model, rec.features, target, predict_labels(victim, rec.features))
+            return FeatureEstimate(rec.features, labs, "observation" if shared is not None else
+                                   "read off the adapter gradient", 1, residual=cost)
+        public = public_for_observation(obs.meta)[1]
+        feats, labs, cost = fit_adapter_batch(victim, obs, public_features(victim.clip_info, public),
+                                              public.labels, rec.features, labels=shared)
+        notes = [] if cost < 1e-3 else [
+            f"the joint fit of the adapter gradient stopped at relative residual {cost:.1e}: some features "
+            "may be mixtures of the batch's images rather than single images"]
+        return FeatureEstimate(feats, labs, "observation" if shared is not None else "fitted to the adapter gradient",
+                               b if cost < 1e-3 else rec.separated, residual=cost, notes=notes)
     if victim.cfg.method == "coop":
-        key = _fit_key(obs, shared)
-        if key not in _COOP_FITS:
-            public = public_for_observation(obs.meta)[1]
-            pf = public_features(victim.clip_info, public)
-            fit = coop_features(obs, victim, pf, public.labels, labels=shared)
-            if len(_COOP_FITS) >= 8:
-                _COOP_FITS.pop(next(iter(_COOP_FITS)))
-            _COOP_FITS[key] = fit
-        fit = _COOP_FITS[key]
+        public = public_for_observation(obs.meta)[1]
+        fit = coop_features(obs, victim, public_features(victim.clip_info, public), public.labels, labels=shared)
         source = "observation" if shared is not None else (
             "read off the context gradient" if b == 1 else "fitted to the context gradient")
         notes = [] if fit.determined >= 1 else [
             f"the context gradient determines {fit.determined:.0%} of the unknown feature numbers; a prior "
             "fitted to the public features fills the rest"]
-        return FeatureEstimate(fit.features.clone(), fit.labels.clone(), source, b, residual=fit.residual,
-                               notes=notes)
+        return FeatureEstimate(fit.features, fit.labels, source, b, residual=fit.residual, notes=notes)
     if victim.cfg.method in FULL_METHODS:
-        key = _fit_key(obs, shared)
-        if key not in _PROJ_FITS:
-            starts = public_for_observation(obs.meta)[1] if b > 1 else None
-            rec_p = projection_features(obs, victim, labels=shared,
-                                        public_images=None if starts is None else starts.images,
-                                        public_labels=None if starts is None else starts.labels)
-            if len(_PROJ_FITS) >= 8:
-                _PROJ_FITS.pop(next(iter(_PROJ_FITS)))
-            _PROJ_FITS[key] = (rec_p.features, rec_p.labels, rec_p.separated, rec_p.residual, rec_p.notes)
-        feats, labels, separated, cost, notes = _PROJ_FITS[key]
+        starts = public_for_observation(obs.meta)[1] if b > 1 else None
+        rec_p = projection_features(obs, victim, labels=shared,
+                                    public_images=None if starts is None else starts.images,
+                                    public_labels=None if starts is None else starts.labels)
         source = "observation" if shared is not None else "fitted to the visual-projection gradient"
-        return FeatureEstimate(feats.clone(), labels.clone(), source, separated, residual=cost, notes=list(notes))
+        return FeatureEstimate(rec_p.features, rec_p.labels, source, rec_p.separated, residual=rec_p.residual,
+                               notes=list(rec_p.notes))
     raise ClipleakError(
         f"feature recovery is implemented for 'adapter', 'coop', 'full-visual' and 'full' observations; this one is "
         f"{victim.cfg.method!r} (use --attack ig)"
@@ -106,5 +135,4 @@ def _fit_key(obs: Observation, shared: torch.Tensor | None) -> str:
                        "labels": None if shared is None else shared.tolist()}, sort_keys=True)
 
 
-_COOP_FITS: dict[str, CoopFit] = {}
-_PROJ_FITS: dict[str, tuple[torch.Tensor, torch.Tensor, int, float, list[str]]] = {}
+_FITS: dict[str, FeatureEstimate] = {}

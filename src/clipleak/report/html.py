@@ -207,6 +207,24 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _recovery_section(ev: dict[str, Any]) -> list[str]:
+    """What the update gave away before any image search: features and their cosine to the truth's."""
+    rec = ev.get("feature_recovery")
+    if not rec:
+        return []
+    parts = ["<h2>Feature recovery</h2>", "<p>"]
+    if rec.get("cosine_to_truth_mean") is not None:
+        parts.append(f"Recovered image features vs the true images' features (paired): mean cosine "
+                     f"<b>{rec['cosine_to_truth_mean']:.4f}</b> (per image: "
+                     f"{', '.join(f'{c:.4f}' for c in rec['cosine_to_truth'])}). ")
+    if rec.get("images_separated") is not None:
+        parts.append(f"Separated {rec['images_separated']} of {rec['batch_size']} images; relative residual "
+                     f"of the fit {rec.get('relative_residual', 0):.1e}. ")
+    parts.append("</p>")
+    parts += [f'<p class="note">{_e(n)}</p>' for n in rec.get("notes", [])]
+    return parts
+
+
 def write_report(
     out_dir: str | Path,
     recon: Reconstruction,
@@ -279,6 +297,7 @@ def write_report(
         f'<p class="verdict {"good" if good else "bad"}">{_e(v["text"])}</p>',
         "<h2>Metrics</h2>",
         _metrics_table(ev),
+        *_recovery_section(ev),
         "<h2>Labels</h2>",
         f"<p>Label accuracy: <b>{acc:.0%}</b> ({n_ok} of {n} after pairing; labels from "
         f"{_e(recon.label_source)}). Ignoring order, {ev['label_count_accuracy']:.0%} of the batch's labels "
