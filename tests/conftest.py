@@ -47,3 +47,16 @@ def short_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("pretrain") / "short.safetensors"
     card = pretrain(PretrainConfig(**SHORT), out, threads=1)  # restores the thread count afterwards
     return out, card
+
+
+@pytest.fixture(scope="session")
+def short_decoder(short_run, tmp_path_factory) -> Path:
+    """A feature decoder for the short trained target, 400 steps on the public split (a saved file)."""
+    from clipleak.data import DataSpec, load_public
+    from clipleak.priors import save_prior
+    from clipleak.training import train_decoder
+
+    clip = build_model("tiny-32", short_run[0])
+    dec = train_decoder(clip, load_public(DataSpec(), 32), steps=400, batch=32, seed=0)
+    dec.card["data_spec"] = DataSpec().to_dict()
+    return save_prior(dec, tmp_path_factory.mktemp("decoder") / "short-decoder.safetensors")
