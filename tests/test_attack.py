@@ -83,3 +83,17 @@ def test_unknown_attack(tiny, digits):
     v, x, y, obs = _obs(tiny, digits, "coop")
     with pytest.raises(ClipleakError, match="unknown attack"):
         run_attack("nope", obs, v)
+
+
+def test_registry_is_complete_on_import_and_refuses_a_second_registration():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import clipleak.attacks as a; print(sorted(a.ATTACKS))"],
+                         capture_output=True, text=True, check=True)
+    for name in ("ig", "featmatch", "mip", "dlg", "idlg", "gradvit", "closed-form", "projection"):
+        assert f"'{name}'" in out.stdout, out.stdout
+    from clipleak.attacks import IGConfig, register
+
+    with pytest.raises(ClipleakError, match="registered twice"):
+        register("ig", IGConfig, "a second ig")(lambda *a: None)
