@@ -278,3 +278,47 @@ def predict_labels_unit(model: AdapterGradientModel, feats: torch.Tensor) -> tor
         a = F.relu(h @ model.w2.t())
         out = F.normalize(model.ratio * a + (1 - model.ratio) * f, dim=-1)
         return (out @ model.text.t()).argmax(-1)
+
+
+def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol: float = 1e-3,
+                  iterations: int = 30) -> torch.Tensor:
+    """Single images' feature directions found one by one (a root search), without knowing the others.
+
+    ``fc2``'s gradient is ``sum_i u_i h_i^T`` with ``h_i = ReLU(W1 f_i)``: its top-B right singular vectors
+    span every image's hidden activation. And every feature lies in the span of ``fc1``'s gradient. So a
+    direction ``f`` in the ``fc1`` span whose ``ReLU(W1 f)`` lies in the ``fc2`` span is (generically) one
+    image's feature: each image is a root of ``|(I - Q Q^T) ReLU(W1 f)| / |ReLU(W1 f)|``, which needs no
+    joint fit. From each start (projected into the span) Levenberg-Marquardt looks for a root; distinct
+    roots (``|cos| < DISTINCT_COSINE``) are returned, at most B, best first.
+    """
+    from .coop import levenberg_marquardt
+
+    if victim.adapter is None:
+        raise ClipleakError("the adapter root search needs an 'adapter' victim")
+    b = obs.batch_size
+    w1 = victim.adapter.fc1.weight.detach().double()
+    g1 = obs.gradients["adapter.fc1.weight"].double()
+    g2 = obs.gradients["adapter.fc2.weight"].double()
+    basis = torch.linalg.svd(g1, full_matrices=False)[2][:b]  # (B, E)
+    q = torch.linalg.svd(g2, full_matrices=False)[2][:b].t()  # (h, B)
+    if q.shape[0] <= b:
+        return torch.zeros(0, g1.shape[1])
+    wb = w1 @ basis.t()  # (h, B)
+
+    def resid(c: torch.Tensor) -> torch.Tensor:
+        hidden = F.softplus(wb @ (c / c.norm()), beta=SMOOTH_BETA)
+        return (hidden - q @ (q.t() @ hidden)) / hidden.norm().clamp_min(1e-12)
+
+    roots: list[tuple[float, torch.Tensor]] = []
+    coeffs = F.normalize(starts.double(), dim=-1) @ basis.t()
+    for c0 in coeffs:
+        if len(roots) >= b:
+            break
+        c, cost = levenberg_marquardt(resid, c0 / c0.norm().clamp_min(1e-12), iterations)
+        if cost > tol:
+            continue
+        f = F.normalize(c @ basis, dim=0)
+        if all(abs(float(f @ g)) < DISTINCT_COSINE for _, g in roots):
+            roots.append((cost, f))
+    roots.sort(key=lambda t: t[0])
+    return torch.stack([f for _, f in roots]).float() if roots else torch.zeros(0, g1.shape[1])
