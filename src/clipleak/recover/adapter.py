@@ -224,7 +224,8 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     Every image's feature lies in the span of the ``fc1`` gradient's top-B right singular vectors. Public
     features projected into that span are the candidates (those that lie closest to it, with their own
     labels). Single images found exactly by :func:`adapter_roots` come first and a greedy pursuit over the
-    candidates fills the rest; the clustered directions ``start`` are a second set. Each set is refined jointly inside the span (:func:`refine_adapter_batch`), then
+    candidates fills the rest; the clustered directions ``start`` are a second set. Each set is refined
+    jointly inside the span (:func:`refine_adapter_batch`), then
     relabelled (:func:`adapter_labels`) and refined again, ``rounds`` times at most; the lower residual wins.
     On validation batches of 8 the root search found 6-7 of 8 images exactly, and the joint fit the rest
     (cosine 1.000 to every true feature, labels right, in 4 of 4 batches).
