@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from . import artifacts
 from .attacks import ATTACKS, make_config, run_attack
+from .audit import AuditConfig, run_audit
 from .client import load_private, sample_batch, share
-from .data import DataSpec, check_same_split, public_for_observation
+from .data import DataSpec, ImageSet, check_same_split, load_validation, public_for_observation
 from .errors import ClipleakError
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import build_model, read_card
@@ -33,6 +34,7 @@ from .peft import PeftConfig, build_victim, rebuild_victim
 from .privacy import PER_EXAMPLE_METHODS, DpSetting
 from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
+from .training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
 
 public_for = public_for_observation
 
@@ -188,12 +190,61 @@ def evaluate_reconstruction(
         feat_cos = (F.normalize(rec.features.float(), dim=-1)[perm] * true_feats).sum(-1)
         ev.setdefault("feature_recovery", {})["cosine_to_truth"] = [round(float(c), 4) for c in feat_cos]
         ev["feature_recovery"]["cosine_to_truth_mean"] = round(float(feat_cos.mean()), 4)
-    config = {"attack": rec.attack, "label_source": rec.label_source,
+    ev["defense"] = meta.get("defense")  # None: the observation was not privatised
+    config = {"attack": rec.attack, "label_source": rec.label_source, "defense": meta.get("defense"),
               "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
               "observation": meta}
     report = write_report(out_dir, rec, tru, ev, public.prototypes(), list(meta.get("classnames", [])), config)
     json.dumps(ev)  # fail loudly here if anything is not JSON-serialisable
     return Path(report), ev
+
+
+def client_images(*, weights: str | None = "tiny-mnist", arch: str = "tiny-32", data: str = "mnist",
+                  split_seed: int = 0, part: str = "private",
+                  progress: ProgressFn | None = None) -> tuple[str | None, ImageSet, ImageSet, dict[str, Any]]:
+    """A client's images (``part``: the private split, or the validation split for tuning) and the held-out
+    validation images, checked against the target's split: ``(weights path, train, held out, description)``.
+
+    With ``part="validation"`` the held-out set is the same validation split (tuning runs only)."""
+    path = artifacts.resolve_path(weights, progress)
+    spec = DataSpec.parse(data, split_seed=split_seed)
+    if path is not None:
+        check_same_split(spec, read_card(path), f"the target {Path(path).name}")
+    size = build_model(arch, path).image_size
+    train = load_private(spec, size, part)
+    held_out = load_validation(spec, size)
+    desc = {"data": spec.to_dict(), "part": part}
+    return (None if path is None else str(path)), train, held_out, desc
+
+
+def finetune_client(cfg: FinetuneConfig, out_dir: str | Path, *, weights: str | None = "tiny-mnist",
+                    arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0, part: str = "private",
+                    resume: bool = False, progress: ProgressFn | None = None, threads: int | None = None,
+                    stop_after: int | None = None) -> dict[str, Any]:
+    """Fine-tune a client's CoOp or adapter on its images (with or without DP-SGD); accuracy on the
+    validation split. See :func:`clipleak.training.finetune`."""
+    path, train, held_out, desc = client_images(weights=weights, arch=arch, data=data, split_seed=split_seed,
+                                                part=part, progress=progress)
+    return finetune(cfg, train, held_out, out_dir, weights=path, arch=arch, train_description=desc, resume=resume,
+                    progress=progress, threads=threads, stop_after=stop_after)
+
+
+def contrastive_finetune_client(cfg: ContrastiveConfig, out_path: str | Path, *, weights: str | None = "tiny-mnist",
+                                arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0,
+                                part: str = "private", resume: bool = False, progress: ProgressFn | None = None,
+                                threads: int | None = None) -> dict[str, Any]:
+    """Dp-CLIP contrastive fine-tuning of the target on a client's images; zero-shot accuracy on the
+    validation split. See :func:`clipleak.training.contrastive_finetune`."""
+    path, train, _, desc = client_images(weights=weights, arch=arch, data=data, split_seed=split_seed, part=part,
+                                         progress=progress)
+    return contrastive_finetune(cfg, train, out_path, weights=path, arch=arch, data=data, split_seed=split_seed,
+                                train_description=desc, resume=resume, progress=progress, threads=threads)
+
+
+def audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
+          threads: int | None = None) -> dict[str, Any]:
+    """The privacy audit (:func:`clipleak.audit.run_audit`): resumable; returns the summary and file paths."""
+    return run_audit(cfg, out_dir, progress=progress, threads=threads)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The training commands: pretrain a target, train a prior."""
+"""The training commands: pretrain a target, train a prior, fine-tune a client (with or without DP)."""
 
 from __future__ import annotations
 
@@ -109,9 +109,94 @@ def prior_train(
     console.print(f"card: {path.with_name(path.stem + '.card.json')}")
 
 
+def train(
+    out: Annotated[Path, typer.Option(help="output folder (PEFT: peft.safetensors + finetune.json; contrastive: "
+                                      "model.safetensors + its card)")],
+    method: Annotated[str, typer.Option(help="coop | adapter (PEFT fine-tuning)")] = "adapter",
+    contrastive: Annotated[bool, typer.Option(help="fine-tune the whole target contrastively (Dp-CLIP) instead")]
+    = False,
+    dp: Annotated[str, typer.Option(help="none | per-example (PEFT: DP-SGD) | per-batch (contrastive: Dp-CLIP)")]
+    = "none",
+    epsilon: Annotated[float | None, typer.Option(help="target epsilon (sigma calibrated for this schedule)")]
+    = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="sigma (instead of --epsilon)")] = None,
+    delta: Annotated[float, typer.Option(help="delta of the (epsilon, delta) guarantee")] = 1e-5,
+    clip: Annotated[float | None, typer.Option(help="clipping norm C (default 0.1 PEFT, 1.0 contrastive)")] = None,
+    steps: Annotated[int, typer.Option(help="training steps")] = 200,
+    batch_size: Annotated[int, typer.Option(help="expected batch size (Poisson) or batch size (fixed)")] = 25,
+    sampling: Annotated[str, typer.Option(help="poisson (accounted exactly) | fixed (accounted as Poisson)")]
+    = "poisson",
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: adapter 1e-2, coop 1e-2, "
+                                             "contrastive 1e-5)")] = None,
+    optimizer: Annotated[str, typer.Option(help="adam | sgd (momentum 0.9)")] = "adam",
+    weights: Annotated[str, typer.Option(help="target weights (a file or tiny-mnist)")] = "tiny-mnist",
+    data: Annotated[str, typer.Option(help="data set (its private split is the client's images)")] = "mnist",
+    part: Annotated[str, typer.Option(help="private | validation (the client's images; validation for tuning)")]
+    = "private",
+    accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+    seed: Annotated[int, typer.Option(help="seed of the batches and the noise")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from the checkpoint in OUT")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Fine-tune a client's CoOp or CLIP-Adapter on its images (optionally with per-example DP-SGD), or
+    the whole target contrastively with Dp-CLIP's per-batch clipping (--contrastive).
+
+    Prints accuracy on the validation split before and after, and the epsilon spent (RDP by default).
+    Checkpoints in OUT; --resume continues an interrupted run.
+
+    Example: clipleak train --method adapter --dp per-example --epsilon 3 --delta 1e-5 --clip 0.1 --steps 200 --out runs/ft-dp
+
+    Example: clipleak train --contrastive --dp per-batch --epsilon 3 --steps 100 --out runs/dpclip
+    """  # noqa: E501
+    from .. import api
+    from ..training import ContrastiveConfig, FinetuneConfig
+
+    if contrastive:
+        cdp = "none" if dp == "none" else dp
+        ccfg = ContrastiveConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else 1e-5, dp=cdp,
+                                 clip=clip if clip is not None else 1.0, noise_multiplier=noise_multiplier,
+                                 epsilon=epsilon, delta=delta, accountant=accountant, seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        with progress_bar() as cb:
+            card = api.contrastive_finetune_client(ccfg, out / "model.safetensors", weights=weights, data=data,
+                                                   part=part, resume=resume, progress=cb, threads=threads)
+        zs = card["zero_shot"]
+        console.print(f"weights: [bold]{out / 'model.safetensors'}[/] ({card['steps_done']} steps, "
+                      f"{card['train_seconds']:.0f} s)")
+        if zs is not None:
+            console.print(f"zero-shot accuracy on {zs['n_images']} validation images: [bold]{zs['accuracy']:.1%}[/]")
+        pv = card.get("privacy")
+        if pv:
+            console.print(f"Dp-CLIP per-batch: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g} (sensitivity "
+                          f"2C), epsilon {pv['epsilon_at_steps_done']:.3g} at delta {pv['delta']:g} "
+                          f"({pv['accountant']}; {pv['sampling']})")
+        return
+    if dp == "per-batch":
+        raise ClipleakError("PEFT fine-tuning uses per-example DP-SGD (--dp per-example); per-batch is for "
+                            "--contrastive")
+    cfg = FinetuneConfig(method=method, steps=steps, batch_size=batch_size, sampling=sampling, optimizer=optimizer,
+                         lr=lr if lr is not None else 1e-2, dp=dp, clip=clip if clip is not None else 0.1,
+                         noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta, accountant=accountant,
+                         seed=seed)
+    with progress_bar() as cb:
+        res = api.finetune_client(cfg, out, weights=weights, data=data, part=part, resume=resume, progress=cb,
+                                  threads=threads)
+    console.print(f"{method}: [bold]{out / 'peft.safetensors'}[/] ({res['steps_done']} steps, "
+                  f"{res['train_seconds']:.1f} s; {res['train']['n_images']} {part} images, "
+                  f"{res['schedule']['sampling']} sampling, q {res['schedule']['sample_rate']:.3g})")
+    console.print(f"accuracy on {res['held_out']['n_images']} validation images: {res['accuracy_before']:.1%} "
+                  f"before, [bold]{res['accuracy']:.1%}[/] after")
+    pv = res["privacy"]
+    if pv:
+        console.print(f"DP-SGD per-example: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g}, epsilon spent "
+                      f"[bold]{pv['epsilon_spent']:.3g}[/] at delta {pv['delta']:g} ({pv['accountant']})")
+    console.print(f"result: {out / 'finetune.json'}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``pretrain`` and the ``prior`` group to ``app``."""
+    """Add ``pretrain``, ``train`` and the ``prior`` group to ``app``."""
     command(app)(pretrain)
+    command(app)(train)
     prior_app = typer.Typer(help=helptext("Learned image priors (VAE, feature-to-image decoder, BN prior CNN) "
                                           "trained on PUBLIC data."), no_args_is_help=True)
     app.add_typer(prior_app, name="prior")

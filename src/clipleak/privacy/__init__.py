@@ -11,8 +11,17 @@ and the API build defended observations on it.
 """
 
 from .accountant import ACCOUNTANTS, check_inputs, epsilon, noise_multiplier, prv_bounds
-from .mechanisms import CLIPPINGS, clip_gradient, clip_per_example, dp_clip, dp_sgd, gaussian_noise, global_norm
-from .per_example import PER_EXAMPLE_METHODS, per_example_gradients
+from .mechanisms import (
+    CLIPPINGS,
+    clip_gradient,
+    clip_per_example,
+    dp_clip,
+    dp_sgd,
+    gaussian_noise,
+    global_norm,
+    per_example_factors,
+)
+from .per_example import PER_EXAMPLE_METHODS, per_example_gradients, per_example_gradients_from_raw
 from .setting import MECHANISMS, DpSetting, privatise
 
 __all__ = [
@@ -30,7 +39,9 @@ __all__ = [
     "gaussian_noise",
     "global_norm",
     "noise_multiplier",
+    "per_example_factors",
     "per_example_gradients",
+    "per_example_gradients_from_raw",
     "privatise",
     "prv_bounds",
 ]

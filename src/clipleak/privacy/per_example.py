@@ -54,10 +54,22 @@ def per_example_gradients(victim: Victim, images01: torch.Tensor, labels: torch.
             f"encoder), not {method!r}; use the per-batch mechanism")
     if labels.dim() != 1 or labels.shape[0] != images01.shape[0]:
         raise ClipleakError("per-example gradients need one class index per image")
-    head = _Head(victim)
-    params = {"victim." + n: p.detach() for n, p in victim.trainable().items()}
     with torch.no_grad():
         raw = victim.raw_image_features(images01)
+    return per_example_gradients_from_raw(victim, raw, labels, chunk_size)
+
+
+def per_example_gradients_from_raw(victim: Victim, raw: torch.Tensor, labels: torch.Tensor,
+                                   chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`per_example_gradients` from the frozen encoder's output ``raw``
+    (:meth:`Victim.raw_image_features`): training loops encode their images once and reuse it."""
+    if victim.cfg.method not in PER_EXAMPLE_METHODS:
+        raise ClipleakError(f"per-example gradients are implemented for {' and '.join(PER_EXAMPLE_METHODS)}, "
+                            f"not {victim.cfg.method!r}")
+    if labels.dim() != 1 or labels.shape[0] != raw.shape[0]:
+        raise ClipleakError("per-example gradients need one class index per image")
+    head = _Head(victim)
+    params = {"victim." + n: p.detach() for n, p in victim.trainable().items()}
 
     def loss_one(p: dict[str, torch.Tensor], r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = functional_call(head, p, (r.unsqueeze(0),))

@@ -1,5 +1,5 @@
 """The report: ``report.html``, ``metrics.json``, PNG grids and the loss curve."""
 
-from .html import MIN_TILE, write_report
+from .html import MIN_TILE, defense_text, write_report
 
-__all__ = ["MIN_TILE", "write_report"]
+__all__ = ["MIN_TILE", "defense_text", "write_report"]

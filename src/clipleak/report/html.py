@@ -225,6 +225,18 @@ def _recovery_section(ev: dict[str, Any]) -> list[str]:
     return parts
 
 
+def defense_text(defense: dict[str, Any] | None) -> str:
+    """One line on the observation's DP defense (``meta["defense"]``), or that there was none."""
+    if not defense:
+        return "Defense: none (the observation is the plain gradient)."
+    eps = defense.get("epsilon")
+    spent = (f"epsilon {eps:.3g} at delta {defense.get('delta'):g} ({defense.get('accountant')}, "
+             f"{defense.get('steps')} steps at sample rate {defense.get('sample_rate'):g})") if eps is not None \
+        else "no epsilon (no schedule given)"
+    return (f"Defense: {defense.get('mechanism')} DP, clipping norm C {defense.get('clip'):g} "
+            f"({defense.get('clipping')}), noise multiplier {defense.get('noise_multiplier'):.4g}, {spent}.")
+
+
 def write_report(
     out_dir: str | Path,
     recon: Reconstruction,
@@ -295,6 +307,7 @@ def write_report(
         f'<p class="note">{n} image(s) of {ev["image_size"][0]}×{ev["image_size"][1]} px; '
         f"labels from: {_e(recon.label_source)}</p>",
         f'<p class="verdict {"good" if good else "bad"}">{_e(v["text"])}</p>',
+        f'<p class="note">{_e(defense_text(ev.get("defense")))}</p>',
         "<h2>Metrics</h2>",
         _metrics_table(ev),
         *_recovery_section(ev),

@@ -1,5 +1,15 @@
-"""Training: one loop (:mod:`.loop`) for contrastive pretraining of targets and for the learned priors."""
+"""Training: one loop (:mod:`.loop`) for contrastive pretraining of targets, the learned priors and the
+clients' (DP) fine-tuning (:mod:`.finetune`)."""
 
+from .finetune import (
+    ContrastiveConfig,
+    FinetuneConfig,
+    accuracy_from_raw,
+    contrastive_finetune,
+    derive_seed,
+    dp_setting,
+    finetune,
+)
 from .loop import Budget, LoopState, train_loop
 from .pretrain import EVAL_PROMPT, PretrainConfig, checkpoint_dir, load_caption_csv, lr_at, pretrain
 from .priors import (
@@ -15,7 +25,8 @@ from .priors import (
 )
 
 __all__ = [
-    "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "LoopState",
-    "PretrainConfig", "build_prior", "checkpoint_dir", "cnn_quality", "load_caption_csv", "lr_at", "pretrain",
-    "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
+    "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "ContrastiveConfig",
+    "FinetuneConfig", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior", "checkpoint_dir",
+    "cnn_quality", "contrastive_finetune", "derive_seed", "dp_setting", "finetune", "load_caption_csv", "lr_at",
+    "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

@@ -98,6 +98,7 @@ from ..models import (
     save_weights,
     zero_shot_accuracy,
 )
+from ..privacy import DpSetting, dp_clip
 from ..records import ProgressEvent, ProgressFn
 from .loop import Budget, LoopState, train_loop
 
@@ -394,10 +395,16 @@ def _zero_shot_report(clip: ClipModel, ev: ImageSet, templates: list[str]) -> di
 
 
 class _Trainer:
-    """The model, the trainable token-embedding rows, the optimiser and one training step."""
+    """The model, the trainable token-embedding rows, the optimiser and one training step.
 
-    def __init__(self, clip: ClipModel, data: _TrainData, cfg: PretrainConfig):
+    With a ``dp`` setting (per-batch mechanism, resolved) every step's gradient of all trained tensors
+    together is Dp-CLIP's: the batch gradient clipped to C plus N(0, (sigma C)^2), the noise seeded by
+    ``(dp_seed, step)``."""
+
+    def __init__(self, clip: ClipModel, data: _TrainData, cfg: PretrainConfig, dp: DpSetting | None = None,
+                 dp_seed: int = 0):
         self.clip, self.data, self.cfg = clip, data, cfg
+        self.dp, self.dp_seed = dp, dp_seed
         self.model = clip.model
         self.model.train().requires_grad_(True)
         self.tower = TextTower(self.model)
@@ -462,10 +469,22 @@ class _Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dp is not None:
+            self._privatise(s)
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
         return float(loss.detach())
+
+
+    def _privatise(self, s: int) -> None:
+        assert self.dp is not None and self.dp.noise_multiplier is not None
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        grads = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
+        gen = torch.Generator().manual_seed(_derive_seed(self.dp_seed, "dp-noise", s))
+        noisy = dp_clip(grads, self.dp.clip, self.dp.noise_multiplier, gen, self.dp.clipping)
+        for i, p in enumerate(params):
+            p.grad = noisy[str(i)]
 
 
 def checkpoint_dir(out_path: str | Path) -> Path:
@@ -496,7 +515,8 @@ def _save_checkpoint(root: Path, tr: _Trainer, state: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(root: Path, tr: _Trainer, cfg: PretrainConfig) -> dict[str, Any] | None:
+def _load_checkpoint(root: Path, tr: _Trainer, cfg: PretrainConfig,
+                     extra_key: dict[str, Any] | None = None) -> dict[str, Any] | None:
     latest = root / "latest"
     if not latest.is_file():
         return None
@@ -512,7 +532,7 @@ def _load_checkpoint(root: Path, tr: _Trainer, cfg: PretrainConfig) -> dict[str,
     if state.get("format") != CKPT_FORMAT:
         raise ClipleakError(f"checkpoint {d} has an unknown format; delete {root} to start over")
     saved_key = state["config"]
-    now_key = cfg.training_key()
+    now_key = {**cfg.training_key(), **(extra_key or {})}
     diff = sorted(k for k in set(saved_key) | set(now_key) if saved_key.get(k) != now_key.get(k))
     if diff:
         raise ClipleakError(f"cannot resume from {d}: the run was started with different settings "
@@ -539,6 +559,11 @@ def pretrain(
     evaluate: bool = True,
     threads: int | None = None,
     task: str = "pretrain",
+    init_weights: str | Path | None = None,
+    train_set: ImageSet | None = None,
+    train_description: dict[str, Any] | None = None,
+    dp: DpSetting | None = None,
+    dp_seed: int = 0,
 ) -> dict[str, Any]:
     """Train ``cfg.arch`` contrastively on the public split of ``cfg.data``; write weights and a card.
 
@@ -559,6 +584,12 @@ def pretrain(
         threads: torch CPU threads during the run (restored afterwards); ``None`` keeps the current
             setting. Results are bitwise reproducible for a fixed thread count only. On a machine shared
             with other busy processes, 1 thread can be several times faster than 2.
+        init_weights: start from these weights instead of a random init (contrastive fine-tuning).
+        train_set: train on these labelled images (captions from ``cfg.templates``) instead of the public
+            split of ``cfg.data`` (a client's images, loaded by the caller: training never reaches the
+            private split itself); ``train_description`` says in the card what they are.
+        dp: a per-batch :class:`~clipleak.privacy.DpSetting` (Dp-CLIP): each step's gradient is clipped
+            to C as a whole and noised; ``dp_seed`` seeds the noise. Recorded in the card (``privacy``).
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -566,34 +597,71 @@ def pretrain(
             raise ClipleakError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(int(threads))
     try:
+        extra = _Extra(init_weights, train_set, train_description, dp.resolve() if dp is not None else None,
+                       int(dp_seed))
         return _pretrain(cfg, Path(out_path), resume, progress, eval_every_s, stop_after, keep_checkpoints,
-                         evaluate, task)
+                         evaluate, task, extra)
     finally:
         torch.set_num_threads(old_threads)
 
 
+@dataclass
+class _Extra:
+    """What contrastive fine-tuning adds to pretraining (none of it is part of a target's recipe)."""
+
+    init_weights: str | Path | None = None
+    train_set: ImageSet | None = None
+    train_description: dict[str, Any] | None = None
+    dp: DpSetting | None = None
+    dp_seed: int = 0
+
+    def key(self) -> dict[str, Any]:
+        """Entries a resumed run must share with its checkpoint (none for plain pretraining)."""
+        k: dict[str, Any] = {}
+        if self.init_weights is not None:
+            k["init_weights"] = str(self.init_weights)
+        if self.train_set is not None:
+            k["train_set"] = hashlib.sha256(self.train_set.images.numpy().tobytes()).hexdigest()
+        if self.dp is not None:
+            k["dp"] = self.dp.record()
+            k["dp_seed"] = self.dp_seed
+        return k
+
+
+def _set_data(cfg: PretrainConfig, ims: ImageSet, description: dict[str, Any] | None) -> _TrainData:
+    if ims.n_classes < 2:
+        raise ClipleakError("contrastive training needs images of at least 2 classes")
+    captions = [t.format(name) for t in cfg.templates for name in ims.classnames]
+    desc = {"kind": "image set", "source": ims.source, "n_images": len(ims), "classnames": list(ims.classnames),
+            **(description or {})}
+    return _TrainData(ims.images.contiguous(), ims.labels, captions, ims.grayscale, desc,
+                      n_templates=len(cfg.templates), classnames=list(ims.classnames))
+
+
 def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn | None,
               eval_every_s: float | None, stop_after: int | None, keep_checkpoints: bool,
-              evaluate: bool, task: str) -> dict[str, Any]:
+              evaluate: bool, task: str, ext: _Extra | None = None) -> dict[str, Any]:
+    ext = ext or _Extra()
     if out.suffix != ".safetensors":
         raise ClipleakError(f"output must be a .safetensors file, got {out}")
     t_start = time.perf_counter()
     if progress is not None:
         progress(ProgressEvent(task, 0, cfg.steps, phase="load", note="loading data"))
 
-    clip = build_model(cfg.arch, init_seed=cfg.seed)
-    data = _load_train_data(cfg, clip.image_size)
+    clip = build_model(cfg.arch, ext.init_weights, init_seed=cfg.seed)
+    data = _load_train_data(cfg, clip.image_size) if ext.train_set is None else \
+        _set_data(cfg, ext.train_set, ext.train_description)
     ev = _eval_set(cfg, clip.image_size) if evaluate else None
     if ev is not None and ev.n_classes < 2:
         raise ClipleakError("the evaluation data set needs at least 2 classes")
     baseline = _zero_shot_report(clip, ev, cfg.templates) if ev is not None else None
 
-    tr = _Trainer(clip, data, cfg)
+    tr = _Trainer(clip, data, cfg, ext.dp, ext.dp_seed)
     root = checkpoint_dir(out)
     extra: dict[str, Any] = {"resumed_from": []}
     loop_state: LoopState | None = None
     if resume:
-        saved = _load_checkpoint(root, tr, cfg)
+        saved = _load_checkpoint(root, tr, cfg, ext.key())
         if saved is not None:
             loop_state = LoopState.from_dict(saved)
             extra["resumed_from"] = [*saved.get("resumed_from", []), loop_state.step]
@@ -601,7 +669,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn
         shutil.rmtree(root)
 
     def save_ckpt(st: LoopState) -> None:
-        _save_checkpoint(root, tr, {"format": CKPT_FORMAT, "config": cfg.training_key(),
+        _save_checkpoint(root, tr, {"format": CKPT_FORMAT, "config": {**cfg.training_key(), **ext.key()},
                                     "resumed_from": extra["resumed_from"], **st.to_dict()})
 
     def evaluate_now(st: LoopState) -> dict[str, float]:
@@ -628,10 +696,25 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn
     sha = save_weights(clip.model, out)
     card = _model_card(cfg, data, out, sha, step, total, stopped, state, train_s, losses, zs, baseline, ev,
                        curve, time.perf_counter() - t_start)
+    if ext.init_weights is not None:
+        card["init_weights"] = str(ext.init_weights)
+    if ext.dp is not None:
+        card["privacy"] = {**ext.dp.record(), "sampling": "fixed-size batches (seeded per-epoch permutations), "
+                           "accounted as Poisson sampling with q = batch size / images (an approximation)",
+                           "epsilon_at_steps_done": _spent(ext.dp, step)}
     card_path(out).write_text(json.dumps(card, indent=2))
     if stopped is None and not keep_checkpoints:
         shutil.rmtree(root, ignore_errors=True)
     return card
+
+
+def _spent(dp: DpSetting, steps: int) -> float | None:
+    """Epsilon of the steps actually run (the setting's epsilon is for its planned schedule)."""
+    from ..privacy import epsilon
+
+    if dp.sample_rate is None or dp.delta is None or not dp.noise_multiplier or steps < 1:
+        return None
+    return epsilon(dp.noise_multiplier / dp.sensitivity_factor, dp.sample_rate, steps, dp.delta, dp.accountant)
 
 
 def _model_card(cfg: PretrainConfig, data: _TrainData, out: Path, sha: str, step: int, total: int | None,

@@ -1,0 +1,75 @@
+"""The privacy audit: strong noise brings the strongest cheap attack to chance, weak noise does not; the
+report prints the defense; the audit resumes without recomputing and writes its chart; the canary bound."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from clipleak import api
+from clipleak.audit import AuditConfig, canary_audit, epsilon_lower_bound, run_audit
+from clipleak.client import load_private
+from clipleak.data import DataSpec, load_public
+from clipleak.evaluation import evaluate
+
+DIGITS = range(4)
+
+
+def _reid(sigma: float) -> float:
+    spec = DataSpec.parse("mnist")
+    private, protos = load_private(spec, 32), load_public(spec, 32).prototypes()
+    rates = []
+    for seed in DIGITS:
+        obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=seed, dp_seed=seed,
+                                          dp={"mechanism": "per-example", "clip": 0.01, "noise_multiplier": sigma})
+        rec = api.attack_observation(obs, name="featmatch", decoder="tiny-mnist-decoder", iterations=0)
+        rates.append(evaluate(rec, truth, protos, with_lpips=False, reid_pool=private)["reidentification"]["attack"])
+    return sum(rates) / len(rates)
+
+
+def test_weak_noise_still_leaks_strong_noise_does_not():
+    """Trained artifacts, adapter, batch 1, 4 private digits, decoder attack (chance 10%)."""
+    assert _reid(1e-3) >= 0.7  # sigma C = 1e-5: the update still gives the digit away
+    assert _reid(10.0) <= 0.1 + 0.15  # sigma C = 0.1: not much better than chance
+
+
+def test_report_prints_the_defense(tmp_path):
+    obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=0, dp_seed=0,
+                                      dp={"mechanism": "per-example", "clip": 0.01, "noise_multiplier": 2.0})
+    rec = api.attack_observation(obs, name="featmatch", decoder="tiny-mnist-decoder", iterations=0)
+    report, ev = api.evaluate_reconstruction(rec, truth, tmp_path / "r", with_lpips=False)
+    assert ev["defense"]["mechanism"] == "per-example" and ev["defense"]["noise_multiplier"] == 2.0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["defense"]["clip"] == 0.01 and metrics["config"]["defense"]["noise_multiplier"] == 2.0
+    assert "Defense: per-example DP" in report.read_text()
+
+
+def test_audit_resumes_and_writes_its_chart(tmp_path):
+    cfg = AuditConfig(epsilons=[math.inf, 1.0], methods=["adapter"], images=2, canaries=40,
+                      finetune={"steps": 6, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"})
+    first = run_audit(cfg, tmp_path)
+    assert first["computed"] == 2 + 1 + 2 * 2  # accuracy x2, canary x1 (finite epsilon), observations 2 x 2
+    rows = {r["epsilon"]: r for r in first["rows"]}
+    assert rows["inf"]["reid"] > rows["1"]["reid"]
+    assert rows["1"]["noise_multiplier"] > 1 and rows["1"]["accuracy"] is not None
+    assert rows["1"]["canary_epsilon_lower_bound"] is not None
+    assert "chance" in rows["1"]["verdict"]
+    chart = tmp_path / "audit.png"
+    assert chart.is_file() and chart.stat().st_size > 10_000
+    assert (tmp_path / "audit.html").is_file() and "| adapter |" in (tmp_path / "audit.md").read_text()
+    second = run_audit(cfg, tmp_path)
+    assert second["computed"] == 0 and second["rows"] == first["rows"]
+
+
+def test_canary_bound():
+    assert epsilon_lower_bound(200, 100) == 0.0  # coin flipping proves nothing
+    lb = epsilon_lower_bound(200, 200)
+    assert 2.5 < lb < 5  # all 200 right: p >= 0.985 at 95% confidence, eps >= ln(p / (1 - p))
+    scores = [float(i) for i in range(100)]
+    res = canary_audit(scores, [i >= 50 for i in range(100)])
+    assert res["correct"] == res["guesses"] == 20 and res["epsilon_lower_bound"] > 0
+    torch.manual_seed(0)
+    noise = canary_audit(torch.randn(1000).tolist(), (torch.rand(1000) < 0.5).tolist())
+    assert noise["epsilon_lower_bound"] < 0.5

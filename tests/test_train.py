@@ -1,0 +1,103 @@
+"""DP fine-tuning (`clipleak train`): DP-SGD with no noise and no clipping is plain training, epsilon spent is
+the accountant's, resuming is exact, Dp-CLIP contrastive fine-tuning records its privacy, the CLI has help."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipleak.data import DataSpec, ImageSet, load_validation
+from clipleak.privacy import epsilon
+from clipleak.training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[ImageSet, ImageSet]:
+    """Small train / held-out sets cut from the validation split (mechanics only; random-init target)."""
+    v = load_validation(DataSpec.parse("mnist"), 32)
+    cut = lambda a, b: ImageSet(v.images[a:b], v.labels[a:b], v.classnames, v.grayscale, v.source)  # noqa: E731
+    return cut(0, 60), cut(60, 100)
+
+
+def _peft(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "peft.safetensors"))
+
+
+@pytest.mark.parametrize("method,sampling", [("adapter", "poisson"), ("adapter", "fixed"), ("coop", "fixed")])
+def test_dp_without_noise_or_clipping_is_plain_training(tmp_path, sets, method, sampling):
+    train, held = sets
+    base = dict(method=method, steps=4, batch_size=8, sampling=sampling, lr=1e-2, checkpoint_every=100)
+    plain = finetune(FinetuneConfig(**base), train, held, tmp_path / "plain")
+    dp = finetune(FinetuneConfig(**base, dp="per-example", clip=1e9, noise_multiplier=0.0), train, held,
+                  tmp_path / "dp")
+    a, b = _peft(tmp_path / "plain"), _peft(tmp_path / "dp")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert plain["privacy"] is None and dp["privacy"]["epsilon_spent"] is None  # sigma 0: no epsilon
+    # and the training moved the parameters at all
+    init = finetune(FinetuneConfig(**{**base, "steps": 1, "lr": 1e-12}), train, held, tmp_path / "init")
+    assert init["completed"]
+    assert any(not torch.allclose(a[k], _peft(tmp_path / "init")[k]) for k in a)
+
+
+def test_epsilon_spent_matches_the_accountant(tmp_path, sets):
+    train, held = sets
+    cfg = FinetuneConfig(method="adapter", steps=10, batch_size=6, dp="per-example", clip=0.1, noise_multiplier=1.3,
+                         delta=1e-5, eval_points=2)
+    res = finetune(cfg, train, held, tmp_path / "ft")
+    pv = res["privacy"]
+    q = 6 / 60
+    assert res["schedule"]["sample_rate"] == pytest.approx(q)
+    assert pv["epsilon_spent"] == pytest.approx(epsilon(pv["noise_multiplier"], q, 10, 1e-5))
+    assert pv["epsilon_spent"] == pytest.approx(pv["epsilon"])  # the whole schedule was run
+    mid = res["eval_curve"][0]
+    assert mid["step"] == 5 and mid["epsilon"] == pytest.approx(epsilon(pv["noise_multiplier"], q, 5, 1e-5))
+    saved = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert saved["privacy"]["epsilon_spent"] == pv["epsilon_spent"] and "Poisson" in saved["schedule"]["sampling_note"]
+
+
+def test_resume_is_exact(tmp_path, sets):
+    train, held = sets
+    cfg = FinetuneConfig(method="adapter", steps=8, batch_size=6, dp="per-example", clip=0.1, noise_multiplier=1.0,
+                         checkpoint_every=3, canaries=20)
+    full = finetune(cfg, train, held, tmp_path / "full")
+    part = finetune(cfg, train, held, tmp_path / "res", stop_after=5)
+    assert part == {"completed": False, "stopped_after": 5}
+    done = finetune(cfg, train, held, tmp_path / "res", resume=True)
+    assert done["resumed_from_step"] == 3
+    a, b = _peft(tmp_path / "full"), _peft(tmp_path / "res")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert done["canaries"]["scores"] == full["canaries"]["scores"]
+
+
+def test_bad_settings_are_refused():
+    from clipleak.errors import ClipleakError
+
+    with pytest.raises(ClipleakError):
+        FinetuneConfig(method="full")
+    with pytest.raises(ClipleakError):
+        FinetuneConfig(dp="per-example")  # neither sigma nor epsilon
+    with pytest.raises(ClipleakError):
+        FinetuneConfig(dp="per-batch", noise_multiplier=1.0)
+
+
+def test_contrastive_dp_clip_records_privacy(tmp_path, sets):
+    train, _ = sets
+    cfg = ContrastiveConfig(steps=2, batch_size=8, dp="per-batch", clip=1.0, epsilon=50.0)
+    card = contrastive_finetune(cfg, train, tmp_path / "m.safetensors", weights=None)
+    pv = card["privacy"]
+    assert pv["mechanism"] == "per-batch" and pv["sensitivity"] == pytest.approx(2.0)
+    assert pv["epsilon_at_steps_done"] == pytest.approx(epsilon(pv["noise_multiplier"] / 2, 8 / 60, 2, 1e-5))
+    assert card["data"]["kind"] == "image set" and card["zero_shot"] is not None
+
+
+def test_train_cli_help_has_an_example():
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    assert out.exit_code == 0 and "Example: clipleak train" in out.output
