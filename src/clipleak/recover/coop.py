@@ -281,20 +281,48 @@ def coop_features(
     # gradient, then all features are refined jointly. (Tried on validation digits and dropped: candidates
     # with every label, re-fitting after each pick, and reading the labels off the signs of A's rows; none
     # improved the fits.)
-    cand = model.per_candidate(pf, pl)
-    chosen: list[int] = []
-    total = torch.zeros_like(z)
-    for i in range(b):
-        ok = torch.ones(pf.shape[0], dtype=torch.bool) if labels is None else pl == int(labels[i])
-        if chosen:
-            ok[chosen] = False
-        if not ok.any():
-            raise ClipleakError("no public image carries the shared label: cannot start the CoOp fit")
-        res = ((total[None] + cand) / b - z).norm(dim=1)
-        res[~ok] = float("inf")
-        j = int(res.argmin())
-        chosen.append(j)
-        total = total + cand[j]
-    labs = pl[chosen] if labels is None else labels.long()
-    f, cost = refine(pf[chosen], labs, iterations)
+    found: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    for feats_c, labs_c in _batch_candidates(model, z, b, pf, pl):
+        cand = model.per_candidate(feats_c, labs_c)
+        chosen: list[int] = []
+        total = torch.zeros_like(z)
+        for i in range(b):
+            ok = torch.ones(feats_c.shape[0], dtype=torch.bool) if labels is None else labs_c == int(labels[i])
+            if chosen:
+                ok[chosen] = False
+            if not ok.any():
+                raise ClipleakError("no public image carries the shared label: cannot start the CoOp fit")
+            res = ((total[None] + cand) / b - z).norm(dim=1)
+            res[~ok] = float("inf")
+            j = int(res.argmin())
+            chosen.append(j)
+            total = total + cand[j]
+        labs = labs_c[chosen] if labels is None else labels.long()
+        f, cost = refine(feats_c[chosen], labs, iterations)
+        if found is None or cost < found[2]:
+            found = (f, labs, cost)
+        if cost < CONVERGED:
+            break
+    assert found is not None
+    f, labs, cost = found
     return CoopFit(F.normalize(f.float(), dim=-1), labs, cost, None, determined)
+
+
+def _batch_candidates(model: CoopGradientModel, z: torch.Tensor, b: int, pf: torch.Tensor,
+                      pl: torch.Tensor, completion_steps: int = 300, keep: int = 400
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Candidate sets for a batch pursuit: first the public features projected into the row space of a
+    rank-B completion of ``A = dL/dT`` (alternating projections between rank B and the data), which holds
+    every image's feature when the gradient determines ``A``; then the public features as they are."""
+    a = torch.linalg.lstsq(model.R, z[:, None]).solution.view(model.k, model.e)
+    pinv = torch.linalg.pinv(model.R)
+    for _ in range(completion_steps):
+        u, sv, vh = torch.linalg.svd(a, full_matrices=False)
+        low = (u[:, :b] * sv[:b]) @ vh[:b]
+        a = low + (pinv @ (z - model.R @ low.reshape(-1))).view(model.k, model.e)
+    basis = torch.linalg.svd(a, full_matrices=False)[2][:b]
+    unit = F.normalize(pf, dim=-1)
+    inside = (unit @ basis.t()).norm(dim=1)
+    top = torch.argsort(inside, descending=True)[:keep]
+    projected = F.normalize((unit[top] @ basis.t()) @ basis, dim=-1)
+    return [(projected, pl[top]), (pf, pl)]
