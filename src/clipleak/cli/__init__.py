@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import ClipleakError
-from . import attack, privacy, train
+from . import attack, fl, privacy, train
 from .common import console, helptext
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app = typer.Typer(
 attack.register(app)
 train.register(app)
 privacy.register(app)
+fl.register(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -24,6 +24,9 @@ from ..records import Truth
 from .local import ClientData, client_setup, derived_seed, local_update
 from .settings import CONFIG_KEY, ROUND_KEY, Recipe
 
+SHARED_KEYS = ("weights", "arch", "data", "split-seed")
+"""Run-config entries a client takes from the (server-visible) run config."""
+
 
 def truth_path(truth_dir: str | Path, node_id: int, rnd: int) -> Path:
     """Where client ``node_id`` keeps the truth of round ``rnd``."""
@@ -36,8 +39,10 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     recipe = Recipe.from_json(str(cfg[CONFIG_KEY]))
     rnd = int(cfg.get(ROUND_KEY, cfg.get("server-round", 1)))  # type: ignore[arg-type]
     node_cfg: dict[str, Any] = dict(context.node_config)
-    data = ClientData.from_config({**(defaults.to_dict() if defaults else {}), **dict(context.run_config),
-                                   **node_cfg})
+    # the run config (shared with the server) may name the model and the data set; everything private
+    # (partition, cap, seed, truth folder) comes from the client's own defaults and node config
+    shared = {k: v for k, v in dict(context.run_config).items() if k in SHARED_KEYS}
+    data = ClientData.from_config({**(defaults.to_dict() if defaults else {}), **shared, **node_cfg})
     pid, nparts = int(node_cfg.get("partition-id", 0)), int(node_cfg.get("num-partitions", 1))
     torch.set_num_threads(int(node_cfg.get("threads", 1)))
     peft = recipe.peft().to_dict()

@@ -82,7 +82,7 @@ class RunSpec:
         sample = int(cfg.get("attack-clients", -1))
         return cls(out=str(cfg.get("out", "runs/fl")), clients=int(cfg.get("clients", 2)),
                    rounds=int(cfg.get("rounds", 1)), recipe=recipe, attack=None if attack == "none" else attack,
-                   attack_clients=None if sample < 0 else sample, seed=int(cfg.get("seed", 0)),
+                   attack_clients=None if sample < 0 else sample, seed=int(cfg.get("server-seed", 0)),
                    threads=int(cfg.get("threads", 1)))
 
 

@@ -53,7 +53,12 @@ class Recipe:
                           init_seed=self.peft_seed)
 
     def setting(self) -> DpSetting | None:
-        return None if self.dp is None else DpSetting.from_dict(self.dp).resolve()
+        """The per-step DP mechanism. ``dp["delta"]`` is not part of it: the server uses it to account the
+        epsilon spent over the rounds (``AttackingFedAvg``)."""
+        if self.dp is None:
+            return None
+        return DpSetting.from_dict({k: v for k, v in self.dp.items() if k not in ("delta", "sample_rate", "steps",
+                                                                                 "epsilon")}).resolve()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

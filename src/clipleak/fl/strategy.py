@@ -87,7 +87,9 @@ class AttackingFedAvg(FedAvg):
         self.observations: dict[int, list[Observation]] = {}
         self.reconstructions: dict[int, dict[int, Reconstruction]] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
-        self.defense = (s.record() if (s := recipe.setting()) is not None else None)
+        s = recipe.setting()
+        self.defense = None if s is None else {**s.record(), "delta": (recipe.dp or {}).get("delta"),
+                                               "per": f"local step ({recipe.local_steps} per round)"}
 
     def absolute(self, server_round: int) -> int:
         return self.round_offset + int(server_round)
