@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ClipleakError
 from ..peft import Victim
-from ..records import Observation, ProgressFn, Reconstruction
+from ..records import Observation, ProgressFn, Reconstruction, gradient_view
 
 AttackFn = Callable[[Observation, Victim, Any, ProgressFn | None], Reconstruction]
 
@@ -61,8 +61,12 @@ def make_config(name: str, **settings: Any) -> Any:
 
 def run_attack(name: str, obs: Observation, victim: Victim, cfg: Any = None,
                progress: ProgressFn | None = None) -> Reconstruction:
-    """Run attack ``name`` on an observation against the rebuilt victim."""
+    """Run attack ``name`` on an observation against the rebuilt victim.
+
+    A federated update (``meta["kind"] == "update"``) is attacked through its gradient view
+    (:func:`clipleak.records.gradient_view`: ``-delta / (eta E)``, batch = the distinct images touched)."""
     spec = attack_spec(name)
+    obs = gradient_view(obs)
     cfg = cfg if cfg is not None else spec.config()
     if not isinstance(cfg, spec.config):
         raise ClipleakError(f"attack {name!r} takes a {spec.config.__name__}, not a {type(cfg).__name__}")

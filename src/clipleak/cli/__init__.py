@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import ClipleakError
-from . import attack, audit, privacy, train
+from . import attack, audit, fl, privacy, train
 from .common import console, helptext
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ attack.register(app)
 train.register(app)
 privacy.register(app)
 audit.register(app)
+fl.register(app)
 
 
 @app.callback(invoke_without_command=True)

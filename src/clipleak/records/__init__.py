@@ -4,8 +4,9 @@ Small typed dataclasses, saved as safetensors + JSON; this package imports nothi
 but :mod:`clipleak.errors`.
 """
 
-from .observation import Observation, Truth, tensor_path
+from .observation import Observation, Truth, distinct_images, gradient_view, tensor_path
 from .progress import ProgressEvent, ProgressFn
 from .reconstruction import Reconstruction
 
-__all__ = ["Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "tensor_path"]
+__all__ = ["Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "distinct_images", "gradient_view",
+           "tensor_path"]

@@ -107,6 +107,48 @@ class Observation:
         return cls(gradients=grads, meta=meta, peft_state=state, labels=tensors.get(LABELS_KEY))
 
 
+UPDATE_KEYS = ("local_steps", "lr", "num_examples")
+"""What an update observation (``meta["kind"] == "update"``) must record besides the gradient keys."""
+
+
+def distinct_images(local_steps: int, batch_size: int, num_examples: int) -> int:
+    """How many different images E local steps at batch B touch on a client holding n of them.
+
+    The client's sampler (:func:`clipleak.fl.local_update`) walks a fresh permutation of its data
+    without replacement, batch ``min(B, n)`` per step, wrapping to the start: ``min(n, E min(B, n))``.
+    """
+    b = min(int(batch_size), int(num_examples))
+    return min(int(num_examples), int(local_steps) * b)
+
+
+def gradient_view(obs: Observation) -> Observation:
+    """An update observation seen as one gradient, so that every gradient attack applies to it.
+
+    A federated client that runs E SGD steps of learning rate eta sends ``delta = -eta sum_t g_t``
+    (``g_t`` the mean-loss gradient of step t's batch, at moving parameters). With E = 1 that is exactly
+    ``-eta g``. For E > 1, to first order (parameters held at the round's global state) and when every
+    image is used equally often, ``-delta / (eta E)`` is the mean-loss gradient of the batch of all
+    :func:`distinct_images` the client touched. The view has that batch size, ``kind = "gradient"``,
+    and keeps the update's facts under ``meta["from_update"]``. A gradient observation is returned as is.
+    """
+    if obs.meta.get("kind") != "update":
+        return obs
+    missing = [k for k in UPDATE_KEYS if k not in obs.meta]
+    if missing:
+        raise ClipleakError(f"update observation lacks {', '.join(missing)}")
+    steps, lr, n = int(obs.meta["local_steps"]), float(obs.meta["lr"]), int(obs.meta["num_examples"])
+    if steps < 1 or lr <= 0 or n < 1:
+        raise ClipleakError(f"update observation has local_steps {steps}, lr {lr}, num_examples {n}")
+    scale = -1.0 / (lr * steps)
+    grads = {k: v * scale for k, v in obs.gradients.items()}
+    d = distinct_images(steps, obs.batch_size, n)
+    meta = dict(obs.meta)
+    meta.update({"kind": "gradient", "batch_size": d,
+                 "from_update": {k: obs.meta.get(k) for k in ("local_steps", "batch_size", "lr", "num_examples",
+                                                              "round", "node_id")}})
+    return Observation(gradients=grads, meta=meta, peft_state=dict(obs.peft_state), labels=obs.labels)
+
+
 def tensor_path(path: str | Path) -> Path:
     p = Path(path)
     if p.suffix == ".json":

@@ -1,0 +1,164 @@
+"""The honest-but-curious server: FedAvg that records every client update as an observation and attacks it.
+
+:class:`AttackingFedAvg` overrides two FedAvg hooks and changes nothing of what FedAvg computes:
+
+* ``configure_train`` keeps the round's global PEFT state (what every client starts from) and adds the
+  absolute round number to the config;
+* ``aggregate_train`` turns each reply into an :class:`~clipleak.records.Observation` with
+  ``meta["kind"] = "update"``: ``gradients`` holds the update ``client state - global state``,
+  ``peft_state`` the global state, and ``meta`` the recipe (E, B, eta), the client's ``num-examples``, the
+  round, the node id and the defense (with the epsilon spent so far when the DP setting has a delta).
+  Then FedAvg aggregates the same replies, and the configured attack runs on the chosen updates (all of
+  them, or a seeded sample per round).
+
+It never sees the clients' images or seeds: only what Flower delivers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from ..errors import ClipleakError
+from ..privacy import epsilon
+from ..records import Observation, Reconstruction, distinct_images
+from .settings import ROUND_KEY, Recipe
+
+AttackFn = Callable[[Observation], Reconstruction]
+
+
+def update_path(out_dir: str | Path, rnd: int, node_id: int) -> Path:
+    return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "updates" / f"node-{node_id}.safetensors"
+
+
+def attack_dir(out_dir: str | Path, rnd: int, node_id: int) -> Path:
+    return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "attacks" / f"node-{node_id}"
+
+
+def epsilon_so_far(defense: dict[str, Any] | None, rounds: int, local_steps: int, batch_size: int,
+                   num_examples: int) -> float | None:
+    """Epsilon a client has spent after ``rounds`` rounds of ``local_steps`` DP steps each (RDP or PRV as the
+    setting says; a fixed batch of ``min(B, n)`` out of ``n`` accounted as Poisson sampling at that rate).
+    ``None`` without a defense, a delta or noise."""
+    if not defense or defense.get("delta") is None or not defense.get("noise_multiplier"):
+        return None
+    q = min(batch_size, num_examples) / num_examples
+    k = 2.0 if defense["mechanism"] == "per-batch" else 1.0
+    return float(epsilon(float(defense["noise_multiplier"]) / k, q, rounds * local_steps, float(defense["delta"]),
+                         str(defense.get("accountant") or "rdp")))
+
+
+class AttackingFedAvg(FedAvg):
+    """FedAvg that records each client update of each round as an ``update`` observation and attacks it.
+
+    Args:
+        recipe: the round's local training (E, B, eta, method, DP), sent to every client.
+        base_meta: the public facts every observation carries (architecture, weights and their hash,
+            PEFT config, class names, image size, data split).
+        out_dir: where updates and reconstructions are saved (``None``: kept in memory only).
+        attack: run on each chosen update (``None``: record only).
+        attack_clients: how many updates to attack per round (``None``: all), a seeded sample.
+        round_offset: rounds already done (a resumed run), added to Flower's round counter.
+    """
+
+    def __init__(self, recipe: Recipe, base_meta: dict[str, Any], *, out_dir: str | Path | None = None,
+                 attack: AttackFn | None = None, attack_clients: int | None = None, round_offset: int = 0,
+                 seed: int = 0, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 **fedavg: Any) -> None:
+        fedavg.setdefault("fraction_evaluate", 0.0)
+        super().__init__(**fedavg)
+        self.recipe = recipe
+        self.base_meta = dict(base_meta)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.attack = attack
+        self.attack_clients = attack_clients
+        self.round_offset = int(round_offset)
+        self.seed = int(seed)
+        self.on_event = on_event or (lambda _kind, _info: None)
+        self.global_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.observations: dict[int, list[Observation]] = {}
+        self.reconstructions: dict[int, dict[int, Reconstruction]] = {}
+        self.round_info: dict[int, dict[str, Any]] = {}
+        s = recipe.setting()
+        self.defense = None if s is None else {**s.record(), "delta": (recipe.dp or {}).get("delta"),
+                                               "per": f"local step ({recipe.local_steps} per round)"}
+
+    def absolute(self, server_round: int) -> int:
+        return self.round_offset + int(server_round)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        rnd = self.absolute(server_round)
+        self.global_states[rnd] = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        config[ROUND_KEY] = rnd
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def observe(self, rnd: int, reply: Message) -> Observation:
+        """The ``update`` observation of one client's reply in round ``rnd``."""
+        if rnd not in self.global_states:
+            raise ClipleakError(f"no global state recorded for round {rnd}")
+        start = self.global_states[rnd]
+        state = reply.content.array_records["arrays"].to_torch_state_dict()
+        if set(state) != set(start):
+            raise ClipleakError(f"client reply has parameters {sorted(state)}, expected {sorted(start)}")
+        metrics = reply.content.metric_records["metrics"]
+        n = int(metrics["num-examples"])  # type: ignore[arg-type]
+        r = self.recipe
+        update = {k: (state[k].detach().float() - start[k].float()) for k in sorted(start)}
+        meta = {**self.base_meta, "kind": "update", "local_steps": r.local_steps, "batch_size": r.batch_size,
+                "lr": r.lr, "num_examples": n, "distinct_images": distinct_images(r.local_steps, r.batch_size, n),
+                "round": rnd, "node_id": int(reply.metadata.src_node_id), "labels_included": False,
+                "param_shapes": {k: list(v.shape) for k, v in update.items()}}
+        if self.defense is not None:
+            meta["defense"] = {**self.defense,
+                               "epsilon_so_far": epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n)}
+        return Observation(gradients=update, meta=meta, peft_state={k: v.clone() for k, v in start.items()})
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = self.absolute(server_round)
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        obs = [self.observe(rnd, m) for m in valid]
+        obs.sort(key=lambda o: int(o.meta["node_id"]))
+        self.observations[rnd] = obs
+        if self.out_dir is not None:
+            for o in obs:
+                o.save(update_path(self.out_dir, rnd, int(o.meta["node_id"])))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.reconstructions[rnd] = {}
+        chosen = self.choose(rnd, obs)
+        info: dict[str, Any] = {"clients": [int(o.meta["node_id"]) for o in obs], "attacked": [],
+                                "attack_seconds": 0.0}
+        eps = [o.meta["defense"]["epsilon_so_far"] for o in obs if o.meta.get("defense")]
+        info["epsilon_so_far"] = max((e for e in eps if e is not None), default=None)
+        if self.attack is not None:
+            for i, o in enumerate(chosen):
+                node = int(o.meta["node_id"])
+                self.on_event("attack", {"round": rnd, "node_id": node, "index": i, "total": len(chosen)})
+                t0 = time.perf_counter()
+                rec = self.attack(o)
+                rec.meta["attack_seconds"] = time.perf_counter() - t0
+                info["attack_seconds"] += rec.meta["attack_seconds"]
+                self.reconstructions[rnd][node] = rec
+                info["attacked"].append(node)
+                if self.out_dir is not None:
+                    rec.save(attack_dir(self.out_dir, rnd, node))
+        self.round_info[rnd] = info
+        return arrays, metrics
+
+    def choose(self, rnd: int, obs: list[Observation]) -> list[Observation]:
+        """The updates to attack this round: all, or a sample of ``attack_clients`` seeded by the round."""
+        if self.attack_clients is None or self.attack_clients >= len(obs):
+            return list(obs)
+        rng = random.Random(f"{self.seed}-{rnd}")
+        picked = sorted(rng.sample(range(len(obs)), self.attack_clients))
+        return [obs[i] for i in picked]

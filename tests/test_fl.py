@@ -1,0 +1,238 @@
+"""Federated runs on Flower: partitions, the attacking strategy's recording and aggregation (in process, no
+Ray), E = 1 updates against client.share's gradient, resuming, the CLI; a Ray simulation (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from clipleak.client import share
+from clipleak.data import DataSpec
+from clipleak.fl import (
+    AttackingFedAvg,
+    ClientData,
+    InProcessGrid,
+    Recipe,
+    RunSpec,
+    make_client_app,
+    partition_indices,
+    server_identity,
+    server_main,
+    step_positions,
+    truth_path,
+)
+from clipleak.fl.server_app import Server, finished_rounds, load_state
+from clipleak.fl.settings import CONFIG_KEY
+from clipleak.records import Truth, distinct_images, gradient_view
+
+
+def test_partitions_cover_the_split_once():
+    labels = torch.arange(100) % 10
+    for part in ("iid", "dirichlet:0.3", "dirichlet:100"):
+        parts = partition_indices(labels, 4, part, seed=3)
+        allidx = torch.cat(parts).sort().values
+        assert torch.equal(allidx, torch.arange(100)), part
+        assert min(p.numel() for p in parts) >= 1
+        again = partition_indices(labels, 4, part, seed=3)
+        assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+    # small alpha: a client sees few classes; IID: all of them
+    iid = partition_indices(labels, 4, "iid", seed=0)
+    skew = partition_indices(labels, 4, "dirichlet:0.05", seed=0)
+    assert min(labels[p].unique().numel() for p in iid) >= 8
+    assert min(labels[p].unique().numel() for p in skew) < 8
+
+
+def test_step_positions_and_distinct_images():
+    for n, e, b in ((1, 10, 1), (4, 10, 1), (16, 5, 2), (3, 2, 8), (10, 1, 4)):
+        steps = step_positions(n, e, b, seed=1)
+        assert len(steps) == e and all(s.numel() == min(b, n) for s in steps)
+        assert all(s.unique().numel() == s.numel() for s in steps)  # no repeat inside a batch
+        assert torch.cat(steps).unique().numel() == distinct_images(e, b, n)
+
+
+def _setup(tmp_path, method="adapter", clients=3, **recipe_kw):
+    recipe = Recipe(method=method, weights=None, **recipe_kw)
+    data = ClientData(weights=None, client_size=5, seed=11, truth_dir=str(tmp_path / "truth"))
+    spec = RunSpec(out=str(tmp_path / "out"), clients=clients, rounds=1, recipe=recipe, attack=None)
+    return recipe, data, spec
+
+
+def _one_round(tmp_path, method="adapter", clients=3, **recipe_kw):
+    recipe, data, spec = _setup(tmp_path, method, clients, **recipe_kw)
+    server = Server(spec)
+    strategy = AttackingFedAvg(recipe, server.base_meta, min_train_nodes=clients, min_available_nodes=clients)
+    grid = InProcessGrid(make_client_app(data), clients)
+    start = server.victim.peft_state()
+    with server_identity():
+        msgs = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}),
+                                             grid))
+        replies = list(grid.send_and_receive(msgs))
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, replies)
+    return recipe, data, server, strategy, start, replies, arrays, plain
+
+
+def test_strategy_records_every_update_and_aggregates_as_fedavg(tmp_path):
+    recipe, _, _, strategy, start, replies, arrays, plain = _one_round(tmp_path, local_steps=3, batch_size=2,
+                                                                        lr=0.5)
+    obs = strategy.observations[1]
+    assert len(obs) == 3 == len(replies)
+    assert sorted(o.meta["node_id"] for o in obs) == [1, 2, 3]
+    for o in obs:
+        assert o.meta["kind"] == "update" and o.meta["round"] == 1
+        assert (o.meta["local_steps"], o.meta["batch_size"], o.meta["lr"]) == (3, 2, 0.5)
+        assert o.meta["num_examples"] == 5 and o.meta["distinct_images"] == 5
+        assert "defense" not in o.meta
+        assert all(torch.equal(o.peft_state[k], start[k]) for k in start)  # the round's global state
+        assert max(float(v.abs().max()) for v in o.gradients.values()) > 0
+    assert arrays is not None and plain is not None
+    got, ref = arrays.to_torch_state_dict(), plain.to_torch_state_dict()
+    weights = torch.tensor([float(o.meta["num_examples"]) for o in obs])
+    for k in start:
+        assert torch.equal(got[k], ref[k])  # the wrapped FedAvg's own result, untouched
+        mean_update = sum(w * o.gradients[k] for w, o in zip(weights, obs, strict=True)) / weights.sum()
+        assert torch.allclose(got[k], start[k] + mean_update, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adapter", "coop"])
+def test_e1_update_is_minus_eta_times_the_shared_gradient(tmp_path, method):
+    recipe, data, server, strategy, start, _, _, _ = _one_round(tmp_path, method, clients=2, local_steps=1,
+                                                               batch_size=2, lr=0.3)
+    victim = server.victim
+    victim.load_peft_state(start)
+    for o in strategy.observations[1]:
+        truth = Truth.load(truth_path(data.truth_dir, o.meta["node_id"], 1))
+        assert truth.images.shape[0] == 2 == o.meta["distinct_images"]
+        grad = share(victim, truth.images, truth.labels).gradients
+        view = gradient_view(o)
+        assert view.meta["kind"] == "gradient" and view.batch_size == 2
+        for k, g in grad.items():
+            scale = float(g.abs().max())
+            assert scale > 0
+            assert float((o.gradients[k] + recipe.lr * g).abs().max()) <= 1e-5 * recipe.lr * scale, k
+            assert float((view.gradients[k] - g).abs().max()) <= 1e-5 * scale, k
+
+
+def test_dp_update_records_defense_and_epsilon(tmp_path):
+    dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    _, _, _, strategy, *_ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.1, dp=dp)
+    d = strategy.observations[1][0].meta["defense"]
+    assert d["mechanism"] == "per-example" and d["noise_multiplier"] == 1.0 and d["delta"] == 1e-5
+    assert d["epsilon_so_far"] is not None and d["epsilon_so_far"] > 0
+    assert strategy.round_info[1]["epsilon_so_far"] == pytest.approx(d["epsilon_so_far"])
+
+
+def test_inprocess_run_resumes_without_recomputing(tmp_path):
+    _, data, spec = _setup(tmp_path, local_steps=1, batch_size=1, lr=0.5)
+    spec.attack = "featmatch"
+    spec.attack_settings = {"iterations": 2, "restarts": 1, "prior": "tv"}
+    grid = InProcessGrid(make_client_app(data), 2)
+    spec.clients = 2
+    with server_identity():
+        server_main(grid, spec)
+    first = (tmp_path / "out" / "rounds" / "round-001" / "global.safetensors").stat().st_mtime_ns
+    assert finished_rounds(load_state(spec.out)) == 1
+    spec.rounds = 2
+    with server_identity():
+        server_main(InProcessGrid(make_client_app(data), 2), spec)
+    state = load_state(spec.out)
+    assert finished_rounds(state) == 2 and len(state["rounds"]["2"]["attacked"]) == 2
+    assert (tmp_path / "out" / "rounds" / "round-001" / "global.safetensors").stat().st_mtime_ns == first
+    spec.recipe = Recipe(method="adapter", weights=None, lr=0.01)
+    from clipleak.errors import ClipleakError
+
+    with pytest.raises(ClipleakError, match="different run"), server_identity():
+        server_main(InProcessGrid(make_client_app(data), 2), spec)
+
+
+def test_cli_fl_run_help_has_an_example():
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app
+
+    res = CliRunner().invoke(app, ["fl", "run", "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "Example: clipleak fl run" in res.output
+
+
+@pytest.mark.slow
+def test_two_client_one_round_simulation(tmp_path):
+    """Flower's simulation engine (Ray): 2 clients, 1 round, every update attacked, report written."""
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from clipleak.fl import ClientData, Recipe, RunSpec
+from clipleak.fl.run import evaluate_run, run_federated
+spec = RunSpec(out={str(tmp_path / 'out')!r}, clients=2, rounds=1, attack='featmatch',
+               attack_settings={{'iterations': 2, 'restarts': 1, 'prior': 'tv'}},
+               recipe=Recipe(method='adapter', weights=None, local_steps=1, batch_size=1, lr=0.5))
+data = ClientData(weights=None, client_size=4, truth_dir={str(tmp_path / 'truth')!r})
+state = run_federated(spec, data, engine='simulation')
+m = evaluate_run(spec.out, data.truth_dir)
+print(json.dumps({{'rounds': len(state['rounds']), 'scored': m['summary']['scored']}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"rounds": 1, "scored": 2}
+    assert (tmp_path / "out" / "report" / "report.html").is_file()
+
+
+def test_data_split_is_what_clients_and_server_share(tmp_path):
+    _, _, spec = _setup(tmp_path)
+    server = Server(spec)
+    assert DataSpec.from_dict(server.base_meta["data"]).same_split(DataSpec.parse("mnist"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_localhost(tmp_path):
+    """SuperLink + 2 SuperNodes as separate processes on 127.0.0.1, the Flower App in deploy/flower, 1 round."""
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("flower-superlink not on PATH")
+    root = Path(__file__).resolve().parents[1]
+    link, home = _free_port(), tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(root / "src")}
+    procs = [subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        for i in range(2):
+            cfg = (f"partition-id={i} num-partitions=2 client-size=3 seed=5 "
+                   f"truth-dir='{tmp_path / 'truth'}' weights=''")
+            procs.append(subprocess.Popen(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                           "--port", str(_free_port()), "--node-config", cfg], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(4)
+        run_cfg = (f"out='{tmp_path / 'out'}' rounds=1 weights='' attack='none'")
+        res = subprocess.run(["flwr", "run", str(root / "deploy" / "flower"), "test", "--stream",
+                              "--run-config", run_cfg], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        state = load_state(tmp_path / "out")
+        assert finished_rounds(state) == 1 and len(state["rounds"]["1"]["clients"]) == 2
+        assert len(list((tmp_path / "truth").glob("node-*/round-001.truth.safetensors"))) == 2
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
