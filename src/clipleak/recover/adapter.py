@@ -202,7 +202,7 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
     # the ReLUs make the gradient piecewise smooth: a fit can stall at a kink next to the solution (a unit
     # inactive that should be active gives no signal to cross over). The exact model first; when it stalls,
     # a softplus pass, then the exact model again (on validation batches of 4: residual 3e-2 -> 1e-5)
-    c0, cost = levenberg_marquardt(resid, c0, iterations)
+    c_exact, cost = levenberg_marquardt(resid, c0, iterations)
     if cost > 1e-4:
         model.smooth = SMOOTH_BETA
         try:
@@ -211,7 +211,8 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
             model.smooth = None
         c1, cost1 = levenberg_marquardt(resid, c1, iterations)
         if cost1 < cost:
-            c0, cost = c1, cost1
+            c_exact, cost = c1, cost1
+    c0 = c_exact
     return F.normalize(c0.view(b, b) @ basis, dim=-1).float(), cost
 
 
@@ -246,32 +247,39 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     proj = F.normalize((unit[keep] @ basis.t()) @ basis, dim=-1)
     labs_c = public_labels[keep].long()
     cand = torch.stack([model.gradient(proj[i:i + 1], labs_c[i:i + 1]) for i in range(proj.shape[0])])
-    # exact single images first (root search), the rest from a greedy pursuit over the candidates
+    # exact single images first (root search), the rest from a greedy pursuit over the candidates; the
+    # pursuit alone and the clustered directions are the other start sets (on a weakly trained target the
+    # root search can return spurious roots)
     roots = adapter_roots(victim, obs, torch.cat([public_feats[keep].float(), start.float()]))
-    root_labels = predict_labels_unit(model, roots.double()) if labels is None else None
-    if labels is not None and roots.shape[0]:
+    if labels is not None:
         roots = roots[:0]  # with known labels the pairing of roots to labels is unknown: pursue all
-    need = None if labels is None else torch.bincount(labels.long(), minlength=model.k)
-    chosen: list[int] = []
-    total = torch.zeros_like(target)
-    for i in range(roots.shape[0]):
-        assert root_labels is not None
-        total = total + model.gradient(roots[i:i + 1].double(), root_labels[i:i + 1])
-    for _ in range(b - roots.shape[0]):
-        res = ((total[None] + cand) / b - target).norm(dim=1)
-        if chosen:
-            res[chosen] = float("inf")
-        if need is not None:
-            res[need[labs_c] == 0] = float("inf")
-        j = int(res.argmin())
-        chosen.append(j)
-        total = total + cand[j]
-        if need is not None:
-            need[labs_c[j]] -= 1
-    feats0 = torch.cat([roots.double(), proj[chosen]])
-    labs0 = labs_c[chosen] if root_labels is None else torch.cat([root_labels, labs_c[chosen]])
+    root_labels = predict_labels_unit(model, roots.double())
+
+    def pursue(fixed: torch.Tensor, fixed_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = None if labels is None else torch.bincount(labels.long(), minlength=model.k)
+        chosen: list[int] = []
+        total = torch.zeros_like(target)
+        for i in range(fixed.shape[0]):
+            total = total + model.gradient(fixed[i:i + 1].double(), fixed_labels[i:i + 1])
+        for _ in range(b - fixed.shape[0]):
+            res = ((total[None] + cand) / b - target).norm(dim=1)
+            if chosen:
+                res[chosen] = float("inf")
+            if need is not None:
+                res[need[labs_c] == 0] = float("inf")
+            j = int(res.argmin())
+            chosen.append(j)
+            total = total + cand[j]
+            if need is not None:
+                need[labs_c[j]] -= 1
+        return torch.cat([fixed.double(), proj[chosen]]), torch.cat([fixed_labels, labs_c[chosen]])
+
+    start_sets: list[tuple[torch.Tensor, torch.Tensor | None]] = [pursue(roots, root_labels)]
+    if roots.shape[0]:
+        start_sets.append(pursue(roots[:0], root_labels[:0]))
+    start_sets.append((start.double(), labels))
     results = []
-    for feats, labs in ((feats0, labs0), (start.double(), labels)):
+    for feats, labs in start_sets:
         if labs is None:
             labs, _ = adapter_labels(model, feats, target, predict_labels_unit(model, feats))
         f, cost = refine_adapter_batch(model, obs, feats, labs, iterations)

@@ -98,9 +98,13 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
                 labs, cost = adapter_labels(model, rec.features, target, predict_labels(victim, rec.features))
             return FeatureEstimate(rec.features, labs, "observation" if shared is not None else
                                    "read off the adapter gradient", 1, residual=cost)
-        public = public_for_observation(obs.meta)[1]
-        feats, labs, cost = fit_adapter_batch(victim, obs, public_features(victim.clip_info, public),
-                                              public.labels, rec.features, labels=shared)
+        if obs.meta.get("data"):
+            public = public_for_observation(obs.meta)[1]
+            pub_feats, pub_labels = public_features(victim.clip_info, public), public.labels
+        else:  # no public data recorded: the clustered directions are the only starts
+            pub_feats = rec.features
+            pub_labels = predict_labels(victim, rec.features) if shared is None else shared
+        feats, labs, cost = fit_adapter_batch(victim, obs, pub_feats, pub_labels, rec.features, labels=shared)
         notes = [] if cost < 1e-3 else [
             f"the joint fit of the adapter gradient stopped at relative residual {cost:.1e}: some features "
             "may be mixtures of the batch's images rather than single images"]
