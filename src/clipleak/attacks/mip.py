@@ -121,6 +121,7 @@ def mip(obs: Observation, victim: Victim, cfg: MIPConfig, progress: ProgressFn |
         images=images.detach(), labels=est.labels, label_source=est.label_source, attack="mip", history=history,
         features=est.features,
         meta={"attack_config": cfg.to_dict(), "observation": obs.meta, "seconds": seconds,
-              "seconds_per_iteration": seconds / max(1, cfg.search + cfg.refine), "stages": stages,
+              "seconds_per_iteration": seconds / (cfg.search + cfg.refine) if cfg.search + cfg.refine else 0.0,
+              "stages": stages,
               "feature_recovery": est.summary(), **extra},
     )

@@ -175,8 +175,9 @@ def attack(
     with progress_bar() as cb:
         rec = attack_observation(observation, name=name, weights=weights, progress=cb, **settings)
     rec.save(out)
-    console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s, "
-                  f"{1000 * rec.meta['seconds_per_iteration']:.1f} ms/iteration)")
+    per_it = rec.meta.get("seconds_per_iteration") or 0.0
+    console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s"
+                  + (f", {1000 * per_it:.1f} ms/iteration)" if per_it > 0 else ")"))
     for note in (rec.meta.get("feature_recovery") or {}).get("notes", []):
         console.print(f"note: {note}")
 
