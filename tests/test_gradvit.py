@@ -23,6 +23,7 @@ from clipleak.recover import (
     pooled_tokens,
     projection_features,
 )
+from clipleak.report import save_loss, schedule_switches
 
 
 def _obs(tiny, digits, n=1, method="full-visual", labels=False, seed=0):
@@ -136,6 +137,9 @@ def test_gradvit_schedule_switches_at_the_iteration_it_says(tiny, digits, tmp_pa
     rec = run_attack("gradvit", obs, v, cfg)
     switch = rec.meta["schedule"]["bn_prior"]["switch_iteration"]
     assert switch == 5
+    # the report's loss curve marks this switch with the weights' change
+    assert schedule_switches(rec.meta) == [(5, "bn_prior, patch, l2 on; gradient x0.5 at iteration 5")]
+    save_loss(rec.history, tmp_path / "loss.png", schedule_switches(rec.meta))
     h = rec.history
     assert len(h["gradient"]) == 10 and len(h["bn_prior"]) == len(h["patch"]) == len(h["l2"]) == 10 - switch
     for it in range(10):
