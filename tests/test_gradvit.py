@@ -131,6 +131,14 @@ def test_each_preset_reduces_its_gradient_objective(tiny, digits, tmp_path, pres
         assert rec.label_source.startswith("inferred") and rec.meta["engine"]["optimizer"] == "lbfgs"
 
 
+def test_lbfgs_presets_take_rgb_batches(tiny, digits):
+    """L-BFGS flattens the image gradient; a conv backward hands it back channels-last at batch > 1."""
+    v, x, y, obs = _obs(tiny, digits, n=2, labels=True)
+    for preset, labels in (("dlg", "infer"), ("idlg", "known")):
+        rec = run_attack(preset, obs, v, make_config(preset, iterations=2, restarts=1, labels=labels))
+        assert rec.images.shape == (2, 3, 32, 32) and len(rec.history["gradient"]) == 2
+
+
 def test_gradvit_schedule_switches_at_the_iteration_it_says(tiny, digits, tmp_path):
     v, x, y, obs = _obs(tiny, digits, labels=True)
     cfg = GradViTConfig(iterations=10, restarts=1, bn_prior=_cnn(tmp_path, torch.rand(16, 3, 32, 32)))
