@@ -217,7 +217,6 @@ def optimise(
             leaves = [*leaves, label_logits]
         opt: torch.optim.Optimizer = (torch.optim.LBFGS(leaves, lr=cfg.lr, max_iter=1, history_size=100)
                                       if cfg.optimizer == "lbfgs" else torch.optim.Adam(leaves, lr=cfg.lr))
-        lbfgs = isinstance(opt, torch.optim.LBFGS)
         hist: dict[str, list[float]] = {n: [] for n in [*names, "total"]}
         for it in range(cfg.iterations):
             for group in opt.param_groups:
@@ -243,7 +242,7 @@ def optimise(
                     # only the candidate's leaves get gradients (not the victim's parameters)
                     grads = torch.autograd.grad(total, leaves, allow_unused=True)
                 for leaf, grad in zip(leaves, grads, strict=True):
-                    if grad is not None and lbfgs:
+                    if grad is not None and cfg.optimizer == "lbfgs":
                         # L-BFGS flattens with .view(-1); a conv backward can hand back channels-last
                         # image gradients (RGB, batch > 1)
                         grad = grad.contiguous()
