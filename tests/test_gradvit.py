@@ -23,6 +23,7 @@ from clipleak.recover import (
     pooled_tokens,
     projection_features,
 )
+from clipleak.report import save_loss, schedule_switches
 
 
 def _obs(tiny, digits, n=1, method="full-visual", labels=False, seed=0):
@@ -130,12 +131,23 @@ def test_each_preset_reduces_its_gradient_objective(tiny, digits, tmp_path, pres
         assert rec.label_source.startswith("inferred") and rec.meta["engine"]["optimizer"] == "lbfgs"
 
 
+def test_lbfgs_presets_take_rgb_batches(tiny, digits):
+    """L-BFGS flattens the image gradient; a conv backward hands it back channels-last at batch > 1."""
+    v, x, y, obs = _obs(tiny, digits, n=2, labels=True)
+    for preset, labels in (("dlg", "infer"), ("idlg", "known")):
+        rec = run_attack(preset, obs, v, make_config(preset, iterations=2, restarts=1, labels=labels))
+        assert rec.images.shape == (2, 3, 32, 32) and len(rec.history["gradient"]) == 2
+
+
 def test_gradvit_schedule_switches_at_the_iteration_it_says(tiny, digits, tmp_path):
     v, x, y, obs = _obs(tiny, digits, labels=True)
     cfg = GradViTConfig(iterations=10, restarts=1, bn_prior=_cnn(tmp_path, torch.rand(16, 3, 32, 32)))
     rec = run_attack("gradvit", obs, v, cfg)
     switch = rec.meta["schedule"]["bn_prior"]["switch_iteration"]
     assert switch == 5
+    # the report's loss curve marks this switch with the weights' change
+    assert schedule_switches(rec.meta) == [(5, "bn_prior, patch, l2 on; gradient x0.5 at iteration 5")]
+    save_loss(rec.history, tmp_path / "loss.png", schedule_switches(rec.meta))
     h = rec.history
     assert len(h["gradient"]) == 10 and len(h["bn_prior"]) == len(h["patch"]) == len(h["l2"]) == 10 - switch
     for it in range(10):

@@ -74,3 +74,43 @@ def test_write_report_bad_attack_is_red_and_without_loss(tmp_path) -> None:
     assert "No loss history" in page
     assert (tmp_path / "comparison.png").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["config"] == {}
+
+
+def test_loss_curve_marks_the_schedule_switch(tmp_path) -> None:
+    from clipleak.report import loss_figure, schedule_switches
+
+    rec, truth, protos = _case()
+    # gradvit-style meta: the priors off until iteration 20, then on while the gradient weight halves
+    rec.meta["schedule"] = {
+        "gradient": {"weight": 1.0, "switch_iteration": 20, "before": 1.0, "after": 0.5},
+        "tv": {"weight": 1e-4, "switch_iteration": 20, "before": 1.0, "after": 1.0},
+        "bn_prior": {"weight": 0.1, "switch_iteration": 20, "before": 0.0, "after": 1.0},
+        "patch": {"weight": 1e-4, "switch_iteration": 20, "before": 0.0, "after": 1.0},
+    }
+    rec.history = {"gradient": [1.0 / (i + 1) for i in range(50)], "bn_prior": [0.5] * 30}
+    switches = schedule_switches(rec.meta)
+    assert switches == [(20, "bn_prior, patch on; gradient x0.5 at iteration 20")]
+    assert schedule_switches({}) == [] and schedule_switches(None) == []
+    assert schedule_switches({"schedule": {"gradient": {"weight": 1.0, "switch_iteration": None}}}) == []
+
+    fig = loss_figure(rec.history, switches)
+    assert fig is not None
+    ax = fig.axes[0]
+    vlines = [ln for ln in ax.get_lines() if ln.get_gid() == "schedule-switch"]
+    assert len(vlines) == 1 and list(vlines[0].get_xdata()) == [20, 20]
+    assert [t.get_text().strip() for t in ax.texts] == [switches[0][1]]
+    bn = next(ln for ln in ax.get_lines() if ln.get_label() == "bn_prior")
+    assert bn.get_xdata()[0] == 20 and bn.get_xdata()[-1] == 49  # logged from the switch on, drawn there
+
+    ev = evaluate(rec, truth, protos, with_lpips=False)
+    page = write_report(tmp_path, rec, truth, ev, protos, [], None).read_text(encoding="utf-8")
+    assert "Loss schedule (dashed lines): bn_prior, patch on; gradient x0.5 at iteration 20" in page
+    assert (tmp_path / "loss.png").is_file()
+
+    # no schedule: no marker, no schedule note
+    fig = loss_figure({"gradient": [1.0, 0.5]}, schedule_switches({}))
+    assert fig is not None and not fig.axes[0].texts
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "schedule-switch"]
+    rec.meta.pop("schedule")
+    page = write_report(tmp_path / "plain", rec, truth, ev, protos, [], None).read_text(encoding="utf-8")
+    assert "Loss schedule" not in page and 'src="loss.png"' in page

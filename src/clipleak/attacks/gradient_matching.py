@@ -199,7 +199,10 @@ def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingCon
                    known_labels=labels, selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
                    checkpoint_tag=run_tag(cfg, obs), task=f"attack {cfg.preset}")
     schedule = {t.name: {"weight": t.weight,
-                         "switch_iteration": None if cfg.switch is None else _switch_iteration(cfg)}
+                         "switch_iteration": None if cfg.switch is None else _switch_iteration(cfg),
+                         # the weight multipliers either side of the switch (the report labels the switch)
+                         "before": t.schedule(0, cfg.iterations),
+                         "after": t.schedule(cfg.iterations, cfg.iterations)}
                 for t in terms}
     return Reconstruction(
         images=res.images, labels=res.labels, label_source=source, attack=cfg.preset, history=res.history,

@@ -242,6 +242,10 @@ def optimise(
                     # only the candidate's leaves get gradients (not the victim's parameters)
                     grads = torch.autograd.grad(total, leaves, allow_unused=True)
                 for leaf, grad in zip(leaves, grads, strict=True):
+                    if grad is not None and cfg.optimizer == "lbfgs":
+                        # L-BFGS flattens with .view(-1); a conv backward can hand back channels-last
+                        # image gradients (RGB, batch > 1)
+                        grad = grad.contiguous()
                     leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
                 return total.detach()
 

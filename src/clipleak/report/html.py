@@ -6,7 +6,8 @@
 * ``truth.png``, ``reconstruction.png``, ``prototype.png``: image grids (paired order), upscaled with
   nearest-neighbour so that every image is at least 128 pixels;
 * ``comparison.png``: truth / reconstruction / prototype rows, one labelled column per image;
-* ``loss.png``: the attack's loss history on a log scale (only when there is a history);
+* ``loss.png``: the attack's loss history on a log scale (only when there is a history), with the loss
+  schedule's switches (``meta["schedule"]``) marked as dashed vertical lines;
 * ``report.html``: verdict, metrics table, label accuracy, images, loss curve and run config, with
   inline CSS and images referenced by relative file names.
 """
@@ -106,24 +107,80 @@ def save_comparison(
     return p
 
 
-def save_loss(history: dict[str, list[float]], path: str | Path) -> Path | None:
-    """Plot each loss term over iterations on a log y-axis; None (nothing written) when empty."""
+def schedule_switches(meta: dict[str, Any] | None) -> list[tuple[int, str]]:
+    """The loss-schedule switches a reconstruction's ``meta["schedule"]`` records, as (iteration, label).
+
+    ``meta["schedule"]`` maps each term to ``{"weight", "switch_iteration", "before", "after"}`` (the
+    gradient-matching presets write it; ``before``/``after`` are the weight multipliers either side of the
+    switch). Terms switching at the same iteration share one label, e.g. ``"bn_prior, patch, l2 on;
+    gradient x0.5 at iteration 150"``. No schedule, or no term that switches: ``[]``.
+    """
+    sched = (meta or {}).get("schedule") or {}
+    on: dict[int, list[str]] = {}
+    other: dict[int, list[str]] = {}
+    for name, s in sched.items():
+        it = s.get("switch_iteration") if isinstance(s, dict) else None
+        if it is None:
+            continue
+        before, after = s.get("before"), s.get("after")
+        if before is not None and after is not None and before == after:
+            continue  # a term the switch leaves alone
+        on.setdefault(int(it), [])
+        other.setdefault(int(it), [])
+        if before is None or after is None:
+            other[int(it)].append(f"{name} switched")
+        elif before == 0:
+            on[int(it)].append(name)
+        elif after == 0:
+            other[int(it)].append(f"{name} off")
+        else:
+            other[int(it)].append(f"{name} x{after / before:g}")
+    out = []
+    for it in sorted(on):
+        parts = ([", ".join(on[it]) + " on"] if on[it] else []) + other[it]
+        out.append((it, f"{'; '.join(parts)} at iteration {it}"))
+    return out
+
+
+def loss_figure(history: dict[str, list[float]],
+                switches: list[tuple[int, str]] | None = None) -> plt.Figure | None:
+    """The loss-curve figure :func:`save_loss` writes; None when there is no history.
+
+    A term logged for fewer iterations than the longest one (a scheduled term is not evaluated while its
+    weight is 0, so it is logged only from its switch on) is drawn against its last iterations. Each
+    ``(iteration, label)`` of ``switches`` is a dashed vertical line with its label.
+    """
     series = {k: np.asarray(v, dtype=float) for k, v in history.items() if len(v) > 0}
     if not series:
         return None
+    n = max(len(v) for v in series.values())
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     positive = False
     for name, vals in series.items():
         shown = np.where(vals > 0, vals, np.nan)  # a log axis cannot show values <= 0
         positive = positive or bool(np.isfinite(shown).any())
-        ax.plot(np.arange(len(vals)), shown, label=name, linewidth=1.2)
+        ax.plot(np.arange(n - len(vals), n), shown, label=name, linewidth=1.2)
     if positive:
         ax.set_yscale("log")
+    for it, label in switches or []:
+        ax.axvline(it, color="0.3", linestyle="--", linewidth=1.0, gid="schedule-switch")
+        ax.text(it, 1.01, label, transform=ax.get_xaxis_transform(), va="bottom",
+                ha="left" if it < n / 2 else "right", fontsize=8, color="0.2", gid="schedule-label")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (log scale)" if positive else "loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def save_loss(history: dict[str, list[float]], path: str | Path,
+              switches: list[tuple[int, str]] | None = None) -> Path | None:
+    """Plot each loss term over iterations on a log y-axis, schedule switches marked (see
+    :func:`loss_figure`); None (nothing written) when empty."""
+    fig = loss_figure(history, switches)
+    if fig is None:
+        return None
     p = Path(path)
     fig.savefig(p)
     plt.close(fig)
@@ -282,7 +339,8 @@ def write_report(
                                    f"{db('attack', i)}" for i in range(n)]),
         ("prototype", p_img, [f"{names_r[i]} · {db('prototype', i)}" for i in range(n)]),
     ], d / "comparison.png")
-    loss = save_loss(recon.history, d / "loss.png")
+    switches = schedule_switches(recon.meta)
+    loss = save_loss(recon.history, d / "loss.png", switches)
     if loss is None and (d / "loss.png").exists():
         (d / "loss.png").unlink()  # a stale curve from an earlier run would be misleading
 
@@ -328,6 +386,9 @@ def write_report(
         "<h2>Loss curve</h2>",
         '<img src="loss.png" alt="attack loss over iterations (log scale)">' if loss is not None
         else '<p class="note">No loss history was recorded.</p>',
+        *([f'<p class="note">Loss schedule (dashed lines): {_e("; ".join(lab for _, lab in switches))}. '
+           "Terms that are off before a switch are not evaluated, so their curves start there.</p>"]
+          if loss is not None and switches else []),
         "<h2>Run configuration</h2>",
         f"<p>Attack: <b>{_e(recon.attack)}</b></p>",
         f"<pre>{_e(_to_json(run_cfg))}</pre>",
