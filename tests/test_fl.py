@@ -3,6 +3,7 @@ Ray), E = 1 updates against client.share's gradient, resuming, the CLI; a Ray si
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,12 +11,13 @@ import sys
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
 
 from clipleak.client import share
 from clipleak.data import DataSpec
 from clipleak.fl import (
     AttackingFedAvg,
+    AttackingStrategy,
     ClientData,
     InProcessGrid,
     Recipe,
@@ -28,7 +30,7 @@ from clipleak.fl import (
     truth_path,
 )
 from clipleak.fl.server_app import Server, finished_rounds, load_state
-from clipleak.fl.settings import CONFIG_KEY
+from clipleak.fl.settings import CONFIG_KEY, ROUND_KEY
 from clipleak.records import Truth, distinct_images, gradient_view
 
 
@@ -76,6 +78,38 @@ def _one_round(tmp_path, method="adapter", clients=3, **recipe_kw):
         arrays, metrics = strategy.aggregate_train(1, replies)
         plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, replies)
     return recipe, data, server, strategy, start, replies, arrays, plain
+
+
+def test_wrapping_other_strategies_aggregates_as_they_do(tmp_path):
+    """AttackingStrategy around FedAdam / FedProx / FedMedian: the same arrays as the strategy alone on the
+    same replies, its own configure_train (FedProx's proximal-mu reaches the clients), every update recorded."""
+    recipe, _, server, _, start, replies, _, fedavg = _one_round(tmp_path, local_steps=2, batch_size=1, lr=0.5)
+    kw = {"min_train_nodes": 3, "min_available_nodes": 3}
+    grid = InProcessGrid(make_client_app(ClientData(weights=None, client_size=5, seed=11,
+                                                    truth_dir=str(tmp_path / "t2"))), 3)
+    for make in (lambda: FedAdam(**kw), lambda: FedProx(proximal_mu=0.3, **kw), lambda: FedMedian(**kw)):
+        wrapped = AttackingStrategy(recipe, server.base_meta, make())
+        alone = make()
+        with server_identity():
+            msgs = list(wrapped.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}),
+                                                grid))
+            list(alone.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}), grid))
+            got, _ = wrapped.aggregate_train(1, copy.deepcopy(replies))  # FedMedian pops the replies' arrays
+            ref, _ = alone.aggregate_train(1, copy.deepcopy(replies))
+        name = type(alone).__name__
+        assert len(msgs) == 3 and all(m.content.config_records["config"][ROUND_KEY] == 1 for m in msgs)
+        if name == "FedProx":
+            assert all(m.content.config_records["config"]["proximal-mu"] == 0.3 for m in msgs)
+        assert got is not None and ref is not None
+        g, r, f = got.to_torch_state_dict(), ref.to_torch_state_dict(), fedavg.to_torch_state_dict()
+        assert all(torch.equal(g[k], r[k]) for k in start), name
+        if name != "FedProx":  # FedProx aggregates as FedAvg; the others do not
+            assert any(not torch.allclose(g[k].float(), f[k].float()) for k in start), name
+        obs = wrapped.observations[1]
+        assert sorted(o.meta["node_id"] for o in obs) == [1, 2, 3]
+        for o, m in zip(obs, sorted(replies, key=lambda m: m.metadata.src_node_id), strict=True):
+            sent = m.content.array_records["arrays"].to_torch_state_dict()
+            assert all(torch.equal(o.gradients[k], sent[k].float() - start[k].float()) for k in start)
 
 
 def test_strategy_records_every_update_and_aggregates_as_fedavg(tmp_path):

@@ -42,6 +42,9 @@ def run(
     truth_dir: Annotated[Path | None, typer.Option(
         help="the clients' own folder for their truth (default OUT/clients); the server never reads it")] = None,
     seed: Annotated[int, typer.Option(help="the server's seed (which updates to attack)")] = 0,
+    strategy: Annotated[str, typer.Option(help="the Flower strategy the server aggregates with (default "
+                                          "settings): fedavg | fedavgm | fedadam | fedyogi | fedadagrad | "
+                                          "fedmedian | fedtrimmedavg | krum")] = "fedavg",
 ) -> None:
     """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
     that records every client update and attacks it.
@@ -78,7 +81,7 @@ def run(
         settings["decoder"] = decoder
     spec = RunSpec(out=str(out), clients=clients, rounds=rounds, recipe=recipe,
                    attack=None if attack == "none" else attack, attack_settings=settings,
-                   attack_clients=attack_clients, seed=seed, threads=threads)
+                   attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy)
     tdir = truth_dir if truth_dir is not None else out / "clients"
     data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
                       truth_dir=str(tdir.resolve()))

@@ -30,7 +30,7 @@ from ..models import build_model
 from ..peft import Victim, build_victim, rebuild_victim
 from ..records import Observation, Reconstruction, gradient_view
 from .settings import CONFIG_KEY, Recipe
-from .strategy import AttackFn, AttackingFedAvg
+from .strategy import STRATEGIES, AttackFn, AttackingStrategy, make_strategy
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -51,6 +51,7 @@ class RunSpec:
     attack_clients: int | None = None
     seed: int = 0
     threads: int = 1
+    strategy: str = "fedavg"
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
@@ -59,6 +60,8 @@ class RunSpec:
             raise ClipleakError("need at least one client and one round")
         if self.attack_clients is not None and self.attack_clients < 0:
             raise ClipleakError("attack_clients must be >= 0")
+        if self.strategy not in STRATEGIES:
+            raise ClipleakError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +69,7 @@ class RunSpec:
     def same_run(self, other: dict[str, Any]) -> bool:
         """Whether ``other`` (a saved spec) describes the same run; the number of rounds may grow."""
         a, b = self.to_dict(), dict(other)
+        b.setdefault("strategy", "fedavg")  # runs saved before the strategy was a setting
         for d in (a, b):
             d.pop("rounds", None)
             d.pop("threads", None)
@@ -83,7 +87,7 @@ class RunSpec:
         return cls(out=str(cfg.get("out", "runs/fl")), clients=int(cfg.get("clients", 2)),
                    rounds=int(cfg.get("rounds", 1)), recipe=recipe, attack=None if attack == "none" else attack,
                    attack_clients=None if sample < 0 else sample, seed=int(cfg.get("server-seed", 0)),
-                   threads=int(cfg.get("threads", 1)))
+                   threads=int(cfg.get("threads", 1)), strategy=str(cfg.get("strategy", "fedavg")))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -176,10 +180,11 @@ def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None) -> d
         initial = server.victim.peft_state()
     else:
         initial = load_file(str(global_path(out, done)))
-    strategy = AttackingFedAvg(spec.recipe, server.base_meta, out_dir=out, attack=server.attack_fn(),
-                               attack_clients=spec.attack_clients, round_offset=done, seed=spec.seed,
-                               on_event=tell, fraction_train=1.0, min_train_nodes=spec.clients,
-                               min_available_nodes=spec.clients)
+    inner = make_strategy(spec.strategy, fraction_train=1.0, min_train_nodes=spec.clients,
+                          min_available_nodes=spec.clients)
+    strategy = AttackingStrategy(spec.recipe, server.base_meta, inner, out_dir=out, attack=server.attack_fn(),
+                                 attack_clients=spec.attack_clients, round_offset=done, seed=spec.seed,
+                                 on_event=tell)
     t_round = [time.perf_counter()]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -1,6 +1,8 @@
-"""The honest-but-curious server: FedAvg that records every client update as an observation and attacks it.
+"""The honest-but-curious server: any Flower strategy (FedAvg by default) that records every client update as
+an observation and attacks it.
 
-:class:`AttackingFedAvg` overrides two FedAvg hooks and changes nothing of what FedAvg computes:
+:class:`AttackingStrategy` wraps a Flower ``Strategy`` (``inner``), delegates all of its hooks to it and
+changes nothing of what it computes; around two of them it records:
 
 * ``configure_train`` keeps the round's global PEFT state (what every client starts from) and adds the
   absolute round number to the config;
@@ -8,10 +10,11 @@
   ``meta["kind"] = "update"``: ``gradients`` holds the update ``client state - global state``,
   ``peft_state`` the global state, and ``meta`` the recipe (E, B, eta), the client's ``num-examples``, the
   round, the node id and the defense (with the epsilon spent so far when the DP setting has a delta).
-  Then FedAvg aggregates the same replies, and the configured attack runs on the chosen updates (all of
-  them, or a seeded sample per round).
+  Then the wrapped strategy aggregates the same replies, and the configured attack runs on the chosen
+  updates (all of them, or a seeded sample per round).
 
-It never sees the clients' images or seeds: only what Flower delivers.
+:class:`AttackingFedAvg` is the wrapper around a plain ``FedAvg``; :func:`make_strategy` builds a wrapped
+strategy by name (:data:`STRATEGIES`). It never sees the clients' images or seeds: only what Flower delivers.
 """
 
 from __future__ import annotations
@@ -19,13 +22,25 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from ..errors import ClipleakError
 from ..privacy import epsilon
@@ -33,6 +48,23 @@ from ..records import Observation, Reconstruction, distinct_images
 from .settings import ROUND_KEY, Recipe
 
 AttackFn = Callable[[Observation], Reconstruction]
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
+    "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+}
+"""Flower 1.42 Message-API strategies ``make_strategy`` builds by name, all with their default settings.
+They aggregate the clients' replies only; FedProx is left out because its proximal term is the clients'
+job and clipleak's ClientApp does not add it (with ``proximal_mu = 0`` it is FedAvg)."""
+
+
+def make_strategy(name: str, **kwargs: Any) -> Strategy:
+    """The Flower strategy ``name`` (a key of :data:`STRATEGIES`) with ``kwargs`` (``fraction_train``,
+    ``min_train_nodes``, ...) and no client-side evaluation unless ``fraction_evaluate`` is given."""
+    if name not in STRATEGIES:
+        raise ClipleakError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    kwargs.setdefault("fraction_evaluate", 0.0)
+    return STRATEGIES[name](**kwargs)
 
 
 def update_path(out_dir: str | Path, rnd: int, node_id: int) -> Path:
@@ -56,8 +88,13 @@ def epsilon_so_far(defense: dict[str, Any] | None, rounds: int, local_steps: int
                          str(defense.get("accountant") or "rdp")))
 
 
-class AttackingFedAvg(FedAvg):
-    """FedAvg that records each client update of each round as an ``update`` observation and attacks it.
+class AttackingStrategy(Strategy):
+    """A Flower strategy that records each client update of each round as an ``update`` observation and
+    attacks it, and otherwise is the strategy it wraps.
+
+    ``configure_train`` / ``aggregate_train`` record around the wrapped strategy's own hooks (it gets the
+    same arguments and the same replies, and its result is returned unchanged); ``configure_evaluate``,
+    ``aggregate_evaluate`` and ``summary`` are its own. ``start`` is Flower's loop over these hooks.
 
     Args:
         recipe: the round's local training (E, B, eta, method, DP), sent to every client.
@@ -67,14 +104,19 @@ class AttackingFedAvg(FedAvg):
         attack: run on each chosen update (``None``: record only).
         attack_clients: how many updates to attack per round (``None``: all), a seeded sample.
         round_offset: rounds already done (a resumed run), added to Flower's round counter.
+        inner: the strategy that configures rounds and aggregates (``None``: ``FedAvg(**fedavg)`` without
+            client-side evaluation). Its own state (server momentum, Adam moments) is not saved between
+            runs: a resumed run starts it afresh.
+        fedavg: FedAvg's arguments, when ``inner`` is ``None``.
     """
 
-    def __init__(self, recipe: Recipe, base_meta: dict[str, Any], *, out_dir: str | Path | None = None,
-                 attack: AttackFn | None = None, attack_clients: int | None = None, round_offset: int = 0,
-                 seed: int = 0, on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 **fedavg: Any) -> None:
-        fedavg.setdefault("fraction_evaluate", 0.0)
-        super().__init__(**fedavg)
+    def __init__(self, recipe: Recipe, base_meta: dict[str, Any], inner: Strategy | None = None, *,
+                 out_dir: str | Path | None = None, attack: AttackFn | None = None,
+                 attack_clients: int | None = None, round_offset: int = 0, seed: int = 0,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, **fedavg: Any) -> None:
+        if inner is not None and fedavg:
+            raise ClipleakError(f"FedAvg arguments {sorted(fedavg)} given with a strategy to wrap")
+        self.inner = inner if inner is not None else make_strategy("fedavg", **fedavg)
         self.recipe = recipe
         self.base_meta = dict(base_meta)
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -99,7 +141,18 @@ class AttackingFedAvg(FedAvg):
         rnd = self.absolute(server_round)
         self.global_states[rnd] = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         config[ROUND_KEY] = rnd
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> clipleak: recording and attacking every update of %s", type(self.inner).__name__)
+        self.inner.summary()
 
     def observe(self, rnd: int, reply: Message) -> Observation:
         """The ``update`` observation of one client's reply in round ``rnd``."""
@@ -133,7 +186,8 @@ class AttackingFedAvg(FedAvg):
         if self.out_dir is not None:
             for o in obs:
                 o.save(update_path(self.out_dir, rnd, int(o.meta["node_id"])))
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        # recorded first: some strategies consume the replies (FedMedian pops their arrays)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
         self.reconstructions[rnd] = {}
         chosen = self.choose(rnd, obs)
         info: dict[str, Any] = {"clients": [int(o.meta["node_id"]) for o in obs], "attacked": [],
@@ -162,3 +216,14 @@ class AttackingFedAvg(FedAvg):
         rng = random.Random(f"{self.seed}-{rnd}")
         picked = sorted(rng.sample(range(len(obs)), self.attack_clients))
         return [obs[i] for i in picked]
+
+
+class AttackingFedAvg(AttackingStrategy):
+    """:class:`AttackingStrategy` around ``FedAvg(**fedavg)`` (no client-side evaluation by default)."""
+
+    def __init__(self, recipe: Recipe, base_meta: dict[str, Any], *, out_dir: str | Path | None = None,
+                 attack: AttackFn | None = None, attack_clients: int | None = None, round_offset: int = 0,
+                 seed: int = 0, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 **fedavg: Any) -> None:
+        super().__init__(recipe, base_meta, None, out_dir=out_dir, attack=attack, attack_clients=attack_clients,
+                         round_offset=round_offset, seed=seed, on_event=on_event, **fedavg)
