@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import ClipleakError
 from ..peft import Victim
 from ..records import Observation
+from .labels import predict_labels
 
 ROW_COSINE = 0.999
 """Gradient rows this parallel belong to one image."""
@@ -253,7 +254,7 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     roots = adapter_roots(victim, obs, torch.cat([public_feats[keep].float(), start.float()]))
     if labels is not None:
         roots = roots[:0]  # with known labels the pairing of roots to labels is unknown: pursue all
-    root_labels = predict_labels_unit(model, roots.double())
+    root_labels = predict_labels(victim, roots.float())
 
     def pursue(fixed: torch.Tensor, fixed_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         need = None if labels is None else torch.bincount(labels.long(), minlength=model.k)
@@ -281,7 +282,7 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     results = []
     for feats, labs in start_sets:
         if labs is None:
-            labs, _ = adapter_labels(model, feats, target, predict_labels_unit(model, feats))
+            labs, _ = adapter_labels(model, feats, target, predict_labels(victim, feats.float()))
         f, cost = refine_adapter_batch(model, obs, feats, labs, iterations)
         for _ in range(rounds if labels is None else 0):
             new_labs, _ = adapter_labels(model, f, target, labs)
@@ -292,16 +293,6 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
         results.append((f, labs, cost))
     f, labs, cost = min(results, key=lambda t: t[2])
     return f, labs, cost
-
-
-def predict_labels_unit(model: AdapterGradientModel, feats: torch.Tensor) -> torch.Tensor:
-    """Zero-shot classes of unit features under the adapter classifier."""
-    with torch.no_grad():
-        f = feats.double()
-        h = F.relu(f @ model.w1.t())
-        a = F.relu(h @ model.w2.t())
-        out = F.normalize(model.ratio * a + (1 - model.ratio) * f, dim=-1)
-        return (out @ model.text.t()).argmax(-1)
 
 
 def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol: float = 1e-3,

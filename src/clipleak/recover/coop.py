@@ -100,8 +100,6 @@ class CoopGradientModel:
         """``softmax(tau T f) - e_y`` per image ``(B, K)``: dL/dlogits of the cross-entropy."""
         return F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels, self.k).to(fn.dtype)
 
-    _weights = weights
-
     def a_matrix(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``A = dL/dT`` ``(K, E)`` of a batch of features ``(B, E)`` (normalised here) and labels."""
         fn = F.normalize(feats, dim=-1)
