@@ -4,14 +4,19 @@ For CoOp and CLIP-Adapter at batch B it times
   * plain: the client's forward + backward of the PEFT gradient (``Victim.gradient``),
   * per-example: DP-SGD (per-example gradients with torch.func, per-example clipping, noise, / B),
   * per-batch: Dp-CLIP's mechanism on the same cross-entropy gradient (clip the batch gradient, noise),
-and, for Dp-CLIP's own setting, the contrastive loss of the whole tiny CLIP (image-caption pairs, every
-parameter trainable): plain forward + backward vs. the same plus per-batch clipping and noise, and the
-Gaussian sampling alone (noise-only: one N(0, 1) draw per parameter).
+  * per-example-text-features (CoOp): clip + noise each example's text-feature gradient, one backward
+    of the text encoder (``DpSetting(site="text-features")``),
+and the FLOPs of each (torch's FlopCounterMode: machine-independent, unlike the times),
+and, for Dp-CLIP's own setting, the contrastive loss of the whole tiny CLIP (image-caption pairs): plain
+forward + backward vs. the same plus per-batch clipping and noise, and the Gaussian sampling alone
+(noise-only: one N(0, 1) draw per trained parameter). ``contrastive`` trains what clipleak's contrastive
+trainer trains (every parameter, the token embedding only in the rows the public captions use);
+``contrastive-all-rows`` trains all 49,408 token rows too (noise for 7.8M parameters).
 
 Timings are interleaved (plain, DP, plain, DP, ...) so that load from other processes hits both alike;
 the median and the minimum over the repeats are reported, with the ratio of each to plain's (on a
 shared machine the minima are the steadier estimate of the cost).
-Run:  python benchmarks/dp_step.py [--batch 32] [--repeats 15] [--json out.json]
+Run:  python benchmarks/dp_step.py [--batch 32] [--repeats 15] [--only peft,contrastive] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from clipleak.models import build_model
+from clipleak.models import TextTower, build_model
 from clipleak.peft import PeftConfig, build_victim
 from clipleak.privacy import DpSetting, dp_clip, gaussian_noise, privatise
+from clipleak.training.pretrain import DEFAULT_TEMPLATES
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -56,38 +64,75 @@ def _summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, fl
                 "ratio_min": low[k] / low[base]} for k in times}
 
 
+def _flops(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def peft_rows(batch: int, repeats: int) -> dict[str, dict[str, dict[str, float]]]:
     clip = build_model("tiny-32", init_seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, clip.image_size, clip.image_size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     per_example = DpSetting("per-example", clip=1.0, noise_multiplier=1.0).resolve()
+    text_site = DpSetting("per-example", clip=1.0, noise_multiplier=1.0, site="text-features").resolve()
     per_batch = DpSetting("per-batch", clip=1.0, noise_multiplier=1.0).resolve()
     out = {}
     for method in ("coop", "adapter"):
         v = build_victim(clip, NAMES, PeftConfig(method=method))
-        times = _interleaved({
+        fns: dict[str, Callable[[], object]] = {
             "plain": lambda v=v: v.gradient(x, y),
             "per-example": lambda v=v: privatise(v, x, y, per_example, seed=0),
             "per-batch": lambda v=v: privatise(v, x, y, per_batch, seed=0),
-        }, repeats)
-        out[method] = _summary(times, "plain")
+        }
+        if method == "coop":
+            fns["per-example-text-features"] = lambda v=v: privatise(v, x, y, text_site, seed=0)
+        row = _summary(_interleaved(fns, repeats), "plain")
+        flops = {k: _flops(fn) for k, fn in fns.items()}
+        for k in fns:
+            row[k]["gflop"] = flops[k] / 1e9
+            row[k]["flop_ratio"] = flops[k] / flops["plain"]
+        out[method] = row
     return out
 
 
-def contrastive_row(batch: int, repeats: int) -> dict[str, dict[str, float]]:
+def contrastive_row(batch: int, repeats: int, vocabulary: str = "captions") -> dict[str, dict[str, float]]:
+    """Dp-CLIP's setting: the contrastive loss of the whole tiny CLIP, plain vs. per-batch clip + noise.
+
+    ``vocabulary="captions"`` mirrors clipleak's contrastive trainer (``training/pretrain.py``): every
+    parameter is trained except the token embedding, of which only the rows of the tokens that the public
+    caption templates x class names use are trained (a data-independent choice, so the other rows need no
+    noise). ``"all"`` trains every row of the 49,408-token embedding (6.3M of the 7.8M parameters): the
+    clipped gradient is noised in every coordinate, used or not.
+    """
     clip = build_model("tiny-32", init_seed=0)
     model = clip.model
     model.requires_grad_(True)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tower = TextTower(model)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, clip.image_size, clip.image_size, generator=g)
     labels = torch.randint(0, 10, (batch,), generator=g).tolist()
     tokens = clip.tokenizer([f"a photo of a {NAMES[i]}." for i in labels])
+    if vocabulary == "captions":
+        emb = tower.t.token_embedding.weight
+        emb.requires_grad_(False)
+        used = torch.unique(clip.tokenizer([t.format(n) for t in DEFAULT_TEMPLATES for n in NAMES]))
+        rows = nn.Parameter(emb.detach()[used].clone())
+        local = torch.searchsorted(used, tokens)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad} | {"token_rows": rows}
+
+        def text() -> torch.Tensor:
+            return tower.encode_embeddings(rows[local], tower.pool_index(tokens))
+    else:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+        def text() -> torch.Tensor:
+            return model.encode_text(tokens)
 
     def grads() -> dict[str, torch.Tensor]:
         fi = F.normalize(model.encode_image(clip.normalize(x)), dim=-1)
-        ft = F.normalize(model.encode_text(tokens), dim=-1)
+        ft = F.normalize(text(), dim=-1)
         logits = model.logit_scale.exp() * fi @ ft.t()
         target = torch.arange(batch)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
@@ -107,16 +152,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="peft,contrastive,contrastive-all-rows",
+                    help="comma-separated rows: peft, contrastive, contrastive-all-rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__,
-           "peft": peft_rows(args.batch, args.repeats), "contrastive-full": contrastive_row(args.batch, args.repeats)}
-    for name, row in [*res["peft"].items(), ("contrastive-full", res["contrastive-full"])]:
+    only = {t.strip() for t in args.only.split(",")}
+    res: dict[str, object] = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__}
+    rows: list[tuple[str, dict[str, dict[str, float]]]] = []
+    if "peft" in only:
+        peft = peft_rows(args.batch, args.repeats)
+        res["peft"] = peft
+        rows += list(peft.items())
+    for name, vocab in (("contrastive", "captions"), ("contrastive-all-rows", "all")):
+        if name in only:
+            res[name] = contrastive_row(args.batch, args.repeats, vocab)
+            rows.append((name, res[name]))  # type: ignore[arg-type]
+    for name, row in rows:
         for k, s in row.items():
             if "median_ms" in s:
-                print(f"{name:17s} {k:12s} median {s['median_ms']:7.1f} ms  min {s['min_ms']:7.1f} ms  "
-                      f"{s['ratio']:.2f}x plain (medians), {s['ratio_min']:.2f}x (minima)")
+                flops = f"  FLOPs {s['flop_ratio']:.2f}x" if "flop_ratio" in s else ""
+                print(f"{name:20s} {k:26s} median {s['median_ms']:7.1f} ms  min {s['min_ms']:7.1f} ms  "
+                      f"{s['ratio']:.2f}x plain (medians), {s['ratio_min']:.2f}x (minima){flops}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -26,6 +26,7 @@ from clipleak.privacy import (
     per_example_gradients,
     privatise,
     prv_bounds,
+    text_feature_gradients,
 )
 
 FALSE_ALARM = 1e-6  # two-sided, per statistical check
@@ -173,6 +174,60 @@ def test_sigma_zero_and_huge_c_reproduce_the_plain_gradient(victim):
     per_ex = privatise(victim, x, y, DpSetting("per-example", clip=1e9, noise_multiplier=0.0), seed=0)
     for k in plain:  # sum / B of per-example gradients: the mean, up to float32 summation order
         assert _close(per_ex[k], plain[k]), k
+
+
+def _coop(tiny, digits):
+    return build_victim(tiny, digits, PeftConfig(method="coop"))
+
+
+def test_text_feature_gradients_are_autograds(tiny, digits):
+    v = _coop(tiny, digits)
+    x, y = _batch(4)
+    g = text_feature_gradients(v, x, y)
+    with torch.no_grad():
+        fn = v.image_features(x)
+    t = v.text_features().detach().requires_grad_(True)
+    for i in range(4):
+        loss = torch.nn.functional.cross_entropy(v.logit_scale() * fn[i:i + 1] @ t.t(), y[i:i + 1])
+        (ref,) = torch.autograd.grad(loss, [t])
+        assert _close(g[i], ref), i
+
+
+def test_text_feature_site_clips_sums_and_noises_in_text_space(tiny, digits):
+    """The text-feature site: sigma 0 and a huge C give the plain gradient; a small C gives the gradient of
+    sum_i f_i L_i / B with f_i = min(1, C / ||dL_i/dT||) (so every clipped text-feature gradient has norm
+    <= C); the noise is J^T n / B with n ~ N(0, (sigma C)^2) drawn in text-feature space."""
+    v = _coop(tiny, digits)
+    x, y = _batch(6)
+    site = {"mechanism": "per-example", "site": "text-features"}
+    plain = v.gradient(x, y)
+    out = privatise(v, x, y, DpSetting(**site, clip=1e9, noise_multiplier=0.0), seed=0)
+    assert _close(out["prompt.ctx"], plain["prompt.ctx"])
+    g = text_feature_gradients(v, x, y)
+    norms = torch.linalg.vector_norm(g.flatten(1), dim=1)
+    c = float(norms.median())
+    f = (c / (norms + 1e-6)).clamp(max=1.0)
+    assert bool((f < 1).any()) and bool((f == 1).any())
+    assert bool(((f * norms) <= c).all())
+    clipped = privatise(v, x, y, DpSetting(**site, clip=c, noise_multiplier=0.0), seed=0)
+    logits = v(x)
+    losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    (ref,) = torch.autograd.grad((f * losses).sum() / 6, [v.prompt.ctx])
+    assert _close(clipped["prompt.ctx"], ref)
+    assert not _close(clipped["prompt.ctx"], plain["prompt.ctx"])
+    sigma = 2.0
+    noisy = privatise(v, x, y, DpSetting(**site, clip=c, noise_multiplier=sigma), seed=5)
+    n = torch.empty(g.shape[1:]).normal_(0.0, sigma * c, generator=torch.Generator().manual_seed(5))
+    (jn,) = torch.autograd.grad(v.text_features(), [v.prompt.ctx], grad_outputs=n / 6)
+    assert _close(noisy["prompt.ctx"] - clipped["prompt.ctx"], jn)
+    # the record says where the noise lives; bad combinations are refused
+    rec = DpSetting(**site, clip=c, noise_multiplier=sigma).record()
+    assert rec["site"] == "text-features" and "text-feature" in rec["normalisation"]
+    with pytest.raises(ClipleakError, match="site"):
+        DpSetting("per-batch", clip=1.0, noise_multiplier=1.0, site="text-features")
+    with pytest.raises(ClipleakError, match="coop"):
+        privatise(build_victim(tiny, digits, PeftConfig(method="adapter")), x, y,
+                  DpSetting(**site, clip=1.0, noise_multiplier=1.0), seed=0)
 
 
 # -- accountant --------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def share(
     clip: Annotated[float | None, typer.Option(help="DP: clipping norm C")] = None,
     clipping: Annotated[str, typer.Option(help="DP: flat (global norm) | per-tensor (each tensor to "
                                           "C/sqrt(T))")] = "flat",
+    dp_site: Annotated[str, typer.Option(
+        help="DP per-example: parameters (DP-SGD on the PEFT gradient) | text-features (coop: clip + noise the "
+             "text-feature gradients, one text backward)")] = "parameters",
     noise_multiplier: Annotated[float | None, typer.Option(
         help="DP: noise standard deviation / C (or give --epsilon)")] = None,
     epsilon: Annotated[float | None, typer.Option(
@@ -90,7 +93,7 @@ def share(
             raise ClipleakError("give --noise-multiplier or --epsilon, not both")
         setting = DpSetting(mechanism=dp, clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon,
                             delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
-                            clipping=clipping)
+                            clipping=clipping, site=dp_site)
 
     with progress_bar() as cb:
         obs, truth = make_observation(

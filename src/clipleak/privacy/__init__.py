@@ -21,18 +21,26 @@ from .mechanisms import (
     global_norm,
     per_example_factors,
 )
-from .per_example import PER_EXAMPLE_METHODS, per_example_gradients, per_example_gradients_from_raw
-from .setting import MECHANISMS, DpSetting, privatise
+from .per_example import (
+    PER_EXAMPLE_METHODS,
+    coop_text_feature_dp,
+    per_example_gradients,
+    per_example_gradients_from_raw,
+    text_feature_gradients,
+)
+from .setting import MECHANISMS, SITES, DpSetting, privatise
 
 __all__ = [
     "ACCOUNTANTS",
     "CLIPPINGS",
     "MECHANISMS",
     "PER_EXAMPLE_METHODS",
+    "SITES",
     "DpSetting",
     "check_inputs",
     "clip_gradient",
     "clip_per_example",
+    "coop_text_feature_dp",
     "dp_clip",
     "dp_sgd",
     "epsilon",
@@ -44,4 +52,5 @@ __all__ = [
     "per_example_gradients_from_raw",
     "privatise",
     "prv_bounds",
+    "text_feature_gradients",
 ]

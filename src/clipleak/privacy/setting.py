@@ -11,6 +11,14 @@ Mechanisms:
   clipleak accounts it at noise multiplier sigma / 2 (a noise multiplier calibrated from epsilon is
   doubled). Any PEFT method.
 
+Sites (where per-example clipping and noise act; ``per-example`` only):
+
+* ``parameters`` (default) -- on the gradient of the trained PEFT parameters: DP-SGD proper.
+* ``text-features`` -- ``coop`` only: on each example's gradient w.r.t. the K x E class text features,
+  the noisy sum then mapped to the prompt by one backward pass of the text encoder (post-processing;
+  :func:`~clipleak.privacy.coop_text_feature_dp`). Same accounting, about the plain step's cost instead
+  of B text backward passes; C bounds the text-feature gradient and the prompt's noise is correlated.
+
 The noise generator's seed is never part of the setting or the observation (an attacker who knew it
 could subtract the noise); the client keeps it in its truth file.
 """
@@ -28,9 +36,10 @@ from ..errors import ClipleakError
 from ..peft import Victim
 from .accountant import ACCOUNTANTS, epsilon, noise_multiplier
 from .mechanisms import CLIPPINGS, dp_clip, dp_sgd
-from .per_example import per_example_gradients
+from .per_example import coop_text_feature_dp, per_example_gradients
 
 MECHANISMS: tuple[str, ...] = ("per-example", "per-batch")
+SITES: tuple[str, ...] = ("parameters", "text-features")
 NORMALISATION = {
     "per-example": "(sum of clipped per-example gradients + noise) / batch size",
     "per-batch": "clipped batch-mean gradient + noise (no division)",
@@ -56,6 +65,7 @@ class DpSetting:
     steps: int | None = None
     accountant: str = "rdp"
     clipping: str = "flat"
+    site: str = "parameters"
     resolved: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +73,10 @@ class DpSetting:
             raise ClipleakError(f"unknown DP mechanism {self.mechanism!r}; choose one of {', '.join(MECHANISMS)}")
         if self.clipping not in CLIPPINGS:
             raise ClipleakError(f"unknown clipping {self.clipping!r}; choose one of {', '.join(CLIPPINGS)}")
+        if self.site not in SITES:
+            raise ClipleakError(f"unknown DP site {self.site!r}; choose one of {', '.join(SITES)}")
+        if self.site != "parameters" and (self.mechanism != "per-example" or self.clipping != "flat"):
+            raise ClipleakError(f"the {self.site!r} site is for the per-example mechanism with flat clipping")
         if self.accountant not in ACCOUNTANTS:
             raise ClipleakError(f"unknown accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
         if not _finite(self.clip) or self.clip <= 0:
@@ -109,12 +123,16 @@ class DpSetting:
         d["noise_std"] = s.noise_multiplier * s.clip
         d["sensitivity"] = s.sensitivity_factor * s.clip
         d["normalisation"] = NORMALISATION[s.mechanism]
+        if s.site == "text-features":
+            d["normalisation"] = ("J^T (sum of clipped per-example text-feature gradients + noise) / batch size, "
+                                  "J = d(text features)/d(prompt): the noise is N(0, noise_std^2) per text-feature "
+                                  "coordinate, mapped to the prompt")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DpSetting:
         keys = {"mechanism", "clip", "noise_multiplier", "epsilon", "delta", "sample_rate", "steps",
-                "accountant", "clipping"}
+                "accountant", "clipping", "site"}
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
@@ -128,6 +146,8 @@ def privatise(victim: Victim, images01: torch.Tensor, labels: torch.Tensor, sett
     s = setting.resolve()
     assert s.noise_multiplier is not None
     gen = torch.Generator().manual_seed(int(seed))
+    if s.site == "text-features":
+        return coop_text_feature_dp(victim, images01, labels, s.clip, s.noise_multiplier, gen)
     if s.mechanism == "per-example":
         per = per_example_gradients(victim, images01, labels)
         return dp_sgd(per, s.clip, s.noise_multiplier, gen, s.clipping)
