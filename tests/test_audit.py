@@ -46,6 +46,48 @@ def test_report_prints_the_defense(tmp_path):
     assert "Defense: per-example DP" in report.read_text()
 
 
+def _floor_case(method: str, batch: int, sigma: float, mechanism: str = "per-example", clip: float = 0.01):
+    obs, _ = api.make_observation(weights="tiny-mnist", method=method, seed=1, dp_seed=1, batch_size=batch,
+                                  dp={"mechanism": mechanism, "clip": clip, "noise_multiplier": sigma})
+    return obs
+
+
+def test_fits_read_the_noise_scale():
+    """The fits read the defense: the expected noise residual is s sqrt(d) / |g| with s = sigma C / B
+    (per-example) or sigma C (per-batch); on a strongly noised update (noise 10x the clipped signal) it
+    predicts the observed norm to 2% (a wrong B, i.e. s off by 2x, would miss by ~100%); with no clipping
+    active the adapter batch fit stops there, reports the floor, and its residual sits at it (4 unknowns
+    cannot explain 8,192 noise numbers); at a negligible noise the fit goes below 1e-3 as before."""
+    from clipleak.recover.noise import noise_std, relative_noise_floor
+
+    obs = _floor_case("adapter", 2, 100.0)
+    g = torch.cat([v.reshape(-1) for v in obs.gradients.values()]).double()
+    assert noise_std(obs) == 100.0 * 0.01 / 2
+    assert abs(relative_noise_floor(obs, g.numel(), float(g.norm())) - 1.0) < 0.02
+    assert noise_std(_floor_case("adapter", 1, 3.0, "per-batch")) == 3.0 * 0.01
+    undefended, _ = api.make_observation(weights="tiny-mnist", method="adapter", seed=1)
+    assert noise_std(undefended) is None
+    # C = 1 clips nothing here (per-example adapter gradients have norm ~0.01), so the fit's model holds
+    # exactly and only the noise is left: sigma C / B = 5e-5 per coordinate, about 0.4 of the update's norm
+    rec = api.attack_observation(_floor_case("adapter", 2, 1e-4, clip=1.0), name="featmatch",
+                                 decoder="tiny-mnist-decoder", iterations=0)
+    fr = rec.meta["feature_recovery"]
+    floor = fr["expected_noise_residual"]
+    assert floor is not None and 0.05 < floor < 0.9
+    assert 0.9 * floor <= fr["relative_residual"] <= 1.5 * floor
+    assert any("expected from the DP noise" in n for n in fr["notes"])
+    weak = api.attack_observation(_floor_case("adapter", 2, 1e-9, clip=1.0), name="featmatch",
+                                  decoder="tiny-mnist-decoder", iterations=0).meta["feature_recovery"]
+    assert weak["expected_noise_residual"] < 1e-4 and weak["relative_residual"] < 1e-3
+    # CoOp, batch 1 (gradient norm ~0.2, C = 1 clips nothing): the fit in the rank(J) reduced coordinates
+    # stops at the floor instead of iterating towards 1e-8
+    coop = api.attack_observation(_floor_case("coop", 1, 3e-3, clip=1.0), name="featmatch",
+                                  decoder="tiny-mnist-decoder", iterations=0).meta["feature_recovery"]
+    floor = coop["expected_noise_residual"]
+    assert floor is not None and 0.05 < floor < 0.9
+    assert 0.5 * floor <= coop["relative_residual"] <= 1.5 * floor, (coop["relative_residual"], floor)
+
+
 def test_audit_resumes_and_writes_its_chart(tmp_path):
     cfg = AuditConfig(epsilons=[math.inf, 1.0], methods=["adapter"], images=2, canaries=40,
                       finetune={"steps": 6, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"})

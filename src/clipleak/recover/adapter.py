@@ -26,6 +26,7 @@ from ..errors import ClipleakError
 from ..peft import Victim
 from ..records import Observation
 from .labels import predict_labels
+from .noise import NOISE_MARGIN
 
 ROW_COSINE = 0.999
 """Gradient rows this parallel belong to one image."""
@@ -183,9 +184,12 @@ def _label_moves(labels: torch.Tensor, k: int) -> list[torch.Tensor]:
 
 
 def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: torch.Tensor, labels: torch.Tensor,
-                         iterations: int = 40) -> tuple[torch.Tensor, float]:
+                         iterations: int = 40, floor: float = 0.0) -> tuple[torch.Tensor, float]:
     """Jointly refine a batch's features inside the span the ``fc1`` gradient reveals (its top-B right
-    singular vectors hold every image's feature), fitting both weight gradients by Levenberg-Marquardt."""
+    singular vectors hold every image's feature), fitting both weight gradients by Levenberg-Marquardt.
+
+    ``floor``: the relative residual the DP noise alone leaves (:mod:`clipleak.recover.noise`); the fit stops
+    there, and only a fit stalled above it gets the softplus pass."""
     from .coop import levenberg_marquardt
 
     target = adapter_target(obs)
@@ -203,14 +207,15 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
     # the ReLUs make the gradient piecewise smooth: a fit can stall at a kink next to the solution (a unit
     # inactive that should be active gives no signal to cross over). The exact model first; when it stalls,
     # a softplus pass, then the exact model again (on validation batches of 4: residual 3e-2 -> 1e-5)
-    c_exact, cost = levenberg_marquardt(resid, c0, iterations)
-    if cost > 1e-4:
+    tol = max(1e-8, floor)
+    c_exact, cost = levenberg_marquardt(resid, c0, iterations, tol=tol)
+    if cost > max(1e-4, NOISE_MARGIN * floor):
         model.smooth = SMOOTH_BETA
         try:
-            c1, _ = levenberg_marquardt(resid, c0, iterations)
+            c1, _ = levenberg_marquardt(resid, c0, iterations, tol=tol)
         finally:
             model.smooth = None
-        c1, cost1 = levenberg_marquardt(resid, c1, iterations)
+        c1, cost1 = levenberg_marquardt(resid, c1, iterations, tol=tol)
         if cost1 < cost:
             c_exact, cost = c1, cost1
     c0 = c_exact
@@ -219,7 +224,8 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
 
 def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tensor, public_labels: torch.Tensor,
                       start: torch.Tensor, *, labels: torch.Tensor | None = None, candidates: int = 400,
-                      iterations: int = 100, rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, float]:
+                      iterations: int = 100, rounds: int = 3, floor: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Features and labels of an adapter batch, fitted to both weight gradients (MIP's inverse gradient
     estimation for a batch).
 
@@ -232,6 +238,7 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     On validation batches of 8 the root search found 6-7 of 8 images exactly, and the joint fit the rest
     (cosine 1.000 to every true feature, labels right, in 4 of 4 batches).
     Known ``labels`` (shared by the client) are kept as they are (only the candidates of those labels).
+    ``floor``: the DP noise's relative residual (:func:`refine_adapter_batch`).
     Returns ``(features (B, E), labels (B,), relative residual)``.
     """
     model = AdapterGradientModel(victim)
@@ -283,13 +290,13 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     for feats, labs in start_sets:
         if labs is None:
             labs, _ = adapter_labels(model, feats, target, predict_labels(victim, feats.float()))
-        f, cost = refine_adapter_batch(model, obs, feats, labs, iterations)
+        f, cost = refine_adapter_batch(model, obs, feats, labs, iterations, floor)
         for _ in range(rounds if labels is None else 0):
             new_labs, _ = adapter_labels(model, f, target, labs)
             if torch.equal(new_labs, labs):
                 break
             labs = new_labs
-            f, cost = refine_adapter_batch(model, obs, f, labs, iterations)
+            f, cost = refine_adapter_batch(model, obs, f, labs, iterations, floor)
         results.append((f, labs, cost))
     f, labs, cost = min(results, key=lambda t: t[2])
     return f, labs, cost

@@ -18,6 +18,7 @@ from ..errors import ClipleakError
 from ..models import math_attention
 from ..peft import Victim
 from ..records import Observation
+from .noise import NOISE_MARGIN, relative_noise_floor
 
 
 def text_jacobian(victim: Victim) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +183,7 @@ class CoopFit:
     ``label_coefficients`` (batch 1): ``w ~ p - e_y`` read off the gradient by :meth:`CoopGradientModel.bilinear`,
     negative at the predicted label. ``determined``: the gradient's rank over the number of unknown feature
     numbers (``B * E``); below 1 the system is under-determined and the public-feature prior fills the rest.
+    ``noise_floor``: the relative residual the observation's DP noise alone leaves (0: undefended).
     """
 
     features: torch.Tensor
@@ -189,6 +191,7 @@ class CoopFit:
     residual: float
     label_coefficients: torch.Tensor | None
     determined: float
+    noise_floor: float = 0.0
 
 
 def coop_features(
@@ -196,6 +199,7 @@ def coop_features(
     labels: torch.Tensor | None = None, iterations: int = 150, screen_iterations: int = 20,
     prior_weight: float | None = None,
     model: CoopGradientModel | None = None,
+    obs_noise: bool = True,
 ) -> CoopFit:
     """Fit image features (and labels) to a CoOp context gradient (MIP's inverse gradient estimation).
 
@@ -212,6 +216,11 @@ def coop_features(
     there are unknowns (shared context, ``B > 1``), a Gaussian prior fitted to the public features
     (``prior_weight``; default 1e-3 then, 0 otherwise) keeps the unobserved directions at typical values.
     Shared labels restrict the candidates to those labels.
+
+    A defended observation (``obs.meta["defense"]``, ``obs_noise``): the fits stop at the relative residual
+    the DP noise alone leaves in the reduced coordinates (:mod:`clipleak.recover.noise`) instead of
+    iterating towards 1e-8, and a candidate that reaches it counts as converged; ``CoopFit.noise_floor``
+    reports it.
     """
     if victim.prompt is None:
         raise ClipleakError("CoOp feature fitting needs a 'coop' observation")
@@ -223,6 +232,9 @@ def coop_features(
         raise ClipleakError(f"{labels.numel()} shared labels for a batch of {b}")
     z = model.reduce(target)
     zn = z.norm().clamp_min(1e-30)
+    floor = relative_noise_floor(obs, model.rank, float(zn)) if obs_noise else 0.0
+    tol = max(1e-8, floor)
+    converged = max(CONVERGED, NOISE_MARGIN * floor)
     pf, pl = public_feats.double(), public_labels.long()
     determined = model.rank / float(b * e)
     if prior_weight is None:
@@ -249,7 +261,7 @@ def coop_features(
 
     def refine(feats: torch.Tensor, labs: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
         u0 = (F.normalize(feats.double(), dim=-1) - mu) @ inv_sq
-        u, cost = levenberg_marquardt(resid_fn(labs), u0.reshape(-1), n)
+        u, cost = levenberg_marquardt(resid_fn(labs), u0.reshape(-1), n, tol=tol)
         return mu + u.view(-1, e) @ sq, cost
 
     if b == 1:
@@ -271,10 +283,10 @@ def coop_features(
             f, cost = refine(f, yt, iterations)
             if best is None or cost < best[1]:
                 best = (f, cost, yt)
-            if cost < CONVERGED:
+            if cost < converged:
                 break
         assert best is not None
-        return CoopFit(F.normalize(best[0].float(), dim=-1), best[2], best[1], w.float(), determined)
+        return CoopFit(F.normalize(best[0].float(), dim=-1), best[2], best[1], w.float(), determined, floor)
     # batch: a greedy pursuit picks B public candidates (feature, its label) that together explain the
     # gradient, then all features are refined jointly. (Tried on validation digits and dropped: candidates
     # with every label, re-fitting after each pick, and reading the labels off the signs of A's rows; none
@@ -299,11 +311,11 @@ def coop_features(
         f, cost = refine(feats_c[chosen], labs, iterations)
         if found is None or cost < found[2]:
             found = (f, labs, cost)
-        if cost < CONVERGED:
+        if cost < converged:
             break
     assert found is not None
     f, labs, cost = found
-    return CoopFit(F.normalize(f.float(), dim=-1), labs, cost, None, determined)
+    return CoopFit(F.normalize(f.float(), dim=-1), labs, cost, None, determined, floor)
 
 
 def _batch_candidates(model: CoopGradientModel, z: torch.Tensor, b: int, pf: torch.Tensor,

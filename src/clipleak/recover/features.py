@@ -16,6 +16,7 @@ from .adapter import AdapterGradientModel, adapter_features, adapter_labels, ada
 from .bank import public_features
 from .coop import coop_features
 from .labels import predict_labels
+from .noise import NOISE_MARGIN, floor_note, relative_noise_floor
 from .vit import FULL_METHODS, projection_features
 
 
@@ -25,7 +26,8 @@ class FeatureEstimate:
 
     ``separated`` counts the features that are single images' (the rest are mixtures the update did
     not let the attack separate); ``residual`` is the relative misfit of a fitted model (CoOp), 0 for
-    an exact read-out (adapter).
+    an exact read-out (adapter). ``noise_floor``: the relative residual the observation's DP noise alone
+    would leave (:mod:`clipleak.recover.noise`; 0 when undefended), the yardstick for ``residual``.
     """
 
     features: torch.Tensor
@@ -34,15 +36,17 @@ class FeatureEstimate:
     separated: int
     residual: float = 0.0
     notes: list[str] = field(default_factory=list)
+    noise_floor: float = 0.0
 
     def copy(self) -> FeatureEstimate:
         return FeatureEstimate(self.features.clone(), self.labels.clone(), self.label_source, self.separated,
-                               self.residual, list(self.notes))
+                               self.residual, list(self.notes), self.noise_floor)
 
     def summary(self) -> dict[str, Any]:
         """What a report shows of the estimate (never the raw feature numbers)."""
         return {"images_separated": self.separated, "batch_size": int(self.features.shape[0]),
                 "relative_residual": round(self.residual, 6), "label_source": self.label_source,
+                "expected_noise_residual": round(self.noise_floor, 6) if self.noise_floor > 0 else None,
                 "notes": list(self.notes)}
 
 
@@ -91,25 +95,31 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
         rec = adapter_features(obs, victim)
         model = AdapterGradientModel(victim)
         target = adapter_target(obs)
+        floor = relative_noise_floor(obs, target.numel(), float(target.norm()))
         if b == 1:
             if shared is not None:
                 labs, cost = shared, float((model.gradient(rec.features, shared) - target).norm() / target.norm())
             else:
                 labs, cost = adapter_labels(model, rec.features, target, predict_labels(victim, rec.features))
             return FeatureEstimate(rec.features, labs, "observation" if shared is not None else
-                                   "read off the adapter gradient", 1, residual=cost)
+                                   "read off the adapter gradient", 1, residual=cost,
+                                   notes=[floor_note(cost, floor, obs)] if floor > 0 else [], noise_floor=floor)
         if obs.meta.get("data"):
             public = public_for_observation(obs.meta)[1]
             pub_feats, pub_labels = public_features(victim.clip_info, public), public.labels
         else:  # no public data recorded: the clustered directions are the only starts
             pub_feats = rec.features
             pub_labels = predict_labels(victim, rec.features) if shared is None else shared
-        feats, labs, cost = fit_adapter_batch(victim, obs, pub_feats, pub_labels, rec.features, labels=shared)
-        notes = [] if cost < 1e-3 else [
+        feats, labs, cost = fit_adapter_batch(victim, obs, pub_feats, pub_labels, rec.features, labels=shared,
+                                              floor=floor)
+        done = cost < max(1e-3, NOISE_MARGIN * floor)
+        notes = [] if done or floor > 0 else [
             f"the joint fit of the adapter gradient stopped at relative residual {cost:.1e}: some features "
             "may be mixtures of the batch's images rather than single images"]
+        if floor > 0:
+            notes.append(floor_note(cost, floor, obs))
         return FeatureEstimate(feats, labs, "observation" if shared is not None else "fitted to the adapter gradient",
-                               b if cost < 1e-3 else rec.separated, residual=cost, notes=notes)
+                               b if done else rec.separated, residual=cost, notes=notes, noise_floor=floor)
     if victim.cfg.method == "coop":
         public = public_for_observation(obs.meta)[1]
         fit = coop_features(obs, victim, public_features(victim.clip_info, public), public.labels, labels=shared)
@@ -118,7 +128,10 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
         notes = [] if fit.determined >= 1 else [
             f"the context gradient determines {fit.determined:.0%} of the unknown feature numbers; a prior "
             "fitted to the public features fills the rest"]
-        return FeatureEstimate(fit.features, fit.labels, source, b, residual=fit.residual, notes=notes)
+        if fit.noise_floor > 0:
+            notes.append(floor_note(fit.residual, fit.noise_floor, obs))
+        return FeatureEstimate(fit.features, fit.labels, source, b, residual=fit.residual, notes=notes,
+                               noise_floor=fit.noise_floor)
     if victim.cfg.method in FULL_METHODS:
         starts = public_for_observation(obs.meta)[1] if b > 1 else None
         rec_p = projection_features(obs, victim, labels=shared,
