@@ -91,29 +91,47 @@ def _x(eps: str, finite: list[float]) -> float:
     return top * 10 if eps == "inf" else float(eps)
 
 
+BATCH_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (3, 1, 1, 1)))]
+"""Marker and line style per batch size (in the order the audit lists them); colour is per method."""
+
+
 def write_chart(summary: dict[str, Any], path: Path) -> Path:
     """Re-identification (top) and PSNR (bottom) against epsilon (log x, infinity at the right), the task
-    accuracy on a second axis in both panels; chance and the class prototype marked."""
+    accuracy on a second axis in both panels; chance and the class prototype marked.
+
+    Several batch sizes share the chart: colour says the PEFT method, marker and line style the batch
+    size; the accuracy (which does not depend on the attacked batch size) is drawn once per method, and
+    the class prototype once per method and batch size (its digits differ with the batches)."""
     rows = summary["rows"]
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
-    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8.5), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    series = sorted({(r["method"], r["batch_size"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    batches = sorted({int(r["batch_size"]) for r in rows})
+    several = len(batches) > 1
     for panel, (ax, metric, label) in enumerate(zip(axes, ("reid", "psnr"),
                                                     ("re-identification (K = 10)", "PSNR (dB)"), strict=True)):
         acc_ax = ax.twinx()
-        for n, (method, b) in enumerate(series):
-            mine = sorted((r for r in rows if r["method"] == method and r["batch_size"] == b),
-                          key=lambda r: _x(r["epsilon"], finite))
-            xs = [_x(r["epsilon"], finite) for r in mine]
-            c = colours[n % len(colours)]
-            ys = [r[metric] for r in mine]
-            ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", color=c, label=f"{method}, batch {b}: attack")
-            proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
-            if proto is not None:
-                ax.axhline(proto, color=c, ls="--", lw=1, label=f"{method}: class prototype (true label)")
-            acc = [r["accuracy"] for r in mine]
-            acc_ax.plot(xs, [np.nan if a is None else a for a in acc], "s:", color=c, alpha=0.6,
+        for m, method in enumerate(methods):
+            c = colours[m % len(colours)]
+            for n, b in enumerate(batches):
+                mine = sorted((r for r in rows if r["method"] == method and r["batch_size"] == b),
+                              key=lambda r: _x(r["epsilon"], finite))
+                if not mine:
+                    continue
+                marker, ls = BATCH_STYLES[n % len(BATCH_STYLES)]
+                xs = [_x(r["epsilon"], finite) for r in mine]
+                ys = [r[metric] for r in mine]
+                ax.plot(xs, [np.nan if y is None else y for y in ys], marker=marker, ls=ls, color=c,
+                        label=f"{method}, batch {b}: attack")
+                proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
+                if proto is not None:
+                    which = f"{method}, batch {b}" if several else method
+                    ax.axhline(proto, color=c, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")
+            acc_rows = {r["epsilon"]: r["accuracy"] for r in rows if r["method"] == method}
+            xs_acc = sorted(acc_rows, key=lambda e: _x(e, finite))
+            acc_ys = [np.nan if acc_rows[e] is None else acc_rows[e] for e in xs_acc]
+            acc_ax.plot([_x(e, finite) for e in xs_acc], acc_ys, marker="x", ls=":", color=c, alpha=0.7,
                         label=f"{method}: validation accuracy (DP fine-tuning)")
         if metric == "reid" and rows:
             ax.axhline(rows[0]["chance"], color="black", ls=":", lw=1.5, label="chance")
@@ -133,7 +151,8 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xticklabels([f"{t:g}" for t in finite] + ["∞ (no DP)"])
     ax.set_xlabel("epsilon (delta and schedule in the table)")
     cfg = summary["config"]
-    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private digit batch(es) per point")
+    what = "batch" if not several else "batches of " + ", ".join(str(b) for b in batches) + " digits"
+    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private digit {what} per point")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
