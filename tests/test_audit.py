@@ -58,12 +58,14 @@ def test_fits_read_the_noise_scale():
     predicts the observed norm to 2% (a wrong B, i.e. s off by 2x, would miss by ~100%); with no clipping
     active the adapter batch fit stops there, reports the floor, and its residual sits at it (4 unknowns
     cannot explain 8,192 noise numbers); at a negligible noise the fit goes below 1e-3 as before."""
-    from clipleak.recover.noise import noise_std, relative_noise_floor
+    from clipleak.recover.noise import floor_note, noise_std, relative_noise_floor
 
     obs = _floor_case("adapter", 2, 100.0)
     g = torch.cat([v.reshape(-1) for v in obs.gradients.values()]).double()
     assert noise_std(obs) == 100.0 * 0.01 / 2
     assert abs(relative_noise_floor(obs, g.numel(), float(g.norm())) - 1.0) < 0.02
+    assert "almost no signal" in floor_note(1.1, 0.99, obs)  # a floor ~1: reaching it proves nothing
+    assert "down to its noise" in floor_note(0.45, 0.4, obs) and "stays above" in floor_note(0.9, 0.4, obs)
     assert noise_std(_floor_case("adapter", 1, 3.0, "per-batch")) == 3.0 * 0.01
     undefended, _ = api.make_observation(weights="tiny-mnist", method="adapter", seed=1)
     assert noise_std(undefended) is None

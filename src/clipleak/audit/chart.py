@@ -172,7 +172,7 @@ def _fmt(v: Any, kind: str) -> str:
 
 
 COLUMNS = [("method", "method", "s"), ("batch_size", "batch", "s"), ("epsilon", "epsilon", "s"),
-           ("noise_multiplier", "sigma", "g"), ("images", "digits", "s"), ("reid", "re-id", "pct"),
+           ("noise_multiplier", "sigma", "g"), ("images", "batches", "s"), ("reid", "re-id", "pct"),
            ("psnr", "PSNR dB", "db"), ("label_accuracy", "labels", "pct"),
            ("prototype_true_reid", "prototype re-id", "pct"), ("prototype_true_psnr", "prototype dB", "db"),
            ("chance", "chance", "pct"), ("accuracy", "accuracy (val)", "pct"),

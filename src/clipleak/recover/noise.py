@@ -45,6 +45,9 @@ def floor_note(residual: float, floor: float, obs: Observation) -> str:
     d = obs.meta.get("defense") or {}
     head = (f"relative residual {residual:.3g} against {floor:.3g} expected from the DP noise alone "
             f"({d.get('mechanism')}, sigma {d.get('noise_multiplier', 0):.3g}, C {d.get('clip', 0):g})")
+    if floor >= SIGNAL_FREE:
+        return head + (": the noise alone accounts for the update's norm, so there is almost no signal to fit and "
+                       "reaching the floor says nothing about the features")
     if residual <= NOISE_MARGIN * floor:
         return head + ": the fit explains the update down to its noise (going lower would fit the noise)"
     return head + (": the fit stays above the noise floor, so its model does not explain the update (clipping "
@@ -53,3 +56,5 @@ def floor_note(residual: float, floor: float, obs: Observation) -> str:
 
 NOISE_MARGIN = 1.5
 """A fit within this factor of the noise floor counts as having reached it."""
+SIGNAL_FREE = 0.9
+"""A relative noise floor from which on the update is (almost) all noise: its signal is < ~45% of its norm."""
