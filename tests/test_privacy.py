@@ -445,6 +445,11 @@ def test_cli_share_with_dp(tmp_path):
     assert d["mechanism"] == "per-batch" and d["clip"] == 0.1 and 9.9 <= d["epsilon"] <= 10
     assert d["noise_multiplier"] == pytest.approx(2 * noise_multiplier(10.0, 1e-5, 0.01, 100))
     assert Truth.load(tmp_path / "o.truth.safetensors").meta["dp_seed"] == 7
+    assert main(["share", "--out", str(tmp_path / "t"), "--method", "coop", "--batch-size", "2", "--dp", "per-example",
+                 "--dp-site", "text-features", "--clip", "0.1", "--noise-multiplier", "1", "--dp-seed", "7"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["defense"]["site"] == "text-features"
+    assert main(["share", "--out", str(tmp_path / "a"), "--method", "adapter", "--dp", "per-example",
+                 "--dp-site", "text-features", "--clip", "0.1", "--noise-multiplier", "1"]) == 2
 
 
 def test_privacy_commands_have_wrapping_help_with_an_example():
