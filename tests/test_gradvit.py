@@ -178,3 +178,59 @@ def test_patch_border_prior_sees_only_patch_borders():
     assert float(patch_border_variation(inside, 8)) == 0.0
     assert float(patch_border_variation(border, 8)) > 0.0
     assert State  # the engine's state type is what terms receive
+
+
+def _mnist_obs(tiny, digits, n=2):
+    """An observation that names the MNIST split (the attacker's public data), images from its public part."""
+    from clipleak.data import DataSpec, load_public
+
+    spec = DataSpec.parse("mnist", split_seed=0)
+    public = load_public(spec, 32)
+    v = build_victim(tiny, digits, PeftConfig(method="full-visual"))
+    idx = torch.tensor([3, 700])[:n]
+    x, y = public.images[idx], public.labels[idx]
+    return v, x, y, share(v, x, y, data={**spec.to_dict(), "grayscale": public.grayscale}), public
+
+
+def test_gradvit_starts_from_public_knowledge(tiny, digits):
+    v, x, y, obs, public = _mnist_obs(tiny, digits)
+    off = {"bn_prior": None, "bn_weight": 0.0}
+    proto = run_attack("gradvit", obs, v, GradViTConfig(iterations=0, start="prototype", **off))
+    assert torch.equal(proto.labels, y)  # read off the projection first (exact here)
+    assert torch.allclose(proto.images, public.prototypes()[y].clamp(0, 1))
+    near = run_attack("gradvit", obs, v, GradViTConfig(iterations=0, start="neighbours", start_k=1, **off))
+    # K = 1: the public image of the read label nearest the read feature; the observed images are public
+    # images themselves, so that is each image itself (the read-out is exact at this batch)
+    assert torch.allclose(near.images, x, atol=1e-6)
+    k3 = run_attack("gradvit", obs, v, GradViTConfig(iterations=0, start="neighbours", start_k=3, **off))
+    assert not torch.allclose(k3.images, x, atol=1e-3)  # a mean of three digits
+    with pytest.raises(ClipleakError, match="decoder"):
+        GradViTConfig(start="decoder")
+    with pytest.raises(ClipleakError, match="labels first"):
+        run_attack("gradvit", obs, v, GradViTConfig(iterations=2, start="prototype", label_read="joint", **off))
+    with pytest.raises(ClipleakError, match="start must be"):
+        GradViTConfig(start="nearest")
+
+
+def test_restarts_from_a_start_are_perturbed_copies():
+    from clipleak.engine import PixelImages
+
+    start = torch.rand(2, 3, 8, 8)
+    p = PixelImages(8, start=start, start_noise=0.1)
+    r0 = p.init(2, torch.Generator().manual_seed(5 * 1000 + 0))[0].detach().clone()
+    r1 = p.init(2, torch.Generator().manual_seed(5 * 1000 + 1))[0].detach().clone()
+    r1b = p.init(2, torch.Generator().manual_seed(5 * 1000 + 1))[0].detach().clone()
+    assert torch.equal(r0, start)  # the first restart starts exactly there
+    assert torch.equal(r1, r1b) and 0.03 < float((r1 - start).abs().mean()) < 0.12  # seeded, ~N(0, 0.1^2)
+    assert p.describe()["start_noise"] == 0.1
+    assert torch.equal(PixelImages(8, start=start).init(2, torch.Generator().manual_seed(1))[0], start)
+
+
+def test_gradvit_feature_term_pulls_towards_the_read_features(tiny, digits):
+    v, x, y, obs, _ = _mnist_obs(tiny, digits)
+    cfg = GradViTConfig(iterations=12, restarts=1, bn_prior=None, bn_weight=0.0, start="prototype", lr=0.01,
+                        feature_weight=1.0)
+    rec = run_attack("gradvit", obs, v, cfg)
+    f = rec.history["feature"]
+    assert len(f) == 12 and f[-1] < f[0], f
+    assert rec.meta["schedule"]["feature"]["before"] == 1.0  # on from the start, not switched
