@@ -67,6 +67,8 @@ class GradientMatchingConfig(ImageSearchConfig):
     from it plus Gaussian noise of std ``start_noise``. ``feature_weight``: a per-image term
     ``1 - cos(f(x_i), f_i)`` to the image features read off the update (``recovered_features``: for full
     fine-tuning the rank-one visual-projection gradient), in the order of the labels read with them.
+    ``combine``: ``best`` (the restart whose gradient distance ends lowest) or ``mean`` (the restarts'
+    pixel-wise mean: GradViT keeps its restarts consistent; meaningful when they share a start).
     """
 
     preset: ClassVar[str] = "gradient matching"
@@ -86,6 +88,7 @@ class GradientMatchingConfig(ImageSearchConfig):
     start_noise: float = 0.0
     start_k: int = 8
     decoder: str | None = None
+    combine: str = "best"
     feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -286,7 +289,8 @@ def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingCon
     param, terms = objective(obs, victim, cfg, start_images=starts, features=features)
     pixels = cfg.prior in ("none", "tv")  # signed steps belong to pixel space; a latent search runs plain Adam
     ecfg = engine_config(cfg, label_mode, signed=cfg.signed and pixels,
-                         decay=cfg.decay if pixels or not cfg.signed else "cosine", optimizer=cfg.optimizer)
+                         decay=cfg.decay if pixels or not cfg.signed else "cosine", optimizer=cfg.optimizer,
+                         combine=cfg.combine)
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
                    known_labels=labels, selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
                    checkpoint_tag=run_tag(cfg, obs), task=f"attack {cfg.preset}")

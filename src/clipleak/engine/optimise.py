@@ -147,6 +147,7 @@ class EngineConfig:
     labels: str = "known"  # known | infer (soft labels optimised jointly, DLG style)
     log_every: int = 1
     optimizer: str = "adam"  # adam | lbfgs (history 100, no line search: one evaluation per step)
+    combine: str = "best"  # best: the restart with the lowest selection term | mean: the restarts' mean image
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.restarts < 1:
@@ -159,6 +160,8 @@ class EngineConfig:
             raise ClipleakError(f"unknown optimizer {self.optimizer!r} (adam, lbfgs)")
         if self.optimizer == "lbfgs" and self.signed:
             raise ClipleakError("L-BFGS needs the true gradient: signed=False")
+        if self.combine not in ("best", "mean"):
+            raise ClipleakError(f"combine must be best or mean, not {self.combine!r}")
 
 
 @dataclass
@@ -293,8 +296,13 @@ def optimise(
     losses = [float(r["selection_loss"]) for r in results]
     best = int(min(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i])))
     res = results[best]
+    images = res["images"]
+    if cfg.combine == "mean":
+        # GradViT-style consistency: the restarts (which started from one image or one distribution) are
+        # averaged pixel-wise; the labels and history stay the best restart's
+        images = torch.stack([r["images"] for r in results]).mean(0)
     return RunResult(
-        images=res["images"],
+        images=images,
         labels=res["labels"],
         history=res["history"],
         restart_losses=losses,
