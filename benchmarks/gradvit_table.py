@@ -29,6 +29,7 @@ from collections import defaultdict
 
 import torch
 
+from clipleak import artifacts
 from clipleak.api import attack_observation, make_observation, public_for
 from clipleak.client import load_private
 from clipleak.evaluation import evaluate
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200, help="steps per restart of the optimisation rows")
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--weights", default="tiny-mnist")
+    ap.add_argument("--arch", help="the target's architecture (default: the artifact's, else tiny-32)")
     ap.add_argument("--cnn", help="GradViT's prior network (default: the artifact WEIGHTS-cnn)")
     ap.add_argument("--decoder", help="the projection row's decoder (default: the artifact WEIGHTS-decoder)")
     ap.add_argument("--part", default="private", choices=("private", "validation"),
@@ -69,14 +71,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    arch = args.arch or (str(getattr(artifacts.get(args.weights).recipe, "arch", "tiny-32"))
+                         if artifacts.is_artifact(args.weights) else "tiny-32")
     out = []
     for cell in args.cells.split(";"):
         b_s, rows_s, draws_s = cell.split(":")
         batch, draws = int(b_s), int(draws_s)
         acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for draw in range(draws):
-            obs, truth = make_observation(weights=args.weights, method="full-visual", batch_size=batch, seed=draw,
-                                          part=args.part)
+            obs, truth = make_observation(arch=arch, weights=args.weights, method="full-visual", batch_size=batch,
+                                          seed=draw, part=args.part)
             spec, public = public_for(obs.meta)
             private = load_private(spec, int(obs.meta["image_size"]), args.part)
             names = {"{cnn}": args.cnn or f"{args.weights}-cnn", "{decoder}": args.decoder or f"{args.weights}-decoder"}

@@ -279,3 +279,17 @@ def test_gradvit_from_the_neighbours_start_beats_the_prototype_at_batch4():
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     assert mean(psnr["attack"]) > mean(psnr["prototype"]) + 0.5, psnr
     assert mean(reid["attack"]) > mean(reid["prototype"]) + 0.30, reid
+
+
+def test_tiny64_artifacts_follow_the_tiny_mnist_recipe():
+    from dataclasses import replace
+
+    from clipleak import artifacts
+    from clipleak.models import arch_config
+
+    t64, t32 = artifacts.get("tiny-mnist-64").recipe, artifacts.get("tiny-mnist").recipe
+    assert t64.arch == "tiny-64" and replace(t64, arch="tiny-32") == t32  # trained the same way
+    vision = arch_config("tiny-64")["vision_cfg"]
+    assert (vision["image_size"] // vision["patch_size"]) ** 2 == 64  # 64 tokens
+    cnn = artifacts.get("tiny-mnist-64-cnn").recipe
+    assert (cnn.kind, cnn.arch) == ("cnn", "tiny-64")
