@@ -11,15 +11,23 @@ For each (architecture, PEFT method, batch size) it times
     loop, and is not timed). The per-iteration time is the difference between a run of ``W + R`` and
     one of ``W`` iterations, over ``R`` (restart set-up and the final evaluation cancel out); the
     measured iterations straddle gradvit's switch, so half of them pay for the priors.
-and prints the ratio step/plain (goal: at most 3.5x). Random-init weights: timing does not depend on
-training. Run:  python benchmarks/attack_step.py [--quick] [--threads 1] [--json out.json]
+and prints the ratio step/plain (goal: at most 3.5x). The timings are *interleaved*: each of ``--blocks``
+blocks times plain, then every preset, so a load change on a shared machine hits all of them alike; the
+table gives the median and the minimum over the blocks of each time and of the per-block ratio (the
+minimum is the least disturbed figure on a busy machine). Random-init weights: timing does not depend
+on training. Run:  python benchmarks/attack_step.py [--quick] [--threads 1] [--blocks 5] [--json out.json]
+ViT-B-32 (open_clip config, random init, nothing downloaded) runs full-visual at batch 1 only, presets
+``--vit-presets`` (``--vit-b-32``; one attack step there is seconds on one CPU thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +37,7 @@ from clipleak.attacks import PRESETS, run_attack
 from clipleak.client import share
 from clipleak.models import build_model
 from clipleak.peft import PeftConfig, build_victim
+from clipleak.priors import PriorCNN, load_prior, save_prior
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -42,7 +51,19 @@ def _time(fn: Any, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bench(arch: str, method: str, batch: int, repeats: int, presets: list[str]) -> list[dict[str, Any]]:
+def _cnn_for(image_size: int, default: str) -> str:
+    """The preset's prior network at 32 px; at other sizes a random-init PriorCNN of that size (timing only)."""
+    path = str(artifacts.resolve_path(default))
+    if load_prior(path).image_size == image_size:
+        return path
+    out = Path(tempfile.mkdtemp()) / f"cnn-{image_size}.safetensors"
+    torch.manual_seed(0)
+    save_prior(PriorCNN(image_size=image_size, channels=3), out)
+    return str(out)
+
+
+def bench(arch: str, method: str, batch: int, repeats: int, presets: list[str], blocks: int = 5,
+          cnn: str | None = None) -> list[dict[str, Any]]:
     clip = build_model(arch)
     victim = build_victim(clip, NAMES, PeftConfig(method=method))
     s = clip.image_size
@@ -56,24 +77,36 @@ def bench(arch: str, method: str, batch: int, repeats: int, presets: list[str]) 
         loss = victim.loss(x, y)
         torch.autograd.grad(loss, params)
 
-    t_plain = _time(plain, repeats)
-    rows = []
+    runners = {}
     for name in presets:
         cls = PRESETS[name]
         extra: dict[str, Any] = {"labels": "infer" if name == "dlg" else "known"}
         if getattr(cls, "bn_prior", None):
-            extra["bn_prior"] = artifacts.resolve_path(str(cls.bn_prior))
+            extra["bn_prior"] = cnn or _cnn_for(s, str(cls.bn_prior))
 
         def run(iterations: int, cls: Any = cls, extra: dict[str, Any] = extra, name: str = name) -> float:
             cfg = cls(iterations=iterations, restarts=1, **extra)
             return float(run_attack(name, obs, victim, cfg).meta["seconds"])
 
-        warm = repeats
         run(2)  # warm-up (first autograd graph, prior network load)
-        t_step = (run(warm + 2 * repeats) - run(warm)) / (2 * repeats)
+        runners[name] = run
+    _time(plain, 1)
+    times: dict[str, list[float]] = {"plain": [], **{n: [] for n in presets}}
+    for _ in range(blocks):  # interleaved: plain, then every preset, in each block
+        times["plain"].append(_time(plain, repeats, warmup=0))
+        for name, run in runners.items():
+            warm = repeats
+            times[name].append((run(warm + 2 * repeats) - run(warm)) / (2 * repeats))
+    rows = []
+    for name in presets:
+        ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
         rows.append({"arch": arch, "method": method, "batch": batch, "image_size": s, "preset": name,
-                     "trainable_params": sum(p.numel() for p in params),
-                     "plain_s": t_plain, "step_s": t_step, "ratio": t_step / t_plain})
+                     "trainable_params": sum(p.numel() for p in params), "blocks": blocks,
+                     "plain_s": statistics.median(times["plain"]), "plain_min_s": min(times["plain"]),
+                     "step_s": statistics.median(times[name]), "step_min_s": min(times[name]),
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_of_minima": min(times[name]) / min(times["plain"]),
+                     "plain_all_s": times["plain"], "step_all_s": times[name]})
     return rows
 
 
@@ -84,22 +117,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--methods", default="full-visual,coop", help="comma-separated PEFT methods")
+    ap.add_argument("--blocks", type=int, default=5, help="interleaved timing blocks (median and minimum)")
+    ap.add_argument("--vit-b-32", action="store_true", help="also ViT-B-32 full-visual at batch 1")
+    ap.add_argument("--vit-presets", default="ig,gradvit", help="presets timed on ViT-B-32")
+    ap.add_argument("--arch", default="tiny-32", help="the tiny architecture (tiny-32, tiny-64)")
+    ap.add_argument("--cnn", help="GradViT's prior network file or artifact (default: the preset's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = [p for p in args.presets.split(",") if p]
     methods = [m for m in args.methods.split(",") if m]
-    cases = [("tiny-32", m, b, 10) for m in methods for b in (1, 4)]
-    if not args.quick:
-        cases += [("ViT-B-32", m, b, 2) for m in methods for b in (1, 4)]
+    cnn = artifacts.resolve_path(args.cnn) if args.cnn else None
+    cases = [(args.arch, m, b, 10, args.blocks, presets) for m in methods for b in (1, 4)]
+    if args.vit_b_32 or not args.quick:
+        vit = [p for p in args.vit_presets.split(",") if p]
+        cases += [("ViT-B-32", "full-visual", 1, 1, max(2, args.blocks // 2), vit)]
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'arch':10s} {'method':12s} {'batch':>5s} {'preset':8s} {'plain s':>9s} {'step s':>9s} {'ratio':>6s}")
-    for arch, method, batch, rep in cases:
-        for r in bench(arch, method, batch, rep, presets):
+    print(f"{'arch':10s} {'method':12s} {'batch':>5s} {'preset':8s} {'plain s (med/min)':>19s} "
+          f"{'step s (med/min)':>19s} {'ratio med':>9s} {'min':>6s} {'min/min':>7s}")
+    for arch, method, batch, rep, blocks, names in cases:
+        for r in bench(arch, method, batch, rep, names, blocks,
+                       cnn=cnn if arch == args.arch else None):
             rows.append(r)
-            print(f"{arch:10s} {method:12s} {batch:5d} {r['preset']:8s} {r['plain_s']:9.4f} {r['step_s']:9.4f} "
-                  f"{r['ratio']:6.2f}", flush=True)
+            print(f"{arch:10s} {method:12s} {batch:5d} {r['preset']:8s} {r['plain_s']:9.4f}/{r['plain_min_s']:9.4f} "
+                  f"{r['step_s']:9.4f}/{r['step_min_s']:9.4f} {r['ratio']:9.2f} {r['ratio_min']:6.2f} "
+                  f"{r['ratio_of_minima']:7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

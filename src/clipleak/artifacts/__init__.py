@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,12 @@ def _tiny_mnist() -> PretrainConfig:
                           caption_sampling="per-class", checkpoint_every=300)
 
 
+def _tiny_mnist_64() -> PretrainConfig:
+    # tiny-mnist's recipe on the tiny-64 architecture (64 px, patch 8: 64 tokens, width 192): GradViT's
+    # second, harder full-visual target (issue 16)
+    return replace(_tiny_mnist(), arch="tiny-64")
+
+
 REGISTRY: dict[str, Callable[[], Artifact]] = {
     "tiny-mnist": lambda: Artifact("tiny-mnist", "tiny-32 CLIP pretrained on the public MNIST split (4,000 digits, "
                                    "12 caption templates)", _tiny_mnist()),
@@ -86,6 +92,11 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
     "tiny-mnist-cnn": lambda: Artifact("tiny-mnist-cnn", "GradViT's prior network: a BatchNorm CNN classifier "
                                        "trained on the public MNIST split, BN statistics calibrated there",
                                        PriorRecipe("cnn", "tiny-mnist", "tiny-32", steps=DEFAULT_CNN_STEPS)),
+    "tiny-mnist-64": lambda: Artifact("tiny-mnist-64", "tiny-64 CLIP (64 px, 64 tokens) pretrained on the public "
+                                      "MNIST split with tiny-mnist's recipe", _tiny_mnist_64()),
+    "tiny-mnist-64-cnn": lambda: Artifact("tiny-mnist-64-cnn", "GradViT's prior network for 64 px: tiny-mnist-cnn's "
+                                          "recipe at 64 px", PriorRecipe("cnn", "tiny-mnist-64", "tiny-64",
+                                                                         steps=DEFAULT_CNN_STEPS)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 

@@ -105,20 +105,23 @@ def engine_config(cfg: ImageSearchConfig, label_mode: str, **overrides: Any) -> 
 
 
 def image_parametrization(
-    cfg: ImageSearchConfig, obs: Observation, victim: Victim, start_images: torch.Tensor | None = None
+    cfg: ImageSearchConfig, obs: Observation, victim: Victim, start_images: torch.Tensor | None = None,
+    start_noise: float = 0.0,
 ) -> tuple[Parametrization, list[Term]]:
     """The image parametrisation and prior terms that ``cfg.prior`` asks for.
 
     ``none``: free pixels. ``tv``: free pixels + total variation (``tv_weight``). ``generative:P``: the
     latent space of the VAE file ``P`` + a latent norm penalty (``latent_weight``); ``start_images``
-    (e.g. a decoder's output) give the starting codes.
+    (e.g. a decoder's output) give the starting codes; in pixel space, restarts after the first start from
+    ``start_images`` plus Gaussian noise of std ``start_noise``.
     """
     grayscale = cfg.grayscale
     if grayscale is None:
         grayscale = bool((obs.meta.get("data") or {}).get("grayscale", False))
     size = victim.clip_info.image_size
     if cfg.prior in ("none", "tv"):
-        param: Parametrization = PixelImages(size, grayscale=grayscale, init=cfg.init, start=start_images)
+        param: Parametrization = PixelImages(size, grayscale=grayscale, init=cfg.init, start=start_images,
+                                                    start_noise=start_noise)
         terms = [Term("tv", lambda s: total_variation(s.images), weight=cfg.tv_weight)] \
             if cfg.prior == "tv" and cfg.tv_weight > 0 else []
         return param, terms

@@ -23,23 +23,30 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
+
+from ..data import public_for_observation
 from ..engine import Parametrization, Term, image_l2, optimise, patch_border_variation, switch_at
 from ..errors import ClipleakError
 from ..peft import Victim
-from ..priors import PriorCNN, bn_prior_term, check_prior, load_prior
+from ..priors import PriorCNN, bn_prior_term, check_prior, decoder_images, load_prior
 from ..records import Observation, ProgressFn, Reconstruction
-from ..recover import recovered_features
+from ..recover import public_features, recovered_features
 from .common import (
     ImageSearchConfig,
     engine_config,
     gradient_matching_term,
     image_parametrization,
+    load_decoder,
     resolve_labels,
     run_tag,
 )
+from .featmatch import feature_loss
 from .registry import register
 
 LABEL_READS = ("joint", "analytic")
+STARTS = ("random", "prototype", "neighbours", "decoder")
 
 
 @dataclass
@@ -53,6 +60,15 @@ class GradientMatchingConfig(ImageSearchConfig):
     ``patch_weight``: TV across ViT patch borders; ``l2_weight``: mean squared pixel. ``switch``: the
     fraction of the run at which the image priors (BN, patch, l2) switch on and the gradient weight
     becomes ``grad_after`` (``None``: priors on from the start, gradient weight 1 throughout).
+    ``start``: ``random`` (``init`` noise), ``prototype`` (the public split's mean image of each image's
+    label, which needs the labels first: shared or ``label_read="analytic"``), ``neighbours`` (the mean of
+    the ``start_k`` public images of that label whose features are nearest the feature read off the
+    update) or ``decoder`` (the ``decoder`` file's image of that feature); restarts after the first start
+    from it plus Gaussian noise of std ``start_noise``. ``feature_weight``: a per-image term
+    ``1 - cos(f(x_i), f_i)`` to the image features read off the update (``recovered_features``: for full
+    fine-tuning the rank-one visual-projection gradient), in the order of the labels read with them.
+    ``combine``: ``best`` (the restart whose gradient distance ends lowest) or ``mean`` (the restarts'
+    pixel-wise mean: GradViT keeps its restarts consistent; meaningful when they share a start).
     """
 
     preset: ClassVar[str] = "gradient matching"
@@ -68,6 +84,12 @@ class GradientMatchingConfig(ImageSearchConfig):
     l2_weight: float = 0.0
     switch: float | None = None
     grad_after: float = 1.0
+    start: str = "random"
+    start_noise: float = 0.0
+    start_k: int = 8
+    decoder: str | None = None
+    combine: str = "best"
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +103,16 @@ class GradientMatchingConfig(ImageSearchConfig):
             raise ClipleakError("a BN prior weight needs a prior CNN (bn_prior, e.g. tiny-mnist-cnn)")
         if self.optimizer == "lbfgs" and self.signed:
             raise ClipleakError("L-BFGS needs the true gradient: signed=False")
+        if self.start not in STARTS:
+            raise ClipleakError(f"start must be one of {', '.join(STARTS)}, not {self.start!r}")
+        if self.start != "random" and self.prior.startswith("generative:"):
+            raise ClipleakError("a prototype start is a pixel start: use prior none or tv")
+        if self.start == "decoder" and not self.decoder:
+            raise ClipleakError("a decoder start needs a decoder file (decoder, e.g. tiny-mnist-decoder)")
+        if self.start_k < 1:
+            raise ClipleakError(f"start_k must be >= 1, got {self.start_k}")
+        if self.start_noise < 0 or self.feature_weight < 0:
+            raise ClipleakError("start_noise and feature_weight must be >= 0")
 
     @classmethod
     def describe(cls) -> str:
@@ -156,9 +188,16 @@ def _patch_size(victim: Victim) -> int:
     return int(ks[0]) if ks else 0
 
 
-def objective(obs: Observation, victim: Victim, cfg: GradientMatchingConfig) -> tuple[Parametrization, list[Term]]:
-    """The parametrisation and weighted, scheduled terms that ``cfg`` describes."""
-    param, prior_terms = image_parametrization(cfg, obs, victim)
+def objective(obs: Observation, victim: Victim, cfg: GradientMatchingConfig,
+              start_images: torch.Tensor | None = None,
+              features: torch.Tensor | None = None) -> tuple[Parametrization, list[Term]]:
+    """The parametrisation and weighted, scheduled terms that ``cfg`` describes.
+
+    ``start_images``: the pixels the restarts start from; ``features``: the per-image feature targets of
+    the ``feature`` term (needed when ``cfg.feature_weight > 0``).
+    """
+    param, prior_terms = image_parametrization(cfg, obs, victim, start_images=start_images,
+                                               start_noise=cfg.start_noise)
     grad = gradient_matching_term(victim, obs, metric=cfg.metric)
     if cfg.switch is not None:
         grad.schedule = switch_at(cfg.switch, 1.0, cfg.grad_after)
@@ -176,7 +215,41 @@ def objective(obs: Observation, victim: Victim, cfg: GradientMatchingConfig) -> 
     if cfg.switch is not None:
         for t in extra:
             t.schedule = switch_at(cfg.switch, 0.0, 1.0)
+    if cfg.feature_weight > 0:  # on from the start: the read-out is exact, not a prior
+        if features is None:
+            raise ClipleakError("a feature term needs the features read off the update")
+        target = features.detach()
+        extra.append(Term("feature", lambda s: feature_loss(victim, s.images, target), weight=cfg.feature_weight))
     return param, [grad, *prior_terms, *extra]
+
+
+def start_images(obs: Observation, victim: Victim, cfg: GradientMatchingConfig, labels: torch.Tensor,
+                 features: torch.Tensor | None) -> torch.Tensor:
+    """The pixels ``cfg.start`` asks for, ``(B, 3, H, W)``, from public knowledge and the read-out only.
+
+    ``prototype``: the public mean image of each label; ``neighbours``: the mean of the ``start_k`` public
+    images of that label nearest (cosine) to the recovered feature; ``decoder``: the decoder's image.
+    """
+    if cfg.start == "decoder":
+        assert features is not None
+        dec = load_decoder(cfg.decoder, obs, victim)
+        assert dec is not None
+        return decoder_images(dec, features)
+    _, public = public_for_observation(obs.meta)
+    size = victim.clip_info.image_size
+    if public.images.shape[-1] != size:
+        raise ClipleakError(f"public images are {public.images.shape[-1]} px, the target takes {size}")
+    if cfg.start == "prototype":
+        return public.prototypes()[labels.long()]
+    assert features is not None
+    out = []
+    for b in range(labels.shape[0]):
+        pool = torch.nonzero(public.labels == labels[b]).flatten()
+        bank = public_features(victim.clip_info, public, pool)
+        sims = F.normalize(features[b:b + 1].float(), dim=-1) @ bank.t()
+        top = sims.flatten().topk(min(cfg.start_k, pool.numel())).indices
+        out.append(public.images[pool[top]].float().mean(0))
+    return torch.stack(out)
 
 
 def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingConfig,
@@ -185,16 +258,39 @@ def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingCon
     label_mode, labels = resolve_labels(obs, cfg.labels)
     source = "observation"
     notes: list[str] = []
+    features = None
     if label_mode == "infer" and cfg.label_read == "analytic":
         est = recovered_features(obs, victim, labels="predicted")
         labels, label_mode, source = est.labels, "known", f"read off the update first ({est.label_source})"
-        notes = est.notes
+        notes, features = est.notes, est.features
     elif label_mode == "infer":
         source = "inferred (joint soft labels)"
-    param, terms = objective(obs, victim, cfg)
+    if cfg.feature_weight > 0 and features is None:
+        if label_mode != "known":
+            raise ClipleakError("a feature term needs the labels first: label_read='analytic' or shared labels")
+        est = recovered_features(obs, victim, labels="known")
+        features, notes = est.features, est.notes
+    starts = None
+    if cfg.start != "random":
+        if label_mode != "known" or labels is None:
+            raise ClipleakError(f"a {cfg.start} start needs the labels first: label_read='analytic' or shared labels")
+        if cfg.start in ("neighbours", "decoder") and features is None:
+            est = recovered_features(obs, victim, labels="known" if obs.labels is not None else "predicted")
+            features = est.features
+        starts = start_images(obs, victim, cfg, labels, features)
+    if cfg.iterations == 0:  # the start itself is the reconstruction (what the search starts from)
+        if starts is None or labels is None:
+            raise ClipleakError("iterations=0 needs a start other than random (prototype, neighbours, decoder)")
+        return Reconstruction(
+            images=starts.clamp(0, 1), labels=labels.clone(), label_source=source, attack=cfg.preset, history={},
+            meta={"attack_config": {**cfg.to_dict(), "preset": cfg.preset, "source": cfg.source},
+                  "observation": obs.meta, "seconds": 0.0, "seconds_per_iteration": 0.0,
+                  "parametrization": {"kind": f"{cfg.start} start only"}, "label_notes": notes})
+    param, terms = objective(obs, victim, cfg, start_images=starts, features=features)
     pixels = cfg.prior in ("none", "tv")  # signed steps belong to pixel space; a latent search runs plain Adam
     ecfg = engine_config(cfg, label_mode, signed=cfg.signed and pixels,
-                         decay=cfg.decay if pixels or not cfg.signed else "cosine", optimizer=cfg.optimizer)
+                         decay=cfg.decay if pixels or not cfg.signed else "cosine", optimizer=cfg.optimizer,
+                         combine=cfg.combine)
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
                    known_labels=labels, selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
                    checkpoint_tag=run_tag(cfg, obs), task=f"attack {cfg.preset}")

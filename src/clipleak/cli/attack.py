@@ -128,6 +128,10 @@ def attack(
                                                 "output")] = None,
     bn_prior: Annotated[str | None, typer.Option(help="gradvit: prior CNN whose BN statistics are the image "
                                                  "prior (default tiny-mnist-cnn)")] = None,
+    start: Annotated[str | None, typer.Option(help="dlg/idlg/ig/gradvit: where the images start: random | "
+                                             "prototype (public mean image of the read label) | neighbours "
+                                             "(mean of the public images of that label nearest the read "
+                                             "feature) | decoder (with --decoder)")] = None,
     weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
     iterations: Annotated[int | None, typer.Option(help="optimisation steps per restart")] = None,
     restarts: Annotated[int | None, typer.Option(help="seeded restarts; the best by gradient loss is kept")]
@@ -154,6 +158,8 @@ def attack(
 
     Example: clipleak attack runs/fv.safetensors --attack gradvit --iterations 200 --out runs/rec-gradvit
 
+    Example: clipleak attack runs/fv.safetensors --attack gradvit --start neighbours --lr 0.01 --out runs/rec-gv
+
     Example: clipleak attack runs/fv.safetensors --attack closed-form --out runs/rec-cf
 
     Example: clipleak attack runs/obs.safetensors --attack mip --decoder tiny-mnist-decoder --out runs/rec-mip
@@ -167,7 +173,7 @@ def attack(
     if name == "mip" and labels == "infer":
         labels = "predicted"
     given = {"iterations": iterations, "restarts": restarts, "lr": lr, "tv_weight": tv, "labels": labels,
-             "seed": seed, "prior": prior, "decoder": decoder, "bn_prior": bn_prior, "search": search,
+             "seed": seed, "prior": prior, "decoder": decoder, "bn_prior": bn_prior, "start": start, "search": search,
              "refine": refine,
              "checkpoint": str(out / "checkpoint") if resume else None}
     settings = {k: v for k, v in given.items() if k in known and (v is not None or k == "checkpoint")}

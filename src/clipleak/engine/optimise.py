@@ -53,10 +53,14 @@ class Parametrization(Protocol):
 class PixelImages:
     """Free pixels in [0, 1]; one channel repeated three times when the data are grayscale."""
 
-    def __init__(self, size: int, grayscale: bool = False, init: str = "randn", start: torch.Tensor | None = None):
+    def __init__(self, size: int, grayscale: bool = False, init: str = "randn", start: torch.Tensor | None = None,
+                 start_noise: float = 0.0):
         if init not in ("randn", "rand", "gray"):
             raise ClipleakError(f"unknown pixel init {init!r} (randn, rand, gray)")
+        if start_noise < 0:
+            raise ClipleakError(f"start_noise must be >= 0, got {start_noise}")
         self.size = size
+        self.start_noise = start_noise  # restarts after the first start from start + N(0, start_noise^2)
         self.channels = 1 if grayscale else 3
         self.init_kind = init if start is None else "given images"
         self.start = None if start is None else start.detach().float().clone()
@@ -66,7 +70,12 @@ class PixelImages:
         shape = (batch, self.channels, self.size, self.size)
         if self.start is not None:
             x = self.start[:, :1] if self.channels == 1 else self.start
-            x = x.clone().clamp(0, 1)
+            x = x.clone()
+            # restart r's generator is seeded seed * 1000 + r (optimise): restart 0 starts exactly at
+            # ``start``, later ones (also when resumed from a checkpoint) at a seeded perturbation of it
+            if generator.initial_seed() % 1000 > 0 and self.start_noise > 0:
+                x = x + self.start_noise * torch.randn(x.shape, generator=generator)
+            x = x.clamp(0, 1)
         elif self.init_kind == "randn":
             x = (0.5 + 0.25 * torch.randn(shape, generator=generator)).clamp(0, 1)
         elif self.init_kind == "rand":
@@ -86,7 +95,10 @@ class PixelImages:
             self.x.clamp_(0.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "pixels", "size": self.size, "channels": self.channels, "init": self.init_kind}
+        d: dict[str, Any] = {"kind": "pixels", "size": self.size, "channels": self.channels, "init": self.init_kind}
+        if self.start is not None and self.start_noise > 0:
+            d["start_noise"] = self.start_noise
+        return d
 
 
 @dataclass
@@ -135,6 +147,7 @@ class EngineConfig:
     labels: str = "known"  # known | infer (soft labels optimised jointly, DLG style)
     log_every: int = 1
     optimizer: str = "adam"  # adam | lbfgs (history 100, no line search: one evaluation per step)
+    combine: str = "best"  # best: the restart with the lowest selection term | mean: the restarts' mean image
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.restarts < 1:
@@ -147,6 +160,8 @@ class EngineConfig:
             raise ClipleakError(f"unknown optimizer {self.optimizer!r} (adam, lbfgs)")
         if self.optimizer == "lbfgs" and self.signed:
             raise ClipleakError("L-BFGS needs the true gradient: signed=False")
+        if self.combine not in ("best", "mean"):
+            raise ClipleakError(f"combine must be best or mean, not {self.combine!r}")
 
 
 @dataclass
@@ -281,8 +296,13 @@ def optimise(
     losses = [float(r["selection_loss"]) for r in results]
     best = int(min(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i])))
     res = results[best]
+    images = res["images"]
+    if cfg.combine == "mean":
+        # GradViT-style consistency: the restarts (which started from one image or one distribution) are
+        # averaged pixel-wise; the labels and history stay the best restart's
+        images = torch.stack([r["images"] for r in results]).mean(0)
     return RunResult(
-        images=res["images"],
+        images=images,
         labels=res["labels"],
         history=res["history"],
         restart_losses=losses,
