@@ -153,6 +153,36 @@ def test_e1_update_is_minus_eta_times_the_shared_gradient(tmp_path, method):
             assert float((view.gradients[k] - g).abs().max()) <= 1e-5 * scale, k
 
 
+def test_coop_trajectory_model_replays_a_multi_step_update(tmp_path):
+    """The server's replay of E local steps from the images' features and labels (CoopTrajectoryModel)
+    reproduces the recorded CoOp update (E = 3, B = 2, n = 5: steps over different, wrapping batches), and
+    its public step pattern numbers the images as the truth file does (first use)."""
+    from clipleak.recover import CoopTrajectoryModel, step_batches
+
+    for n, e, b in ((1, 10, 1), (4, 10, 1), (16, 5, 2), (3, 2, 8), (5, 3, 2)):
+        steps = step_positions(n, e, b, seed=3)
+        first: dict[int, int] = {}
+        for st in steps:
+            for i in st.tolist():
+                first.setdefault(int(i), len(first))
+        assert [[first[int(i)] for i in st.tolist()] for st in steps] == step_batches(e, b, n)
+    recipe, data, server, strategy, start, *_ = _one_round(tmp_path, "coop", clients=2, local_steps=3,
+                                                           batch_size=2, lr=0.3)
+    victim = server.victim
+    victim.load_peft_state(start)
+    model = CoopTrajectoryModel(victim, 3, 2, 5, 0.3)
+    assert model.distinct == 5
+    for o in strategy.observations[1]:
+        truth = Truth.load(truth_path(data.truth_dir, o.meta["node_id"], 1))
+        with torch.no_grad():
+            feats = victim.image_features(truth.images)
+        sim = model.simulate(feats[None], truth.labels[None])[0]
+        upd = o.gradients["prompt.ctx"].reshape(-1)
+        assert float((sim - upd).norm()) <= 1e-4 * float(upd.norm())
+        wrong = model.simulate(feats[None], ((truth.labels + 1) % 10)[None])[0]
+        assert float((wrong - upd).norm()) > 1e-2 * float(upd.norm())
+
+
 def test_dp_update_records_defense_and_epsilon(tmp_path):
     dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     _, _, _, strategy, *_ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.1, dp=dp)
