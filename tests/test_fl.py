@@ -183,6 +183,38 @@ def test_coop_trajectory_model_replays_a_multi_step_update(tmp_path):
         assert float((wrong - upd).norm()) > 1e-2 * float(upd.norm())
 
 
+def test_coop_update_fit_finds_the_feature_and_label_among_public_starts(tmp_path):
+    """coop_update_features on an E = 3 CoOp update of one image (n = 1): with the image's own feature hidden
+    among random public ones, the screen and the fit return it (cosine 1, residual ~0) with its label."""
+    from clipleak.recover import coop_update_features
+
+    recipe, _, spec = _setup(tmp_path, "coop", clients=1, local_steps=3, batch_size=1, lr=0.3)
+    data = ClientData(weights=None, client_size=1, seed=5, truth_dir=str(tmp_path / "truth"))
+    server = Server(spec)
+    strategy = AttackingFedAvg(recipe, server.base_meta, min_train_nodes=1, min_available_nodes=1)
+    start = server.victim.peft_state()
+    grid = InProcessGrid(make_client_app(data), 1)
+    with server_identity():
+        msgs = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}),
+                                             grid))
+        strategy.aggregate_train(1, list(grid.send_and_receive(msgs)))
+    o = strategy.observations[1][0]
+    truth = Truth.load(truth_path(data.truth_dir, o.meta["node_id"], 1))
+    assert o.meta["distinct_images"] == 1
+    victim = server.victim
+    victim.load_peft_state(start)
+    with torch.no_grad():
+        true_f = torch.nn.functional.normalize(victim.image_features(truth.images), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    pf = torch.nn.functional.normalize(true_f + 0.3 * torch.randn(40, true_f.shape[1], generator=g), dim=-1)
+    pl = torch.arange(40) % 10
+    y = int(truth.labels[0])
+    pf[y + 10] = true_f[0]  # the truth, hidden among 40 public features (4 per label)
+    fit = coop_update_features(gradient_view(o), victim, pf, pl, per_class=4, iterations=5)
+    assert int(fit.labels[0]) == y and fit.residual < 1e-3
+    assert float((fit.features[0] * true_f[0]).sum()) > 0.999
+
+
 def test_dp_update_records_defense_and_epsilon(tmp_path):
     dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     _, _, _, strategy, *_ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.1, dp=dp)

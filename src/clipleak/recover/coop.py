@@ -402,8 +402,8 @@ def _whitening(public_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def coop_update_features(
     obs: Observation, victim: Victim, public_feats: torch.Tensor, public_labels: torch.Tensor, *,
-    labels: torch.Tensor | None = None, per_class: int = 16, iterations: int = 40, seed: int = 0,
-    start: CoopFit | None = None,
+    labels: torch.Tensor | None = None, per_class: int = 16, starts: int = 2, max_labels: int = 3,
+    iterations: int = 40, seed: int = 0, start: CoopFit | None = None,
 ) -> CoopFit:
     """Fit image features and labels to a CoOp client's multi-step update (E > 1) with the exact model.
 
@@ -411,12 +411,14 @@ def coop_update_features(
     gives E, B, eta and n): the update ``-eta E view`` is fitted by :class:`CoopTrajectoryModel`, in whitened
     public-feature coordinates, by L-BFGS through the replayed trajectory.
 
-    One distinct image (``n = 1`` or ``B = 1, E = 1``... any update whose steps all used one image): each
-    label (or the shared one) is screened with ``per_class`` seeded public features of that label (replayed
-    in one batch, forward only); the labels are then fitted in the order of their best screened residual,
-    each from its best public start, until one converges (:data:`UPDATE_CONVERGED`); the lowest residual
-    wins. Several distinct images: the joint fit starts from ``start`` (the first-order fit of the gradient
-    view) and keeps its labels.
+    One distinct image (``n = 1``: every step used the same image): each label (or the shared one) is
+    screened with ``per_class`` seeded public features of that label (replayed in one batch, forward only);
+    the ``max_labels`` labels with the lowest screened residual are then fitted in that order, each from its
+    ``starts`` best public starts, until a fit converges (:data:`UPDATE_CONVERGED`); the lowest residual
+    wins. (On validation digits one start per label left a right-label fit at residual 0.15, feature cosine
+    0.86; the second start reached 0.03, 0.98. Some confident digits still stall near 0.5.)
+    Several distinct images: the joint fit starts from ``start`` (the first-order fit of the gradient view)
+    and keeps its labels.
     """
     info = obs.meta.get("from_update") or {}
     steps, bsz, lr, n = (int(info.get("local_steps", 1)), int(info.get("batch_size", 1)), float(info.get("lr", 0)),
@@ -468,17 +470,20 @@ def coop_update_features(
             continue
         idx = idx[torch.randperm(idx.numel(), generator=g)[:per_class]]
         res = residual(pf[idx][:, None], torch.full((idx.numel(), 1), y))
-        j = int(res.argmin())
-        screened.append((float(res[j]), y, pf[idx[j]]))
+        top = torch.argsort(res)[:starts]
+        screened.append((float(res[top[0]]), y, pf[idx[top]]))
     if not screened:
         raise ClipleakError("no public image carries the allowed labels: cannot start the CoOp update fit")
     screened.sort(key=lambda t: t[0])
     best_fit: tuple[torch.Tensor, float, int] | None = None
-    for _, y, f0 in screened:
-        f, r = fit(f0[None], torch.tensor([y]))
-        if best_fit is None or r < best_fit[1]:
-            best_fit = (f, r, y)
-        if r < UPDATE_CONVERGED:
+    for _, y, f0s in screened[:max_labels]:
+        for f0 in f0s:
+            f, r = fit(f0[None], torch.tensor([y]))
+            if best_fit is None or r < best_fit[1]:
+                best_fit = (f, r, y)
+            if r < UPDATE_CONVERGED:
+                break
+        if best_fit is not None and best_fit[1] < UPDATE_CONVERGED:
             break
     assert best_fit is not None
     return CoopFit(best_fit[0], torch.tensor([best_fit[2]]), best_fit[1], None, determined)
