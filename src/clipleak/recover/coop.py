@@ -8,6 +8,7 @@ step of the fit passes through either encoder.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -378,7 +379,7 @@ class CoopTrajectoryModel:
     def simulate(self, feats: torch.Tensor, labels: torch.Tensor, graph: bool = False) -> torch.Tensor:
         """Updates ``(N, P)`` of ``N`` candidates: features ``(N, d, E)`` (normalised here) and labels
         ``(N, d)`` of the ``d`` distinct images, in order of first use."""
-        fn = F.normalize(feats.float(), dim=-1)
+        fn = F.normalize(feats.to(self.ctx0.dtype), dim=-1)
         c = self.ctx0.expand(fn.shape[0], *self.ctx0.shape).clone().requires_grad_(True)
         with torch.enable_grad():
             for pos in self.steps:
@@ -434,25 +435,28 @@ def coop_update_features(
     mu, sq, inv_sq = (t.float() for t in _whitening(public_feats))
     pf, pl = F.normalize(public_feats.float(), dim=-1), public_labels.long()
 
-    def residual(feats: torch.Tensor, labs: torch.Tensor) -> torch.Tensor:
+    def residual(feats: torch.Tensor, labs: torch.Tensor, m: CoopTrajectoryModel = model) -> torch.Tensor:
         with math_attention():
-            return (model.simulate(feats, labs) - target[None]).norm(dim=1) / tn
+            return (m.simulate(feats, labs).to(target.dtype) - target[None]).norm(dim=1) / tn
 
-    def fit(f0: torch.Tensor, labs: torch.Tensor, its: int = iterations) -> tuple[torch.Tensor, float]:
-        u = ((F.normalize(f0.float(), dim=-1) - mu) @ inv_sq).clone().requires_grad_(True)
+    def fit(f0: torch.Tensor, labs: torch.Tensor, its: int = iterations,
+            m: CoopTrajectoryModel = model) -> tuple[torch.Tensor, float]:
+        dt = m.ctx0.dtype
+        mu_, sq_, inv_, tgt = mu.to(dt), sq.to(dt), inv_sq.to(dt), target.to(dt)
+        u = ((F.normalize(f0.to(dt), dim=-1) - mu_) @ inv_).clone().requires_grad_(True)
         opt = torch.optim.LBFGS([u], lr=1, max_iter=its, tolerance_grad=1e-12, tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
             with math_attention():
-                loss = ((model.simulate((mu + u @ sq)[None], labs[None], graph=True)[0] - target).norm() / tn) ** 2
+                loss = ((m.simulate((mu_ + u @ sq_)[None], labs[None], graph=True)[0] - tgt).norm() / tn) ** 2
             loss.backward()
             return loss
 
         opt.step(closure)
-        f = F.normalize((mu + u.detach() @ sq), dim=-1)
-        return f, float(residual(f[None], labs[None])[0])
+        f = F.normalize((mu_ + u.detach() @ sq_), dim=-1)
+        return f.float(), float(residual(f[None], labs[None], m)[0])
 
     determined = target.numel() / float(d * pf.shape[1])
     if d > 1:
@@ -489,8 +493,10 @@ def coop_update_features(
             break
     assert best_fit is not None
     polish = POLISH if polish is None else polish
-    if polish > 0:  # the chosen fit goes on: a residual of 1e-2 still leaves the feature off the public manifold
-        f, r = fit(best_fit[0], torch.tensor([best_fit[2]]), polish)
+    if polish > 0:  # the chosen fit goes on, in float64 (float32 L-BFGS stalls near residual 2e-3, and the
+        # decoder needs the feature to cosine > 0.999: at 0.993 it draws another digit of the class)
+        m64 = CoopTrajectoryModel(copy.deepcopy(victim).double(), steps, bsz, n, lr)
+        f, r = fit(best_fit[0], torch.tensor([best_fit[2]]), polish, m64)
         if r < best_fit[1]:
             best_fit = (f, r, best_fit[2])
     return CoopFit(best_fit[0], torch.tensor([best_fit[2]]), best_fit[1], None, determined)
