@@ -38,12 +38,13 @@ from clipleak.peft import rebuild_victim
 from clipleak.records import Observation, Reconstruction, Truth
 
 
-def one_round(tmp: Path, method: str, clients: int, n: int, steps: int, lr: float, seed: int) -> dict:
+def one_round(tmp: Path, method: str, clients: int, n: int, steps: int, lr: float, seed: int,
+              part: str = "private") -> dict:
     out = tmp / f"{method}-n{n}-e{steps}-s{seed}"
     spec = RunSpec(out=str(out), clients=clients, rounds=1,
                    recipe=Recipe(method=method, local_steps=steps, batch_size=1, lr=lr),
                    attack_settings={"decoder": "tiny-mnist-decoder", "iterations": 0})
-    data = ClientData(client_size=n, seed=seed, truth_dir=str(out / "clients"))
+    data = ClientData(client_size=n, seed=seed, truth_dir=str(out / "clients"), part=part)
     t0 = time.perf_counter()
     with server_identity():
         server_main(InProcessGrid(make_client_app(data), clients), spec)
@@ -54,7 +55,7 @@ def one_round(tmp: Path, method: str, clients: int, n: int, steps: int, lr: floa
             "updates": m["summary"]["scored"], **{f"{k}_{w}": v for k in ("reid", "psnr")
                                                    for w, v in m["summary"][k].items()},
             "label_acc": sum(c["label_accuracy"] for c in m["clients"]) / len(m["clients"]),
-            "attack_s": sum(secs) / len(secs), "round_wall_s": wall, "out": str(out)}
+            "attack_s": sum(secs) / len(secs), "round_wall_s": wall, "part": part, "out": str(out)}
 
 
 def compare(tmp: Path, method: str, clients: int, lr: float, seed: int) -> dict:
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--e-for-n", type=int, default=10)
     ap.add_argument("--grid", action="store_true", help="run the E sweep and the n sweep")
     ap.add_argument("--compare", action="store_true", help="E = 1 updates vs single gradients")
+    ap.add_argument("--part", default="private", help="the clients' split: private (reported) or validation (tuning)")
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -124,7 +126,7 @@ def main() -> None:
             cells = [(args.n_for_e, int(e)) for e in args.steps.split(",")]
             cells += [(int(n), args.e_for_n) for n in args.sizes.split(",") if (int(n), args.e_for_n) not in cells]
             for n, e in cells:
-                r = one_round(tmp, args.method, args.clients, n, e, args.lr, args.seed)
+                r = one_round(tmp, args.method, args.clients, n, e, args.lr, args.seed, args.part)
                 r.pop("out")
                 print(json.dumps(r), flush=True)
                 rows.append(r)

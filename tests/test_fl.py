@@ -153,6 +153,68 @@ def test_e1_update_is_minus_eta_times_the_shared_gradient(tmp_path, method):
             assert float((view.gradients[k] - g).abs().max()) <= 1e-5 * scale, k
 
 
+def test_coop_trajectory_model_replays_a_multi_step_update(tmp_path):
+    """The server's replay of E local steps from the images' features and labels (CoopTrajectoryModel)
+    reproduces the recorded CoOp update (E = 3, B = 2, n = 5: steps over different, wrapping batches), and
+    its public step pattern numbers the images as the truth file does (first use)."""
+    from clipleak.recover import CoopTrajectoryModel, step_batches
+
+    for n, e, b in ((1, 10, 1), (4, 10, 1), (16, 5, 2), (3, 2, 8), (5, 3, 2)):
+        steps = step_positions(n, e, b, seed=3)
+        first: dict[int, int] = {}
+        for st in steps:
+            for i in st.tolist():
+                first.setdefault(int(i), len(first))
+        assert [[first[int(i)] for i in st.tolist()] for st in steps] == step_batches(e, b, n)
+    recipe, data, server, strategy, start, *_ = _one_round(tmp_path, "coop", clients=2, local_steps=3,
+                                                           batch_size=2, lr=0.3)
+    victim = server.victim
+    victim.load_peft_state(start)
+    model = CoopTrajectoryModel(victim, 3, 2, 5, 0.3)
+    assert model.distinct == 5
+    for o in strategy.observations[1]:
+        truth = Truth.load(truth_path(data.truth_dir, o.meta["node_id"], 1))
+        with torch.no_grad():
+            feats = victim.image_features(truth.images)
+        sim = model.simulate(feats[None], truth.labels[None])[0]
+        upd = o.gradients["prompt.ctx"].reshape(-1)
+        assert float((sim - upd).norm()) <= 1e-4 * float(upd.norm())
+        wrong = model.simulate(feats[None], ((truth.labels + 1) % 10)[None])[0]
+        assert float((wrong - upd).norm()) > 1e-2 * float(upd.norm())
+
+
+def test_coop_update_fit_finds_the_feature_and_label_among_public_starts(tmp_path):
+    """coop_update_features on an E = 3 CoOp update of one image (n = 1): with the image's own feature hidden
+    among random public ones, the screen and the fit return it (cosine 1, residual ~0) with its label."""
+    from clipleak.recover import coop_update_features
+
+    recipe, _, spec = _setup(tmp_path, "coop", clients=1, local_steps=3, batch_size=1, lr=0.3)
+    data = ClientData(weights=None, client_size=1, seed=5, truth_dir=str(tmp_path / "truth"))
+    server = Server(spec)
+    strategy = AttackingFedAvg(recipe, server.base_meta, min_train_nodes=1, min_available_nodes=1)
+    start = server.victim.peft_state()
+    grid = InProcessGrid(make_client_app(data), 1)
+    with server_identity():
+        msgs = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}),
+                                             grid))
+        strategy.aggregate_train(1, list(grid.send_and_receive(msgs)))
+    o = strategy.observations[1][0]
+    truth = Truth.load(truth_path(data.truth_dir, o.meta["node_id"], 1))
+    assert o.meta["distinct_images"] == 1
+    victim = server.victim
+    victim.load_peft_state(start)
+    with torch.no_grad():
+        true_f = torch.nn.functional.normalize(victim.image_features(truth.images), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    pf = torch.nn.functional.normalize(true_f + 0.3 * torch.randn(40, true_f.shape[1], generator=g), dim=-1)
+    pl = torch.arange(40) % 10
+    y = int(truth.labels[0])
+    pf[y + 10] = true_f[0]  # the truth, hidden among 40 public features (4 per label)
+    fit = coop_update_features(gradient_view(o), victim, pf, pl, per_class=4, iterations=5)
+    assert int(fit.labels[0]) == y and fit.residual < 1e-3
+    assert float((fit.features[0] * true_f[0]).sum()) > 0.999
+
+
 def test_dp_update_records_defense_and_epsilon(tmp_path):
     dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     _, _, _, strategy, *_ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.1, dp=dp)
@@ -183,6 +245,34 @@ def test_inprocess_run_resumes_without_recomputing(tmp_path):
 
     with pytest.raises(ClipleakError, match="different run"), server_identity():
         server_main(InProcessGrid(make_client_app(data), 2), spec)
+
+
+def test_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
+    """FedAdam's moments are saved with each round and restored on resume: 2 rounds + 1 resumed round give
+    the same global states as 3 rounds in one go; with the saved moments deleted the resumed run differs."""
+    from safetensors.torch import load_file
+
+    def run(name, rounds_list, drop_state=False):
+        _, data, spec = _setup(tmp_path / name, clients=2, local_steps=1, batch_size=1, lr=0.5)
+        spec.strategy = "fedadam"
+        for i, r in enumerate(rounds_list):
+            if drop_state and i:
+                (tmp_path / name / "out" / "rounds" / "round-002" / "strategy.safetensors").unlink()
+            spec.rounds = r
+            with server_identity():
+                server_main(InProcessGrid(make_client_app(data), 2), spec)
+        return [load_file(str(tmp_path / name / "out" / "rounds" / f"round-{k:03d}" / "global.safetensors"))
+                for k in (1, 2, 3)]
+
+    straight = run("straight", [3])
+    resumed = run("resumed", [2, 3])
+    saved = load_file(str(tmp_path / "resumed" / "out" / "rounds" / "round-002" / "strategy.safetensors"))
+    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t"}
+    for a, b in zip(straight, resumed, strict=True):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = run("fresh", [2, 3], drop_state=True)
+    assert all(torch.equal(straight[1][k], fresh[1][k]) for k in straight[1])
+    assert any(not torch.allclose(straight[2][k], fresh[2][k]) for k in straight[2])
 
 
 def test_cli_fl_run_help_has_an_example():

@@ -185,6 +185,8 @@ def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None) -> d
     strategy = AttackingStrategy(spec.recipe, server.base_meta, inner, out_dir=out, attack=server.attack_fn(),
                                  attack_clients=spec.attack_clients, round_offset=done, seed=spec.seed,
                                  on_event=tell)
+    if done:
+        strategy.restore_inner_state(done)  # e.g. FedAdam's moments, so the resumed run goes on as one run
     t_round = [time.perf_counter()]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

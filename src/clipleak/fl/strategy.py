@@ -26,6 +26,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -41,6 +42,8 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from ..errors import ClipleakError
 from ..privacy import epsilon
@@ -75,6 +78,57 @@ def attack_dir(out_dir: str | Path, rnd: int, node_id: int) -> Path:
     return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "attacks" / f"node-{node_id}"
 
 
+def strategy_state_path(out_dir: str | Path, rnd: int) -> Path:
+    """Where the wrapped strategy's own state after round ``rnd`` is saved."""
+    return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "strategy.safetensors"
+
+
+def _is_arrays(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, np.ndarray) for v in value)
+    return False
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The state a Flower strategy carries from round to round, flattened for saving: every attribute that
+    holds a dict or list of numpy arrays (FedAdam / FedYogi / FedAdagrad's moments ``m_t`` / ``v_t``, FedAvgM's
+    ``momentum_vector``) except ``current_arrays`` (the global state, which ``configure_train`` sets again).
+    Keys: ``ATTR/KEY`` for dicts, ``ATTR#I`` for lists. Strategies without such state give ``{}``."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in sorted(vars(strategy).items()):
+        if name == "current_arrays" or not _is_arrays(value):
+            continue
+        if isinstance(value, dict):
+            out.update({f"{name}/{k}": np.ascontiguousarray(v) for k, v in value.items()})
+        else:
+            out.update({f"{name}#{i}": np.ascontiguousarray(v) for i, v in enumerate(value)})
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, saved: dict[str, np.ndarray]) -> list[str]:
+    """Set the attributes :func:`strategy_state` saved (dtypes kept); returns their names. An attribute the
+    strategy does not have is an error (the run was saved with another strategy)."""
+    dicts: dict[str, dict[str, np.ndarray]] = {}
+    lists: dict[str, dict[int, np.ndarray]] = {}
+    for key, v in saved.items():
+        if "/" in key:
+            name, sub = key.split("/", 1)
+            dicts.setdefault(name, {})[sub] = v
+        else:
+            name, idx = key.rsplit("#", 1)
+            lists.setdefault(name, {})[int(idx)] = v
+    for name in [*dicts, *lists]:
+        if not hasattr(strategy, name):
+            raise ClipleakError(f"saved strategy state {name!r} does not belong to {type(strategy).__name__}")
+    for name, d in dicts.items():
+        setattr(strategy, name, d)
+    for name, items in lists.items():
+        setattr(strategy, name, [items[i] for i in range(len(items))])
+    return sorted([*dicts, *lists])
+
+
 def epsilon_so_far(defense: dict[str, Any] | None, rounds: int, local_steps: int, batch_size: int,
                    num_examples: int) -> float | None:
     """Epsilon a client has spent after ``rounds`` rounds of ``local_steps`` DP steps each (RDP or PRV as the
@@ -105,8 +159,10 @@ class AttackingStrategy(Strategy):
         attack_clients: how many updates to attack per round (``None``: all), a seeded sample.
         round_offset: rounds already done (a resumed run), added to Flower's round counter.
         inner: the strategy that configures rounds and aggregates (``None``: ``FedAvg(**fedavg)`` without
-            client-side evaluation). Its own state (server momentum, Adam moments) is not saved between
-            runs: a resumed run starts it afresh.
+            client-side evaluation). It sees the absolute round number (so FedAdam's bias correction goes on
+            after a resume), and with ``out_dir`` its own state after each round (:func:`strategy_state`:
+            server momentum, Adam moments) is saved beside the round's updates, for
+            :meth:`restore_inner_state` to load when the run resumes.
         fedavg: FedAvg's arguments, when ``inner`` is ``None``.
     """
 
@@ -141,14 +197,24 @@ class AttackingStrategy(Strategy):
         rnd = self.absolute(server_round)
         self.global_states[rnd] = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         config[ROUND_KEY] = rnd
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(rnd, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(self.absolute(server_round), arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(self.absolute(server_round), replies)
+
+    def restore_inner_state(self, rnd: int) -> list[str]:
+        """Load the wrapped strategy's state saved after round ``rnd`` (a resumed run); returns the restored
+        attribute names (none for a strategy without state, or a run saved before this was kept)."""
+        if self.out_dir is None:
+            return []
+        path = strategy_state_path(self.out_dir, rnd)
+        if not path.is_file():
+            return []
+        return restore_strategy_state(self.inner, load_numpy(str(path)))
 
     def summary(self) -> None:
         log(INFO, "\t├──> clipleak: recording and attacking every update of %s", type(self.inner).__name__)
@@ -187,7 +253,13 @@ class AttackingStrategy(Strategy):
             for o in obs:
                 o.save(update_path(self.out_dir, rnd, int(o.meta["node_id"])))
         # recorded first: some strategies consume the replies (FedMedian pops their arrays)
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(rnd, replies)
+        if self.out_dir is not None:
+            saved = strategy_state(self.inner)
+            if saved:
+                path = strategy_state_path(self.out_dir, rnd)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_numpy(saved, str(path))
         self.reconstructions[rnd] = {}
         chosen = self.choose(rnd, obs)
         info: dict[str, Any] = {"clients": [int(o.meta["node_id"]) for o in obs], "attacked": [],

@@ -4,7 +4,16 @@ the image in closed form at batch 1 (APRIL) and the features off the visual proj
 
 from .adapter import AdapterFeatures, adapter_features
 from .bank import public_features
-from .coop import CoopFit, CoopGradientModel, coop_features, levenberg_marquardt, text_jacobian
+from .coop import (
+    CoopFit,
+    CoopGradientModel,
+    CoopTrajectoryModel,
+    coop_features,
+    coop_update_features,
+    levenberg_marquardt,
+    step_batches,
+    text_jacobian,
+)
 from .features import LABEL_MODES, FeatureEstimate, recovered_features
 from .labels import predict_labels
 from .vit import (
@@ -18,8 +27,10 @@ from .vit import (
 )
 
 __all__ = [
-    "LABEL_MODES", "AdapterFeatures", "ClosedFormImages", "CoopFit", "CoopGradientModel", "FeatureEstimate",
+    "LABEL_MODES", "AdapterFeatures", "ClosedFormImages", "CoopFit", "CoopGradientModel", "CoopTrajectoryModel",
+    "FeatureEstimate",
     "ProjectionFeatures", "ProjectionModel", "adapter_features", "closed_form_images", "coop_features",
+    "coop_update_features",
     "labels_from_features", "levenberg_marquardt", "pooled_tokens", "predict_labels", "projection_features",
-    "public_features", "recovered_features", "text_jacobian",
+    "public_features", "recovered_features", "step_batches", "text_jacobian",
 ]

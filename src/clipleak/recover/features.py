@@ -14,7 +14,7 @@ from ..peft import Victim
 from ..records import Observation
 from .adapter import AdapterGradientModel, adapter_features, adapter_labels, adapter_target, fit_adapter_batch
 from .bank import public_features
-from .coop import coop_features
+from .coop import coop_features, coop_update_features
 from .labels import predict_labels
 from .noise import NOISE_MARGIN, floor_note, relative_noise_floor
 from .vit import FULL_METHODS, projection_features
@@ -122,9 +122,16 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
                                b if done else rec.separated, residual=cost, notes=notes, noise_floor=floor)
     if victim.cfg.method == "coop":
         public = public_for_observation(obs.meta)[1]
-        fit = coop_features(obs, victim, public_features(victim.clip_info, public), public.labels, labels=shared)
-        source = "observation" if shared is not None else (
-            "read off the context gradient" if b == 1 else "fitted to the context gradient")
+        pub_feats = public_features(victim.clip_info, public)
+        steps = int((obs.meta.get("from_update") or {}).get("local_steps", 1))
+        if steps > 1:  # an E-step update: the exact replay of the client's steps (the first-order view fails)
+            start = coop_features(obs, victim, pub_feats, public.labels, labels=shared) if b > 1 else None
+            fit = coop_update_features(obs, victim, pub_feats, public.labels, labels=shared, start=start)
+            source = "observation" if shared is not None else "fitted to the update by replaying its local steps"
+        else:
+            fit = coop_features(obs, victim, pub_feats, public.labels, labels=shared)
+            source = "observation" if shared is not None else (
+                "read off the context gradient" if b == 1 else "fitted to the context gradient")
         notes = [] if fit.determined >= 1 else [
             f"the context gradient determines {fit.determined:.0%} of the unknown feature numbers; a prior "
             "fitted to the public features fills the rest"]
