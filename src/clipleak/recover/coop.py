@@ -377,12 +377,14 @@ def low_rank_dl_dt(model: CoopGradientModel, z: torch.Tensor, b: int, iterations
 
 
 def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Tensor, pl: torch.Tensor,
-                per_label: int = 20, iterations: int = 30, keep: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+                per_label: int = 20, iterations: int = 30, keep: float = 1e-2, least: int | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image roots of a rank-``B`` ``A = dL/dT``: unit features ``f`` in its row space and labels ``y``
     with ``p(f) - e_y`` in its column space (``K - 1 - B`` equations for ``B - 1`` unknowns, so isolated
     roots while ``B <= K / 2``). Each label's search starts from its public features projected into the
-    row space (batched Gauss-Newton); roots whose relative residual is below ``keep`` are returned, best
-    first, without duplicates. On 5 validation batches of 4 (class-specific context, trained target) the
+    row space (batched Gauss-Newton); roots whose relative residual is below ``keep``, and at least the
+    ``least`` (default ``2 B``) best, are returned, best first, without duplicates (a weakly trained target's
+    true roots can sit just above ``keep``). On 5 validation batches of 4 (class-specific context, trained target) the
     ``B`` best roots were the batch's images, duplicate labels included (residuals 4e-7 to 3e-4; the next
     root 3e-2 or more); in one batch two were at cosine 0.96 and 0.86 and the joint fit finishes them."""
     u, _, vh = torch.linalg.svd(a, full_matrices=False)
@@ -425,7 +427,7 @@ def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Ten
     f_all, y_all, r_all = torch.cat(feats), torch.cat(labs), torch.cat(rels)
     chosen: list[int] = []
     for j in torch.argsort(r_all).tolist():
-        if float(r_all[j]) >= keep:
+        if float(r_all[j]) >= keep and len(chosen) >= (2 * b if least is None else least):
             break
         if not any(int(y_all[j]) == int(y_all[k]) and float(f_all[j] @ f_all[k]) > 0.999 for k in chosen):
             chosen.append(j)
@@ -435,15 +437,15 @@ def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Ten
 def _batch_candidates(model: CoopGradientModel, z: torch.Tensor, b: int, pf: torch.Tensor,
                       pl: torch.Tensor, keep: int = 400) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Candidate sets for a batch pursuit: the per-image roots of the rank-B ``A = dL/dT``
-    (:func:`low_rank_dl_dt`, :func:`label_roots`) while they are determined (``B <= K / 2``) and at least
-    ``B`` are found; the public features projected into ``A``'s row space, which holds every image's
+    (:func:`low_rank_dl_dt`, :func:`label_roots`) while they are determined (``B <= K / 2``): the ``B`` best,
+    then all that were kept; the public features projected into ``A``'s row space, which holds every image's
     feature when the gradient determines ``A``; then the public features as they are."""
     a = low_rank_dl_dt(model, z, b)
     sets: list[tuple[torch.Tensor, torch.Tensor]] = []
     if 2 * b <= model.k:
         root_feats, root_labels = label_roots(model, a, b, pf, pl)
-        if root_feats.shape[0] >= b:
-            sets.append((root_feats, root_labels))
+        if root_feats.shape[0] >= b:  # the B best roots as they are, then a pursuit among all of them
+            sets += [(root_feats[:b], root_labels[:b]), (root_feats, root_labels)]
     basis = torch.linalg.svd(a, full_matrices=False)[2][:b]
     unit = F.normalize(pf, dim=-1)
     inside = (unit @ basis.t()).norm(dim=1)
