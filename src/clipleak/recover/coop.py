@@ -159,12 +159,10 @@ CONVERGED = 1e-4
 
 def levenberg_marquardt(
     resid: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, iterations: int, lam: float = 1e-2,
-    tol: float = 1e-8, jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None, stall: float = 0.0,
+    tol: float = 1e-8, jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Minimise ``|resid(x)|^2`` from ``x0`` (a flat float64 vector) by damped Gauss-Newton; stops
-    early once ``|resid|`` is below ``tol``, or (``stall > 0``) once it is below ``CONVERGED`` and an
-    accepted step lowers it by less than the fraction ``stall``. ``jacobian`` (default: forward-mode AD
-    of ``resid``)."""
+    early once ``|resid|`` is below ``tol``. ``jacobian`` (default: forward-mode AD of ``resid``)."""
     x = x0.clone()
     r = resid(x)
     cost = float(r.norm())
@@ -177,10 +175,7 @@ def levenberg_marquardt(
         r_new = resid(x + step)
         c_new = float(r_new.norm())
         if c_new < cost:
-            done = stall > 0 and c_new < CONVERGED and cost - c_new < stall * cost
             x, r, cost, lam = x + step, r_new, c_new, max(lam / 3, 1e-9)
-            if done:
-                break
         else:
             lam *= 4
             if lam > 1e8:
@@ -206,12 +201,6 @@ class CoopFit:
     noise_floor: float = 0.0
 
 
-STALL = 1e-2
-"""A converged batch fit stops once a step gains less than this fraction (validation, class-specific batch 4:
-cosines 0.9992-1.0 instead of 0.9994-1.0, in half the time). Batch 1 fits run to the end: the decoder is
-sensitive to the last digits (0.2 dB on the private batch-1 rows)."""
-
-
 def coop_features(
     obs: Observation, victim: Victim, public_feats: torch.Tensor, public_labels: torch.Tensor, *,
     labels: torch.Tensor | None = None, iterations: int = 150, screen_iterations: int = 20,
@@ -231,8 +220,7 @@ def coop_features(
     label, and the lowest residual goes on for ``iterations`` steps.
     Batch B: ``dL/dT`` is fitted as a rank-``B`` matrix with rows summing to zero (:func:`low_rank_dl_dt`);
     a greedy pursuit picks ``B`` public candidates (feature projected into its row space, label) that together
-    explain the gradient, then all features are refined jointly (and stop once converged and stalling).
-    When the gradient determines fewer numbers than
+    explain the gradient, then all features are refined jointly. When the gradient determines fewer numbers than
     there are unknowns (shared context, ``B > 1``), a Gaussian prior fitted to the public features
     (``prior_weight``; default 1e-3 then, 0 otherwise) keeps the unobserved directions at typical values.
     Shared labels restrict the candidates to those labels.
@@ -281,8 +269,7 @@ def coop_features(
 
     def refine(feats: torch.Tensor, labs: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
         u0 = (F.normalize(feats.double(), dim=-1) - mu) @ inv_sq
-        u, cost = levenberg_marquardt(resid_fn(labs), u0.reshape(-1), n, tol=tol,
-                                      stall=STALL if b > 1 else 0.0)
+        u, cost = levenberg_marquardt(resid_fn(labs), u0.reshape(-1), n, tol=tol)
         return mu + u.view(-1, e) @ sq, cost
 
     if b == 1:
