@@ -16,7 +16,6 @@ result says how many were separated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import ClipleakError
 from ..peft import Victim
 from ..records import Observation
+from .coop import batched_levenberg_marquardt, levenberg_marquardt
 from .labels import predict_labels
 from .noise import NOISE_MARGIN
 
@@ -190,7 +190,6 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
 
     ``floor``: the relative residual the DP noise alone leaves (:mod:`clipleak.recover.noise`); the fit stops
     there, and only a fit stalled above it gets the softplus pass."""
-    from .coop import levenberg_marquardt
 
     target = adapter_target(obs)
     tn = target.norm().clamp_min(1e-30)
@@ -332,7 +331,7 @@ def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol
 
     coeffs = F.normalize(starts.double(), dim=-1) @ basis.t()
     coeffs = coeffs / coeffs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    found, costs = _batched_levenberg_marquardt(resid, coeffs, iterations)
+    found, costs = batched_levenberg_marquardt(resid, coeffs, iterations)
     roots: list[tuple[float, torch.Tensor]] = []
     for i in torch.argsort(costs).tolist():
         if float(costs[i]) > tol or len(roots) >= b:
@@ -342,28 +341,3 @@ def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol
             roots.append((float(costs[i]), f))
     roots.sort(key=lambda t: t[0])
     return torch.stack([f for _, f in roots]).float() if roots else torch.zeros(0, g1.shape[1])
-
-
-def _batched_levenberg_marquardt(resid: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                                 iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levenberg-Marquardt from every row of ``x0`` at once (each row its own problem and damping);
-    returns the rows reached and their residual norms."""
-    x = x0.clone()
-    batched = torch.func.vmap(resid)
-    jac = torch.func.vmap(torch.func.jacfwd(resid))
-    r = batched(x)
-    cost = r.norm(dim=1)
-    lam = torch.full((x.shape[0],), 1e-2, dtype=x.dtype)
-    for _ in range(iterations):
-        jm = jac(x)  # (S, R, P)
-        h = jm.transpose(1, 2) @ jm
-        damp = lam[:, None, None] * torch.diag_embed(torch.diagonal(h, dim1=1, dim2=2) + 1e-12)
-        step = torch.linalg.solve(h + damp, -(jm.transpose(1, 2) @ r[..., None]))[..., 0]
-        r_new = batched(x + step)
-        c_new = r_new.norm(dim=1)
-        better = c_new < cost
-        x = torch.where(better[:, None], x + step, x)
-        r = torch.where(better[:, None], r_new, r)
-        cost = torch.where(better, c_new, cost)
-        lam = torch.where(better, (lam / 3).clamp_min(1e-9), lam * 4)
-    return x, cost

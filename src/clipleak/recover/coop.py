@@ -153,6 +153,31 @@ class CoopGradientModel:
         return w, f
 
 
+def batched_levenberg_marquardt(resid: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                                iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levenberg-Marquardt from every row of ``x0`` at once (each row its own problem and damping);
+    returns the rows reached and their residual norms."""
+    x = x0.clone()
+    batched = torch.func.vmap(resid)
+    jac = torch.func.vmap(torch.func.jacfwd(resid))
+    r = batched(x)
+    cost = r.norm(dim=1)
+    lam = torch.full((x.shape[0],), 1e-2, dtype=x.dtype)
+    for _ in range(iterations):
+        jm = jac(x)  # (S, R, P)
+        h = jm.transpose(1, 2) @ jm
+        damp = lam[:, None, None] * torch.diag_embed(torch.diagonal(h, dim1=1, dim2=2) + 1e-12)
+        step = torch.linalg.solve(h + damp, -(jm.transpose(1, 2) @ r[..., None]))[..., 0]
+        r_new = batched(x + step)
+        c_new = r_new.norm(dim=1)
+        better = c_new < cost
+        x = torch.where(better[:, None], x + step, x)
+        r = torch.where(better[:, None], r_new, r)
+        cost = torch.where(better, c_new, cost)
+        lam = torch.where(better, (lam / 3).clamp_min(1e-9), lam * 4)
+    return x, cost
+
+
 CONVERGED = 1e-4
 """Relative residual below which a fit counts as converged (true features reach about 1e-6)."""
 
@@ -384,31 +409,17 @@ def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Ten
         if not idx.numel():
             continue
         x = F.normalize(coords[idx[torch.argsort(coords[idx].norm(dim=1), descending=True)[:per_label]]], dim=-1)
-        ey = F.one_hot(torch.tensor(y), model.k).double()
+        yt = torch.tensor([y])
 
-        def resid(x: torch.Tensor, ey: torch.Tensor = ey) -> torch.Tensor:
-            p = F.softmax(model.scale * F.normalize(x @ rows, dim=-1) @ model.text.t(), -1)
-            return (p - ey) @ outside.t()
+        def resid(v: torch.Tensor, yt: torch.Tensor = yt) -> torch.Tensor:
+            return model.weights(F.normalize(v @ rows, dim=-1)[None], yt)[0] @ outside.t()
 
-        lam = torch.full((x.shape[0],), 1e-2, dtype=torch.float64)
-        r = resid(x)
-        cost = r.norm(dim=1)
-        for _ in range(iterations):
-            jm = torch.func.vmap(torch.func.jacfwd(lambda v: resid(v[None])[0]))(x)  # (n, K, B)
-            h = jm.transpose(1, 2) @ jm
-            damp = lam[:, None, None] * torch.diag_embed(h.diagonal(dim1=1, dim2=2) + 1e-12)
-            step = -torch.linalg.solve(h + damp, jm.transpose(1, 2) @ r[..., None])[..., 0]
-            r_new = resid(x + step)
-            c_new = r_new.norm(dim=1)
-            ok = c_new < cost
-            x = torch.where(ok[:, None], x + step, x)
-            r, cost = torch.where(ok[:, None], r_new, r), torch.where(ok, c_new, cost)
-            lam = torch.where(ok, lam / 3, lam * 4)
+        x, cost = batched_levenberg_marquardt(resid, x, iterations)
         f = F.normalize(x @ rows, dim=-1)
-        p = F.softmax(model.scale * f @ model.text.t(), -1)
+        w = model.weights(f, yt.expand(f.shape[0]))
         feats.append(f)
         labs.append(torch.full((f.shape[0],), y, dtype=torch.long))
-        rels.append(cost / (p - ey).norm(dim=1).clamp_min(1e-30))
+        rels.append(cost / w.norm(dim=1).clamp_min(1e-30))
     if not feats:
         return torch.zeros(0, model.e, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     f_all, y_all, r_all = torch.cat(feats), torch.cat(labs), torch.cat(rels)
