@@ -101,3 +101,45 @@ def test_train_cli_help_has_an_example():
 
     out = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
     assert out.exit_code == 0 and "Example: clipleak train" in out.output
+
+
+def test_text_feature_site_in_training(tmp_path, sets):
+    """CoOp DP training at the text-features site: sigma 0 with no clipping is plain training, each example's
+    clipped text-feature gradient has norm <= C, and the epsilon spent is the accountant's."""
+    from clipleak.errors import ClipleakError
+    from clipleak.models import build_model
+    from clipleak.peft import PeftConfig, build_victim
+    from clipleak.privacy import clipped_sum, text_feature_gradients_from_raw
+    from clipleak.training.finetune import encode
+
+    train, held = sets
+    base = dict(method="coop", steps=3, batch_size=8, sampling="fixed", lr=1e-2, checkpoint_every=100)
+    finetune(FinetuneConfig(**base), train, held, tmp_path / "plain")
+    site = finetune(FinetuneConfig(**base, dp="per-example", dp_site="text-features", clip=1e9, noise_multiplier=0.0),
+                    train, held, tmp_path / "site")
+    a, b = _peft(tmp_path / "plain"), _peft(tmp_path / "site")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert site["privacy"]["site"] == "text-features"
+
+    # the clipping the trainer applies: per-example text-feature gradient norms <= C, and some were clipped
+    victim = build_victim(build_model("tiny-32", None), list(train.classnames), PeftConfig(method="coop"))
+    raw = encode(victim, train.images[:16])
+    per = text_feature_gradients_from_raw(victim, raw, train.labels[:16])
+    norms = torch.linalg.vector_norm(per.flatten(1), dim=1)
+    c = float(norms.median())
+    summed, f = clipped_sum(per, c)
+    clipped = torch.linalg.vector_norm((f.view(-1, 1, 1) * per).flatten(1), dim=1)
+    assert float(clipped.max()) <= c * (1 + 1e-6) and bool((f < 1).any()) and bool((f == 1).any())
+    assert torch.allclose(summed, (f.view(-1, 1, 1) * per).sum(0), atol=1e-7)
+
+    noisy = finetune(FinetuneConfig(**{**base, "sampling": "poisson"}, dp="per-example", dp_site="text-features",
+                                    clip=0.01, noise_multiplier=1.1, canaries=10), train, held, tmp_path / "noisy")
+    pv = noisy["privacy"]
+    assert pv["epsilon_spent"] == pytest.approx(epsilon(1.1, 8 / 60, 3, 1e-5))
+    assert noisy["canaries"]["space"].startswith("text features")
+    assert not all(torch.allclose(a[k], _peft(tmp_path / "noisy")[k]) for k in a)  # the noise moved it
+    with pytest.raises(ClipleakError):
+        FinetuneConfig(method="adapter", dp="per-example", dp_site="text-features", noise_multiplier=1.0)
+    with pytest.raises(ClipleakError):
+        FinetuneConfig(method="coop", dp_site="text-features")

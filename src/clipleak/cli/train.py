@@ -117,6 +117,10 @@ def train(
     = False,
     dp: Annotated[str, typer.Option(help="none | per-example (PEFT: DP-SGD) | per-batch (contrastive: Dp-CLIP)")]
     = "none",
+    dp_site: Annotated[str, typer.Option(
+        help="per-example DP site: parameters (DP-SGD on the PEFT gradient) | text-features (coop only: clip + "
+             "noise each example's gradient w.r.t. the class text features, then one text backward to the prompt; "
+             "same epsilon, about the plain step's cost)")] = "parameters",
     epsilon: Annotated[float | None, typer.Option(help="target epsilon (sigma calibrated for this schedule)")]
     = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="sigma (instead of --epsilon)")] = None,
@@ -146,12 +150,16 @@ def train(
 
     Example: clipleak train --method adapter --dp per-example --epsilon 3 --delta 1e-5 --clip 0.1 --steps 200 --out runs/ft-dp
 
+    Example: clipleak train --method coop --dp per-example --dp-site text-features --epsilon 3 --clip 0.01 --lr 3e-3 --out runs/ft-coop-dp
+
     Example: clipleak train --contrastive --dp per-batch --epsilon 3 --steps 100 --out runs/dpclip
     """  # noqa: E501
     from .. import api
     from ..training import ContrastiveConfig, FinetuneConfig
 
     if contrastive:
+        if dp_site != "parameters":
+            raise ClipleakError("--dp-site is for per-example DP-SGD of CoOp, not contrastive fine-tuning")
         cdp = "none" if dp == "none" else dp
         ccfg = ContrastiveConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else 1e-5, dp=cdp,
                                  clip=clip if clip is not None else 1.0, noise_multiplier=noise_multiplier,
@@ -175,7 +183,8 @@ def train(
         raise ClipleakError("PEFT fine-tuning uses per-example DP-SGD (--dp per-example); per-batch is for "
                             "--contrastive")
     cfg = FinetuneConfig(method=method, steps=steps, batch_size=batch_size, sampling=sampling, optimizer=optimizer,
-                         lr=lr if lr is not None else 1e-2, dp=dp, clip=clip if clip is not None else 0.1,
+                         lr=lr if lr is not None else 1e-2, dp=dp, dp_site=dp_site,
+                         clip=clip if clip is not None else 0.1,
                          noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta, accountant=accountant,
                          seed=seed)
     with progress_bar() as cb:
@@ -188,7 +197,8 @@ def train(
                   f"before, [bold]{res['accuracy']:.1%}[/] after")
     pv = res["privacy"]
     if pv:
-        console.print(f"DP-SGD per-example: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g}, epsilon spent "
+        site = " at the text features" if pv.get("site") == "text-features" else ""
+        console.print(f"DP-SGD per-example{site}: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g}, epsilon spent "
                       f"[bold]{pv['epsilon_spent']:.3g}[/] at delta {pv['delta']:g} ({pv['accountant']})")
     console.print(f"result: {out / 'finetune.json'}")
 

@@ -23,10 +23,12 @@ from .mechanisms import (
 )
 from .per_example import (
     PER_EXAMPLE_METHODS,
+    clipped_sum,
     coop_text_feature_dp,
     per_example_gradients,
     per_example_gradients_from_raw,
     text_feature_gradients,
+    text_feature_gradients_from_raw,
 )
 from .setting import MECHANISMS, SITES, DpSetting, privatise
 
@@ -40,6 +42,7 @@ __all__ = [
     "check_inputs",
     "clip_gradient",
     "clip_per_example",
+    "clipped_sum",
     "coop_text_feature_dp",
     "dp_clip",
     "dp_sgd",
@@ -53,4 +56,5 @@ __all__ = [
     "privatise",
     "prv_bounds",
     "text_feature_gradients",
+    "text_feature_gradients_from_raw",
 ]

@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 from ..errors import ClipleakError
 from ..models import math_attention
 from ..peft import Victim
-from .mechanisms import gaussian_noise
+from .mechanisms import gaussian_noise, per_example_factors
 
 PER_EXAMPLE_METHODS: tuple[str, ...] = ("coop", "adapter")
 
@@ -95,18 +95,36 @@ def text_feature_gradients(victim: Victim, images01: torch.Tensor, labels: torch
     ``(B, K, E)``, ``dL_i/dT = s (p_i - y_i) fn_i^T`` (s the logit scale, fn_i the normalised image
     feature). Needs no backward pass through the text encoder (``coop`` only); ``text``: ``T`` if the
     caller has it already."""
-    if victim.cfg.method != "coop":
-        raise ClipleakError(f"text-feature gradients are defined for coop (its parameters act on the text side "
-                            f"only), not {victim.cfg.method!r}")
     if labels.dim() != 1 or labels.shape[0] != images01.shape[0]:
         raise ClipleakError("per-example gradients need one class index per image")
     with torch.no_grad():
-        fn = victim.image_features(images01)
+        raw = victim.raw_image_features(images01)
+    return text_feature_gradients_from_raw(victim, raw, labels, text=text)
+
+
+def text_feature_gradients_from_raw(victim: Victim, raw: torch.Tensor, labels: torch.Tensor,
+                                    text: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`text_feature_gradients` from the frozen encoder's output ``raw``
+    (:meth:`Victim.raw_image_features`): training loops encode their images once and reuse it."""
+    if victim.cfg.method != "coop":
+        raise ClipleakError(f"text-feature gradients are defined for coop (its parameters act on the text side "
+                            f"only), not {victim.cfg.method!r}")
+    if labels.dim() != 1 or labels.shape[0] != raw.shape[0]:
+        raise ClipleakError("per-example gradients need one class index per image")
+    with torch.no_grad():
+        fn = victim.features_from_raw(raw)
         t = victim.text_features() if text is None else text.detach()
         scale = victim.logit_scale()
         p = torch.softmax(scale * fn @ t.t(), dim=-1)
         a = scale * (p - F.one_hot(labels, p.shape[-1]).to(p.dtype))
     return a.unsqueeze(-1) * fn.unsqueeze(1)
+
+
+def clipped_sum(per: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i clip_C(per_i)`` over the first dimension (each example's flat L2 / Frobenius norm clipped to
+    C by :func:`~clipleak.privacy.per_example_factors`), and the clip factors ``(B,)``."""
+    f = per_example_factors({"g": per}, clip)["g"]
+    return torch.tensordot(f, per, dims=1), f
 
 
 def coop_text_feature_dp(victim: Victim, images01: torch.Tensor, labels: torch.Tensor, clip: float,
@@ -130,9 +148,7 @@ def coop_text_feature_dp(victim: Victim, images01: torch.Tensor, labels: torch.T
     params = victim.trainable()
     t = victim.text_features()  # the one text forward, kept for the one backward
     g = text_feature_gradients(victim, images01, labels, text=t)
-    norms = torch.linalg.vector_norm(g.flatten(1), dim=1)
-    f = (clip / (norms + 1e-6)).clamp(max=1.0)
-    summed = torch.tensordot(f, g, dims=1)
+    summed, _ = clipped_sum(g, clip)
     if noise_multiplier > 0:
         summed = gaussian_noise({"t": summed}, noise_multiplier * clip, generator)["t"].add_(summed)
     grads = torch.autograd.grad(t, list(params.values()), grad_outputs=summed / g.shape[0])

@@ -18,6 +18,11 @@ a step runs only the PEFT head. Each step:
   ``dp="per-example"`` each per-example gradient is first clipped to C (flat L2 over the PEFT tensors)
   and N(0, (sigma C)^2) is added to the sum: DP-SGD, sensitivity C, accountant noise multiplier sigma.
   sigma is given or calibrated from a target epsilon for this schedule (q, steps, delta).
+  ``dp_site="text-features"`` (CoOp only) clips and noises each example's gradient w.r.t. the K x E class
+  text features instead (closed form, no text backward per example) and maps the noisy sum to the
+  prompt with one backward pass of the text encoder: the same Gaussian mechanism and accounting, the
+  map is post-processing (:func:`clipleak.privacy.coop_text_feature_dp`), at the plain step's cost
+  instead of B text backward passes. C then bounds the text-feature gradient.
 * **optimiser** -- Adam (default) or SGD with momentum 0.9, cosine learning-rate decay to 0;
   post-processing, so it costs no privacy.
 
@@ -30,7 +35,8 @@ resumed run continues bitwise. Epsilon spent is recorded at every evaluation poi
 (seeded). An included canary behaves like one more training example whose clipped gradient is C u_j:
 it is Poisson-sampled with the same q every step and its C u_j added to the clipped sum before the
 noise. The auditor sees every step's privatised sum (white-box) and scores canary j by the sum over
-steps of <update_t, u_j>; :mod:`clipleak.audit.canary` turns scores into an epsilon lower bound.
+steps of <update_t, u_j>; :mod:`clipleak.audit.canary` turns scores into an epsilon lower bound. At the
+``text-features`` site the privatised sum, and so the canaries, live in the K x E text-feature space.
 """
 
 from __future__ import annotations
@@ -57,11 +63,14 @@ from ..models import build_model
 from ..peft import PeftConfig, Victim, build_victim
 from ..privacy import (
     PER_EXAMPLE_METHODS,
+    SITES,
     DpSetting,
+    clipped_sum,
     epsilon,
     gaussian_noise,
     per_example_factors,
     per_example_gradients_from_raw,
+    text_feature_gradients_from_raw,
 )
 from ..records import ProgressEvent, ProgressFn
 from .loop import Budget, LoopState, train_loop
@@ -92,6 +101,7 @@ class FinetuneConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     dp: str = "none"
+    dp_site: str = "parameters"
     clip: float = 0.1
     noise_multiplier: float | None = None
     epsilon: float | None = None
@@ -120,6 +130,10 @@ class FinetuneConfig:
             raise ClipleakError("steps and batch size must be positive integers")
         if not float(self.lr) > 0:
             raise ClipleakError(f"learning rate must be positive, got {self.lr!r}")
+        if self.dp_site not in SITES:
+            raise ClipleakError(f"unknown DP site {self.dp_site!r}; choose one of {', '.join(SITES)}")
+        if self.dp_site != "parameters" and (self.dp != "per-example" or self.method != "coop"):
+            raise ClipleakError(f"the {self.dp_site!r} DP site is for CoOp with dp='per-example'")
         if self.dp == "per-example" and self.noise_multiplier is None and self.epsilon is None:
             raise ClipleakError("DP fine-tuning needs a noise multiplier or a target epsilon")
         if self.dp == "none" and (self.noise_multiplier is not None or self.epsilon is not None or self.canaries):
@@ -142,6 +156,8 @@ class FinetuneConfig:
         d = self.to_dict()
         for k in ("checkpoint_every", "eval_points"):
             d.pop(k)
+        if d["dp_site"] == "parameters":  # checkpoints written before the site existed stay resumable
+            d.pop("dp_site")
         return d
 
 
@@ -158,7 +174,7 @@ def dp_setting(cfg: FinetuneConfig, n_images: int) -> DpSetting | None:
     q = sample_rate(cfg, n_images)
     return DpSetting("per-example", clip=float(cfg.clip), noise_multiplier=cfg.noise_multiplier,
                      epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=int(cfg.steps),
-                     accountant=cfg.accountant).resolve()
+                     accountant=cfg.accountant, site=cfg.dp_site).resolve()
 
 
 def sample_rate(cfg: FinetuneConfig, n_images: int) -> float:
@@ -195,6 +211,11 @@ class _Run:
             self.opt = torch.optim.SGD(plist, lr=cfg.lr, momentum=0.9)
         self.shapes = {k: p.shape for k, p in self.params.items()}
         self.dim = sum(p.numel() for p in plist)
+        self.text_site = setting is not None and setting.site == "text-features"
+        if self.text_site:  # the privatised sum lives in text-feature space (K x E); so do the canaries
+            with torch.no_grad():
+                self.text_shape = victim.text_features().shape
+            self.dim = int(self.text_shape.numel())
         self.canary_dirs: torch.Tensor | None = None
         self.canary_in: torch.Tensor | None = None
         self.canary_scores: torch.Tensor | None = None
@@ -226,7 +247,19 @@ class _Run:
                     float(loss.detach()) / idx.numel())
         s_ = self.setting
         assert s_.noise_multiplier is not None
-        if idx.numel():
+        text: torch.Tensor | None = None
+        if self.text_site:
+            text = self.victim.text_features()  # the one text forward, kept for the one backward
+            if idx.numel():
+                summed = {"text": clipped_sum(text_feature_gradients_from_raw(self.victim, raw, y, text=text),
+                                              s_.clip)[0]}
+                with torch.no_grad():
+                    logits = self.victim.logit_scale() * self.victim.features_from_raw(raw) @ text.detach().t()
+                    loss_v = float(F.cross_entropy(logits, y))
+            else:
+                summed = {"text": torch.zeros(self.text_shape)}
+                loss_v = float("nan")
+        elif idx.numel():
             per = per_example_gradients_from_raw(self.victim, raw, y)
             f = per_example_factors(per, s_.clip, s_.clipping)
             summed = {k: torch.tensordot(f[k], g, dims=1) for k, g in per.items()}
@@ -252,6 +285,9 @@ class _Run:
             assert self.canary_scores is not None
             flat = torch.cat([v.reshape(-1) for v in summed.values()])
             self.canary_scores += (self.canary_dirs @ flat).double()
+        if text is not None:  # post-processing: one vector-Jacobian product of the text encoder to the prompt
+            grads = torch.autograd.grad(text, list(self.params.values()), grad_outputs=summed["text"] / self.expected)
+            return {k: g.detach() for k, g in zip(self.params, grads, strict=True)}, loss_v
         return {k: v / self.expected for k, v in summed.items()}, loss_v
 
     def step(self, s: int, total: int | None) -> float:
@@ -424,7 +460,8 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
         result["canaries"] = {"m": cfg.canaries, "scores": [float(x) for x in run.canary_scores],
                               "included": [bool(x) for x in run.canary_in],
                               "kind": "gradient-space canaries (norm C, Poisson-sampled at q when included), "
-                                      "scored by the sum over steps of <privatised sum, direction>"}
+                                      "scored by the sum over steps of <privatised sum, direction>",
+                              "space": "text features (K x E)" if run.text_site else "PEFT parameters"}
     (out / "finetune.json").write_text(json.dumps(result, indent=1))
     shutil.rmtree(root, ignore_errors=True)
     return result
