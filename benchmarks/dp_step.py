@@ -7,6 +7,8 @@ For CoOp and CLIP-Adapter at batch B it times
   * per-example-text-features (CoOp): clip + noise each example's text-feature gradient, one backward
     of the text encoder (``DpSetting(site="text-features")``),
 and the FLOPs of each (torch's FlopCounterMode: machine-independent, unlike the times),
+the training step of ``clipleak train`` for CoOp (``train``: plain, DP-SGD on the prompt, the text-features
+site; the images are encoded once there, so a step is the text tower, the classifier and Adam),
 and, for Dp-CLIP's own setting, the contrastive loss of the whole tiny CLIP (image-caption pairs): plain
 forward + backward vs. the same plus per-batch clipping and noise, and the Gaussian sampling alone
 (noise-only: one N(0, 1) draw per trained parameter). ``contrastive`` trains what clipleak's contrastive
@@ -97,6 +99,38 @@ def peft_rows(batch: int, repeats: int) -> dict[str, dict[str, dict[str, float]]
     return out
 
 
+def train_rows(batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """One step of ``clipleak train``'s CoOp loop (``training.finetune``: images encoded once, so a step is
+    the text tower and the classifier; fixed batches of ``batch`` from 10 x batch encoded images; Adam):
+    non-private vs per-example DP-SGD on the prompt vs per-example at the text features."""
+    from clipleak.training.finetune import FinetuneConfig, _Run, dp_setting
+
+    clip = build_model("tiny-32", init_seed=0)
+    g = torch.Generator().manual_seed(0)
+    n = 10 * batch
+    x = torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    base = dict(method="coop", steps=10**6, batch_size=batch, sampling="fixed", lr=1e-3)
+    cfgs = {"plain": FinetuneConfig(**base),
+            "per-example": FinetuneConfig(**base, dp="per-example", clip=1.0, noise_multiplier=1.0),
+            "per-example-text-features": FinetuneConfig(**base, dp="per-example", dp_site="text-features", clip=1.0,
+                                                        noise_multiplier=1.0)}
+    fns: dict[str, Callable[[], object]] = {}
+    for name, cfg in cfgs.items():
+        v = build_victim(clip, NAMES, PeftConfig(method="coop"))
+        with torch.no_grad():
+            raw = v.raw_image_features(x)
+        run = _Run(cfg, v, raw, y, dp_setting(cfg, n))
+        counter = iter(range(10**9))
+        fns[name] = lambda run=run, counter=counter: run.step(next(counter), None)
+    row = _summary(_interleaved(fns, repeats), "plain")
+    flops = {k: _flops(fn) for k, fn in fns.items()}
+    for k in fns:
+        row[k]["gflop"] = flops[k] / 1e9
+        row[k]["flop_ratio"] = flops[k] / flops["plain"]
+    return row
+
+
 def contrastive_row(batch: int, repeats: int, vocabulary: str = "captions") -> dict[str, dict[str, float]]:
     """Dp-CLIP's setting: the contrastive loss of the whole tiny CLIP, plain vs. per-batch clip + noise.
 
@@ -152,8 +186,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="peft,contrastive,contrastive-all-rows",
-                    help="comma-separated rows: peft, contrastive, contrastive-all-rows")
+    ap.add_argument("--only", default="peft,train,contrastive,contrastive-all-rows",
+                    help="comma-separated rows: peft, train (clipleak train's CoOp step), contrastive, "
+                         "contrastive-all-rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +199,9 @@ def main() -> None:
         peft = peft_rows(args.batch, args.repeats)
         res["peft"] = peft
         rows += list(peft.items())
+    if "train" in only:
+        res["train-coop"] = train_rows(args.batch, args.repeats)
+        rows.append(("train-coop", res["train-coop"]))  # type: ignore[arg-type]
     for name, vocab in (("contrastive", "captions"), ("contrastive-all-rows", "all")):
         if name in only:
             res[name] = contrastive_row(args.batch, args.repeats, vocab)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from clipleak import api
@@ -105,6 +106,32 @@ def test_audit_resumes_and_writes_its_chart(tmp_path):
     assert (tmp_path / "audit.html").is_file() and "| adapter |" in (tmp_path / "audit.md").read_text()
     second = run_audit(cfg, tmp_path)
     assert second["computed"] == 0 and second["rows"] == first["rows"]
+
+
+def test_audit_coop_options(tmp_path):
+    """Class-specific CoOp context, the MIP attack and the text-features DP site reach the audit's cells."""
+    from clipleak.audit.sweep import _Context
+    from clipleak.errors import ClipleakError
+
+    base = {"steps": 2, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"}
+    both = AuditConfig(epsilons=[3.0], methods=["adapter", "coop"],
+                       finetune={**base, "class_specific": True, "dp_site": "text-features"})
+    assert both.ft("coop", 3.0).class_specific and both.ft("coop", 3.0).dp_site == "text-features"
+    assert not both.ft("adapter", 3.0).class_specific and both.ft("adapter", 3.0).dp_site == "parameters"
+    assert both.ft("coop", math.inf).dp == "none"
+    assert both.label("coop") == "coop class-specific, DP at the text-features" and both.label("adapter") == "adapter"
+    with pytest.raises(ClipleakError):
+        AuditConfig(methods=["coop"], finetune={**base, "dp_site": "nowhere"})
+
+    cfg = AuditConfig(epsilons=[math.inf], methods=["coop"], batch_sizes=[1], attack="mip", images=1, canaries=0,
+                      finetune={**base, "class_specific": True})
+    ctx = _Context(cfg, None)
+    assert ctx.victims["coop"].trainable()["prompt.ctx"].shape[0] == 10  # one context per class
+    res = run_audit(cfg, tmp_path)
+    assert res["computed"] == 2
+    row = res["rows"][0]
+    assert row["peft"] == "coop class-specific" and row["reid"] is not None and row["accuracy"] is not None
+    assert "| coop class-specific |" in (tmp_path / "audit.md").read_text()
 
 
 def test_canary_bound():

@@ -35,7 +35,7 @@ def summarise(cfg: AuditConfig, cells: dict[str, Any]) -> dict[str, Any]:
                 chance = obs_done[0]["chance"] if obs_done else 1.0 / cfg.reid_k
                 reid = _mean([o["reid"] for o in obs_done])
                 row = {
-                    "method": method, "batch_size": int(b), "epsilon": eps_text(eps),
+                    "method": method, "peft": cfg.label(method), "batch_size": int(b), "epsilon": eps_text(eps),
                     "images": len(obs_done),
                     "noise_multiplier": obs_done[0]["noise_multiplier"] if obs_done else acc.get("noise_multiplier"),
                     "reid": reid, "psnr": _mean([o["psnr"] for o in obs_done]),
@@ -74,14 +74,15 @@ def _findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
                     at = r
                 else:
                     break
+            name = cfg.label(method)
             if at is None:
-                out.append(f"{method}, batch {b}: re-identification stays above chance at every epsilon measured.")
+                out.append(f"{name}, batch {b}: re-identification stays above chance at every epsilon measured.")
                 continue
             acc = at["accuracy"]
             base_acc = base["accuracy"] if base else None
             paid = (f"; validation accuracy there {acc:.1%} vs {base_acc:.1%} without DP "
                     f"({(base_acc - acc) * 100:+.1f} points paid)") if acc is not None and base_acc is not None else ""
-            out.append(f"{method}, batch {b}: re-identification is at chance ({at['reid']:.0%}, chance "
+            out.append(f"{name}, batch {b}: re-identification is at chance ({at['reid']:.0%}, chance "
                        f"{at['chance']:.0%}) for epsilon <= {at['epsilon']}{paid}.")
     return out
 
@@ -114,6 +115,7 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
         acc_ax = ax.twinx()
         for m, method in enumerate(methods):
             c = colours[m % len(colours)]
+            name = next(r.get("peft", method) for r in rows if r["method"] == method)
             for n, b in enumerate(batches):
                 mine = sorted((r for r in rows if r["method"] == method and r["batch_size"] == b),
                               key=lambda r: _x(r["epsilon"], finite))
@@ -123,16 +125,16 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
                 xs = [_x(r["epsilon"], finite) for r in mine]
                 ys = [r[metric] for r in mine]
                 ax.plot(xs, [np.nan if y is None else y for y in ys], marker=marker, ls=ls, color=c,
-                        label=f"{method}, batch {b}: attack")
+                        label=f"{name}, batch {b}: attack")
                 proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
                 if proto is not None:
-                    which = f"{method}, batch {b}" if several else method
+                    which = f"{name}, batch {b}" if several else name
                     ax.axhline(proto, color=c, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")
             acc_rows = {r["epsilon"]: r["accuracy"] for r in rows if r["method"] == method}
             xs_acc = sorted(acc_rows, key=lambda e: _x(e, finite))
             acc_ys = [np.nan if acc_rows[e] is None else acc_rows[e] for e in xs_acc]
             acc_ax.plot([_x(e, finite) for e in xs_acc], acc_ys, marker="x", ls=":", color=c, alpha=0.7,
-                        label=f"{method}: validation accuracy (DP fine-tuning)")
+                        label=f"{name}: validation accuracy (DP fine-tuning)")
         if metric == "reid" and rows:
             ax.axhline(rows[0]["chance"], color="black", ls=":", lw=1.5, label="chance")
             ax.set_ylim(-0.02, 1.02)
@@ -171,7 +173,7 @@ def _fmt(v: Any, kind: str) -> str:
     return str(v)
 
 
-COLUMNS = [("method", "method", "s"), ("batch_size", "batch", "s"), ("epsilon", "epsilon", "s"),
+COLUMNS = [("peft", "method", "s"), ("batch_size", "batch", "s"), ("epsilon", "epsilon", "s"),
            ("noise_multiplier", "sigma", "g"), ("images", "batches", "s"), ("reid", "re-id", "pct"),
            ("psnr", "PSNR dB", "db"), ("label_accuracy", "labels", "pct"),
            ("prototype_true_reid", "prototype re-id", "pct"), ("prototype_true_psnr", "prototype dB", "db"),
@@ -211,7 +213,8 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
         "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in summary["findings"]) + "</ul>",
         "<table><tr>" + "".join(f"<th>{html.escape(c[1])}</th>" for c in COLUMNS) + "</tr>", rows_html, "</table>",
         "<p>Verdicts:</p><ul>" + "".join(
-            f"<li>{html.escape(r['method'])}, batch {r['batch_size']}, epsilon {html.escape(r['epsilon'])}: "
+            f"<li>{html.escape(r.get('peft', r['method']))}, batch {r['batch_size']}, "
+            f"epsilon {html.escape(r['epsilon'])}: "
             f"{html.escape(r['verdict'])}</li>" for r in summary["rows"]) + "</ul>",
         f"<pre>{html.escape(json.dumps(cfg, indent=1))}</pre>",
         '<p>All numbers: <a href="audit.json">audit.json</a>; cells: <a href="cells.json">cells.json</a>.</p>',

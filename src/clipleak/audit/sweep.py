@@ -15,6 +15,12 @@ Then, per cell:
   accuracy on the validation split. epsilon = inf: no clipping, no noise.
 * ``canary``: the same DP run with canaries (:mod:`.canary`): an empirical epsilon lower bound.
 
+CoOp options ride in ``finetune`` (so they reach the DP fine-tuning and the shared observations alike):
+``class_specific`` (one context per class) and ``dp_site`` (``text-features``: clip and noise at the text
+features, docs/privacy.md); the adapter ignores both. The attack is ``featmatch`` (with the decoder), ``mip``
+(the same feature recovery under MIP's name, decoded; ``iterations`` = its gradient refinement steps) or any
+other registered attack (``iterations`` steps).
+
 Every finished cell goes into ``cells.json`` at once; a rerun skips what is there.
 """
 
@@ -24,7 +30,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +80,17 @@ class AuditConfig:
             raise ClipleakError("epsilons must be positive numbers (inf for no defense)")
         if int(self.images) < 1 or not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ClipleakError("images and batch sizes must be positive")
-        FinetuneConfig(**{**self.finetune, "method": self.methods[0] if self.methods else "adapter"})
+        for m in self.methods or ["adapter"]:
+            self.ft(m, 1.0)
+
+    def label(self, method: str) -> str:
+        """``method`` as tables and charts name it (CoOp's context kind and DP site when not the default)."""
+        if method != "coop":
+            return method
+        parts = [method + (" class-specific" if self.finetune.get("class_specific") else "")]
+        if self.finetune.get("dp_site", "parameters") != "parameters":
+            parts.append(f"DP at the {self.finetune['dp_site']}")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,10 +98,16 @@ class AuditConfig:
         return d
 
     def ft(self, method: str, eps: float, canaries: int = 0) -> FinetuneConfig:
-        base = FinetuneConfig(**{**self.finetune, "method": method, "seed": self.seed})
+        ft = dict(self.finetune)
+        site = ft.pop("dp_site", "parameters")
+        if method != "coop":  # CoOp-only options
+            ft.pop("class_specific", None)
+            site = "parameters"
+        base = FinetuneConfig(**{**ft, "method": method, "seed": self.seed})
         if math.isinf(eps):
             return base
-        return replace(base, dp="per-example", epsilon=float(eps), delta=self.delta, canaries=canaries)
+        return FinetuneConfig(**{**base.to_dict(), "dp": "per-example", "dp_site": site, "epsilon": float(eps),
+                                 "delta": self.delta, "canaries": canaries})
 
 
 def eps_text(e: float) -> str:
@@ -140,7 +162,8 @@ class _Context:
         self.private = load_private(self.spec, self.clip.image_size)
         self.validation = load_validation(self.spec, self.clip.image_size)
         self.prototypes = load_public(self.spec, self.clip.image_size).prototypes()
-        self.victims = {m: build_victim(self.clip, list(self.private.classnames), PeftConfig(method=m))
+        self.victims = {m: build_victim(self.clip, list(self.private.classnames),
+                                        PeftConfig(method=m, class_specific=bool(cfg.ft(m, math.inf).class_specific)))
                         for m in cfg.methods}
         self.data_meta = {**self.spec.to_dict(), "grayscale": self.private.grayscale}
 
@@ -167,6 +190,8 @@ def _obs_cell(ctx: _Context, method: str, b: int, eps: float, i: int) -> dict[st
         settings["decoder"] = ctx.decoder
         if ctx.decoder and cfg.iterations == 0:
             settings["prior"] = "none"
+    elif cfg.attack == "mip":
+        settings = {"labels": "auto", "decoder": ctx.decoder, "refine": cfg.iterations}
     rec = run_attack(cfg.attack, obs, victim, make_config(cfg.attack, **settings))
     t_attack = time.perf_counter() - t0
     ev = evaluate(rec, truth, ctx.prototypes, with_lpips=False, reid_pool=ctx.private, reid_k=cfg.reid_k,

@@ -17,7 +17,9 @@ def audit(
     = "inf,100,30,10,3,1",
     methods: Annotated[str, typer.Option(help="comma-separated PEFT methods (adapter, coop)")] = "adapter,coop",
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes of the attacked observations")] = "1",
-    attack: Annotated[str, typer.Option(help="attack (featmatch with the decoder: the strongest cheap one)")]
+    attack: Annotated[str, typer.Option(help="attack: featmatch (with the decoder: the strongest cheap one) | mip "
+                                        "(the same feature recovery, decoded; --iterations = its refinement steps) "
+                                        "| another registered attack")]
     = "featmatch",
     images: Annotated[int, typer.Option(help="observations (private digit batches) per point")] = 8,
     decoder: Annotated[str, typer.Option(help="featmatch decoder ('' for none)")] = "tiny-mnist-decoder",
@@ -28,6 +30,10 @@ def audit(
     batch_size: Annotated[int, typer.Option(help="expected batch size of the schedule (q = B / N)")] = 25,
     lr: Annotated[float, typer.Option(help="fine-tuning learning rate (Adam)")] = 1e-2,
     delta: Annotated[float, typer.Option(help="delta")] = 1e-5,
+    class_specific: Annotated[bool, typer.Option(
+        "--class-specific", help="coop: one context per class (the observations and the DP fine-tuning)")] = False,
+    dp_site: Annotated[str, typer.Option(
+        help="coop: per-example DP site, parameters (DP-SGD on the prompt) | text-features")] = "parameters",
     canaries: Annotated[int, typer.Option(help="canaries per DP run for the lower bound (0: none)")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the noise, batches and canaries")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
@@ -40,15 +46,21 @@ def audit(
     Writes one chart (OUT/audit.png), a table (audit.json, audit.md) and a page (audit.html).
 
     Example: clipleak audit --epsilons inf,100,30,10,3,1 --methods adapter,coop --batch-sizes 1 --attack featmatch --images 8 --out runs/audit
+
+    Example: clipleak audit --methods coop --class-specific --attack mip --batch-sizes 2 --epsilons inf,1e6,1e5,1e4,100,3 --lr 3e-3 --out runs/audit-coop-cs
     """  # noqa: E501
     from .. import api
     from ..audit import AuditConfig, parse_epsilons
 
+    ft: dict[str, object] = {"steps": steps, "batch_size": batch_size, "clip": clip, "lr": lr, "sampling": "poisson"}
+    if class_specific:  # only when set: audits run before these options existed stay resumable
+        ft["class_specific"] = True
+    if dp_site != "parameters":
+        ft["dp_site"] = dp_site
     cfg = AuditConfig(epsilons=parse_epsilons(epsilons), methods=[m.strip() for m in methods.split(",") if m.strip()],
                       batch_sizes=parse_ints(batch_sizes) or [1], attack=attack, images=images,
                       decoder=decoder or None, iterations=iterations, weights=weights, delta=delta,
-                      finetune={"steps": steps, "batch_size": batch_size, "clip": clip, "lr": lr,
-                                "sampling": "poisson"}, canaries=canaries, seed=seed)
+                      finetune=ft, canaries=canaries, seed=seed)
     with progress_bar() as cb:
         summary = api.audit(cfg, out, progress=cb, threads=threads)
     console.print(f"{summary['computed']} cell(s) computed ({summary['seconds_this_run']:.0f} s), the rest resumed")
