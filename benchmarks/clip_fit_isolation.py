@@ -26,6 +26,7 @@ import json
 import math
 
 import torch
+import torch.nn.functional as F
 
 from clipleak.attacks import make_config, run_attack
 from clipleak.audit import AuditConfig
@@ -69,11 +70,15 @@ def main() -> None:
                                                                      decoder=ctx.decoder, prior="none"))
             ev = evaluate(rec, truth, ctx.prototypes, with_lpips=False, reid_pool=ctx.private, reid_k=cfg.reid_k)
             fr = rec.meta["feature_recovery"]
+            with torch.no_grad():  # the evaluator's paired cosine of the recovered features to the truth's
+                true_feats = F.normalize(victim.raw_image_features(images), dim=-1)
+            cos = float((F.normalize(rec.features.float(), dim=-1)[torch.tensor(ev["pairing"])] * true_feats)
+                        .sum(-1).mean()) if rec.features is not None else None
             row = {"draw": i, "case": name, "clip": c, "sigma": sigma, "noise_std": sigma * c,
                    "clipped_fraction": float((norms > c).float().mean()),
                    "per_example_norms": [round(float(n), 5) for n in norms],
                    "relative_residual": fr["relative_residual"], "noise_floor": fr["expected_noise_residual"],
-                   "feature_cosine": (ev.get("feature_recovery") or {}).get("cosine_to_truth_mean"),
+                   "feature_cosine": cos,
                    "reid": (ev["reidentification"] or {}).get("attack"), "psnr": ev["methods"]["attack"]["psnr_mean"],
                    "labels": ev["label_accuracy"]}
             rows.append(row)

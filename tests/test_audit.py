@@ -91,6 +91,39 @@ def test_fits_read_the_noise_scale():
     assert 0.5 * floor <= coop["relative_residual"] <= 1.5 * floor, (coop["relative_residual"], floor)
 
 
+def test_adapter_fit_models_the_clipping():
+    """A clipped, noise-free DP-SGD update (C below both per-example norms): the adapter model with the
+    client's clipping explains it at the true features (relative residual ~1e-6) where the unclipped model
+    is off by several times the update's norm, and the attack's fit, which reads C off the defense, goes
+    below 1e-3 with the true features."""
+    import torch.nn.functional as F
+
+    from clipleak import artifacts
+    from clipleak.peft import rebuild_victim
+    from clipleak.recover.adapter import AdapterGradientModel, adapter_target
+    from clipleak.recover.noise import modelled_clip
+
+    obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=1, dp_seed=1, batch_size=2,
+                                      dp={"mechanism": "per-example", "clip": 0.002, "noise_multiplier": 0.0})
+    assert modelled_clip(obs) == 0.002
+    victim = rebuild_victim(obs, artifacts.resolve_path("tiny-mnist"))
+    with torch.no_grad():
+        true = F.normalize(victim.raw_image_features(truth.images), dim=-1)
+    target = adapter_target(obs)
+
+    def resid(clip):
+        return float((AdapterGradientModel(victim, clip).gradient(true, truth.labels) - target).norm() / target.norm())
+
+    assert resid(0.002) < 1e-4 and resid(None) > 0.5
+    rec = api.attack_observation(obs, name="featmatch", decoder="tiny-mnist-decoder", iterations=0)
+    assert rec.meta["feature_recovery"]["relative_residual"] < 1e-3
+    cos = (F.normalize(rec.features.float(), dim=-1) @ true.t()).max(dim=0).values
+    assert float(cos.min()) > 0.999
+    per_batch, _ = api.make_observation(weights="tiny-mnist", method="adapter", seed=1, dp_seed=1, batch_size=2,
+                                        dp={"mechanism": "per-batch", "clip": 0.002, "noise_multiplier": 0.0})
+    assert modelled_clip(per_batch) is None
+
+
 def test_audit_resumes_and_writes_its_chart(tmp_path):
     cfg = AuditConfig(epsilons=[math.inf, 1.0], methods=["adapter"], images=2, canaries=40,
                       finetune={"steps": 6, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"})

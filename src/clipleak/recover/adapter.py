@@ -102,9 +102,15 @@ class AdapterGradientModel:
 
     Each image's contribution is invariant to the scale of its raw feature (the adapter is positively
     homogeneous and the classifier normalises), so unit features stand in for the raw ones.
+
+    ``clip``: the per-example clipping norm C of a DP-SGD observation (:func:`~clipleak.recover.noise.modelled_clip`):
+    the model is then the client's ``sum_i min(1, C / |g_i|) g_i / B``, each image's gradient clipped as the
+    client clipped it (its norm is scale-invariant too, so unit features still stand in). Without it a fit of
+    a clipped update stays far above the noise floor even with no noise at all (benchmarks/clip_fit_isolation.py).
+    Clipping rescales each image's term only, so the spans the root search reads are unchanged.
     """
 
-    def __init__(self, victim: Victim):
+    def __init__(self, victim: Victim, clip: float | None = None):
         if victim.adapter is None:
             raise ClipleakError("the adapter gradient model needs an 'adapter' victim")
         self.w1 = victim.adapter.fc1.weight.detach().double()
@@ -114,6 +120,7 @@ class AdapterGradientModel:
         self.scale = float(victim.logit_scale().detach())
         self.k = int(self.text.shape[0])
         self.smooth: float | None = None  # softplus sharpness in place of the ReLUs (None: exact ReLU)
+        self.clip = clip
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x) if self.smooth is None else F.softplus(x, beta=self.smooth)
@@ -125,9 +132,20 @@ class AdapterGradientModel:
         return F.cross_entropy(self.scale * f @ self.text.t(), labels)
 
     def gradient(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The flat ``(fc1, fc2)`` weight gradient of the mean cross-entropy."""
-        g = torch.func.grad(self._loss)({"w1": self.w1, "w2": self.w2}, feats.double(), labels)
-        return torch.cat([g["w1"].reshape(-1), g["w2"].reshape(-1)])
+        """The flat ``(fc1, fc2)`` weight gradient of the mean cross-entropy (each image's term clipped to
+        ``clip`` first, when set)."""
+        params = {"w1": self.w1, "w2": self.w2}
+        if self.clip is None:
+            g = torch.func.grad(self._loss)(params, feats.double(), labels)
+            return torch.cat([g["w1"].reshape(-1), g["w2"].reshape(-1)])
+
+        def one(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            gi = torch.func.grad(self._loss)(params, f[None], y[None])
+            return torch.cat([gi["w1"].reshape(-1), gi["w2"].reshape(-1)])
+
+        per = torch.func.vmap(one)(feats.double(), labels)
+        factor = (self.clip / (torch.linalg.vector_norm(per, dim=1) + 1e-6)).clamp(max=1.0)  # the client's rule
+        return (factor[:, None] * per).sum(0) / feats.shape[0]
 
 
 def adapter_target(obs: Observation) -> torch.Tensor:
@@ -223,7 +241,7 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
 
 def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tensor, public_labels: torch.Tensor,
                       start: torch.Tensor, *, labels: torch.Tensor | None = None, candidates: int = 400,
-                      iterations: int = 100, rounds: int = 3, floor: float = 0.0
+                      iterations: int = 100, rounds: int = 3, floor: float = 0.0, clip: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Features and labels of an adapter batch, fitted to both weight gradients (MIP's inverse gradient
     estimation for a batch).
@@ -237,10 +255,11 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     On validation batches of 8 the root search found 6-7 of 8 images exactly, and the joint fit the rest
     (cosine 1.000 to every true feature, labels right, in 4 of 4 batches).
     Known ``labels`` (shared by the client) are kept as they are (only the candidates of those labels).
-    ``floor``: the DP noise's relative residual (:func:`refine_adapter_batch`).
+    ``floor``: the DP noise's relative residual (:func:`refine_adapter_batch`); ``clip``: the per-example
+    clipping norm to model (:class:`AdapterGradientModel`).
     Returns ``(features (B, E), labels (B,), relative residual)``.
     """
-    model = AdapterGradientModel(victim)
+    model = AdapterGradientModel(victim, clip)
     target = adapter_target(obs)
     b = obs.batch_size
     g1 = obs.gradients["adapter.fc1.weight"].double()

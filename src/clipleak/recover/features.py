@@ -16,7 +16,7 @@ from .adapter import AdapterGradientModel, adapter_features, adapter_labels, ada
 from .bank import public_features
 from .coop import coop_features, coop_update_features
 from .labels import predict_labels
-from .noise import NOISE_MARGIN, floor_note, relative_noise_floor
+from .noise import NOISE_MARGIN, floor_note, modelled_clip, relative_noise_floor
 from .vit import FULL_METHODS, projection_features
 
 
@@ -93,7 +93,8 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
     b = obs.batch_size
     if victim.cfg.method == "adapter":
         rec = adapter_features(obs, victim)
-        model = AdapterGradientModel(victim)
+        clip = modelled_clip(obs)
+        model = AdapterGradientModel(victim, clip)
         target = adapter_target(obs)
         floor = relative_noise_floor(obs, target.numel(), float(target.norm()))
         if b == 1:
@@ -111,7 +112,7 @@ def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> Featu
             pub_feats = rec.features
             pub_labels = predict_labels(victim, rec.features) if shared is None else shared
         feats, labs, cost = fit_adapter_batch(victim, obs, pub_feats, pub_labels, rec.features, labels=shared,
-                                              floor=floor)
+                                              floor=floor, clip=clip)
         done = cost < max(1e-3, NOISE_MARGIN * floor)
         notes = [] if done or floor > 0 else [
             f"the joint fit of the adapter gradient stopped at relative residual {cost:.1e}: some features "

@@ -29,6 +29,17 @@ def noise_std(obs: Observation) -> float | None:
     return std / obs.batch_size if d.get("mechanism") == "per-example" else std
 
 
+def modelled_clip(obs: Observation) -> float | None:
+    """The per-example clipping norm C a fit can model exactly, or ``None``: undefended, per-batch (one clip
+    of the whole batch gradient), per-tensor clipping, or the ``text-features`` site (C bounds the text-feature
+    gradient there, not the parameters')."""
+    d = obs.meta.get("defense")
+    if (not d or d.get("mechanism") != "per-example" or d.get("site", "parameters") != "parameters"
+            or d.get("clipping", "flat") != "flat" or not d.get("clip")):
+        return None
+    return float(d["clip"])
+
+
 def relative_noise_floor(obs: Observation, numbers: int, observed_norm: float) -> float:
     """The relative residual the noise alone leaves over ``numbers`` i.i.d. coordinates of an observed
     vector of norm ``observed_norm`` (``sqrt(numbers) s / observed_norm``); 0 when there is no such noise.
@@ -50,8 +61,9 @@ def floor_note(residual: float, floor: float, obs: Observation) -> str:
                        "reaching the floor says nothing about the features")
     if residual <= NOISE_MARGIN * floor:
         return head + ": the fit explains the update down to its noise (going lower would fit the noise)"
-    return head + (": the fit stays above the noise floor, so its model does not explain the update (clipping "
-                   "rescales each example's gradient, or a wrong label / local minimum)")
+    return head + (": the fit stays above the noise floor, so its model does not explain the update (a wrong "
+                   "label or local minimum, clipping where the fit does not model it, or noise that moved the "
+                   "spans the fit searches in)")
 
 
 NOISE_MARGIN = 1.5
