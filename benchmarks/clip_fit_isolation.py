@@ -14,9 +14,14 @@ time:
 
 and reports, per case, the fit's relative residual, the floor the noise alone would leave, the fraction of
 examples the clipping scaled, the recovered features' cosine to the truth, re-identification and PSNR (the
-audit's scoring: featmatch + the decoder, labels inferred).
+audit's scoring: featmatch + the decoder, labels inferred). ``--unmodelled``: the fit without its model of
+the clipping (as before it read C off the defense).
 
-Run:  python benchmarks/clip_fit_isolation.py [--method adapter] [--batch 4] [--draws 0,1] [--threads 1]
+The CoOp fit does not model clipping; ``--method coop --class-specific --batch 2`` asks the same question of
+the CoOp audit's cells (its noise floor is computed in the fit's reduced coordinates).
+
+Run:  python benchmarks/clip_fit_isolation.py [--method adapter] [--batch 4] [--draws 0,1] [--unmodelled]
+      [--method coop --class-specific --batch 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -47,10 +52,18 @@ def main() -> None:
     ap.add_argument("--epsilon", default="1e+06", help="the audit cell whose noise seed is reused")
     ap.add_argument("--sigma", type=float, default=0.010466, help="the audit's sigma at that epsilon (C 0.01)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--class-specific", action="store_true", help="coop: one context per class")
+    ap.add_argument("--unmodelled", action="store_true",
+                    help="the fit as it was before it modelled the clipping (C not read off the defense)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = AuditConfig(epsilons=[math.inf], methods=[args.method], batch_sizes=[args.batch])
+    if args.unmodelled:
+        import clipleak.recover.features as features
+
+        features.modelled_clip = lambda obs: None
+    ft = {**AuditConfig().finetune, **({"class_specific": True} if args.class_specific else {})}
+    cfg = AuditConfig(epsilons=[math.inf], methods=[args.method], batch_sizes=[args.batch], finetune=ft)
     ctx = _Context(cfg, None)
     victim = ctx.victims[args.method]
     std = args.sigma * 0.01
