@@ -8,9 +8,10 @@ time:
 
 * ``clip+noise``: C 0.01, sigma 0.0105 (the audit's cell, same noise seed);
 * ``clip only``:  C 0.01, sigma 0;
-* ``noise only``: C 1 (no per-example gradient is clipped: their norms are about 0.01), sigma chosen so that
-  the noise has the same absolute std sigma C as in the audit's cell (1.05e-4), same noise seed;
-* ``neither``:    C 1, sigma 0.
+* ``noise only``: C = ``--big-clip`` (1: no adapter per-example gradient is clipped, their norms are about
+  0.01), sigma chosen so that the noise has the same absolute std sigma C as in the audit's cell (1.05e-4),
+  same noise seed;
+* ``neither``:    C = ``--big-clip``, sigma 0.
 
 and reports, per case, the fit's relative residual, the floor the noise alone would leave, the fraction of
 examples the clipping scaled, the recovered features' cosine to the truth, re-identification and PSNR (the
@@ -21,7 +22,7 @@ The CoOp fit does not model clipping; ``--method coop --class-specific --batch 2
 the CoOp audit's cells (its noise floor is computed in the fit's reduced coordinates).
 
 Run:  python benchmarks/clip_fit_isolation.py [--method adapter] [--batch 4] [--draws 0,1] [--unmodelled]
-      [--method coop --class-specific --batch 2] [--threads 1]
+      [--method coop --class-specific --batch 2 --big-clip 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--epsilon", default="1e+06", help="the audit cell whose noise seed is reused")
     ap.add_argument("--sigma", type=float, default=0.010466, help="the audit's sigma at that epsilon (C 0.01)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--big-clip", type=float, default=1.0,
+                    help="the C of the unclipped cases, above every per-example norm (adapter: 1; class-specific "
+                         "CoOp's norms reach 1: use 1000)")
     ap.add_argument("--class-specific", action="store_true", help="coop: one context per class")
     ap.add_argument("--unmodelled", action="store_true",
                     help="the fit as it was before it modelled the clipping (C not read off the defense)")
@@ -67,8 +71,9 @@ def main() -> None:
     ctx = _Context(cfg, None)
     victim = ctx.victims[args.method]
     std = args.sigma * 0.01
-    cases = {"clip+noise": (0.01, args.sigma), "clip only": (0.01, 0.0), "noise only": (1.0, std / 1.0),
-             "neither": (1.0, 0.0)}
+    big = args.big_clip
+    cases = {"clip+noise": (0.01, args.sigma), "clip only": (0.01, 0.0), "noise only": (big, std / big),
+             "neither": (big, 0.0)}
     rows = []
     for i in [int(d) for d in args.draws.split(",")]:
         images, labels, idx = sample_batch(ctx.private, args.batch, seed=i)

@@ -167,6 +167,30 @@ def test_audit_coop_options(tmp_path):
     assert "| coop class-specific |" in (tmp_path / "audit.md").read_text()
 
 
+def test_audit_cli_passes_the_coop_options(tmp_path, monkeypatch):
+    """`clipleak audit --class-specific --dp-site text-features --attack mip` reaches AuditConfig; without them
+    the settings are the ones audits were written with (so their folders stay resumable)."""
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app
+
+    seen = []
+
+    def fake(cfg, out, **kw):
+        seen.append(cfg)
+        return {"computed": 0, "seconds_this_run": 0.0, "findings": [],
+                "files": {"chart": "c", "markdown": "m", "html": "h"}}
+
+    monkeypatch.setattr(api, "audit", fake)
+    args = ["audit", "--out", str(tmp_path), "--methods", "coop", "--epsilons", "inf,3"]
+    r = CliRunner().invoke(app, [*args, "--class-specific", "--dp-site", "text-features", "--attack", "mip"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1].attack == "mip" and seen[-1].finetune["class_specific"] is True
+    assert seen[-1].ft("coop", 3.0).dp_site == "text-features"
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert set(seen[-1].finetune) == {"steps", "batch_size", "clip", "lr", "sampling"}
+
+
 def test_canary_bound():
     assert epsilon_lower_bound(200, 100) == 0.0  # coin flipping proves nothing
     lb = epsilon_lower_bound(200, 200)
