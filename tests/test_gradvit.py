@@ -293,6 +293,9 @@ def test_tiny64_artifacts_follow_the_tiny_mnist_recipe():
     assert (vision["image_size"] // vision["patch_size"]) ** 2 == 64  # 64 tokens
     cnn = artifacts.get("tiny-mnist-64-cnn").recipe
     assert (cnn.kind, cnn.arch) == ("cnn", "tiny-64")
+    dec, dec32 = artifacts.get("tiny-mnist-64-decoder").recipe, artifacts.get("tiny-mnist-decoder").recipe
+    assert (dec.kind, dec.target, dec.arch) == ("decoder", "tiny-mnist-64", "tiny-64")
+    assert replace(dec, target="tiny-mnist", arch="tiny-32") == dec32  # tiny-mnist-decoder's recipe
 
 
 def test_lean_forward_and_flat_distance_equal_the_models_own(tiny, digits):
