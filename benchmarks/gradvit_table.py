@@ -14,9 +14,10 @@ projection gradient; lr 0.01, restarts perturbed by N(0, 0.05^2)), ``neighbours 
 no optimisation), ``ig``, ``dlg``, ``idlg``. ``--cnn`` / ``--decoder`` default to the artifacts
 ``WEIGHTS-cnn`` / ``WEIGHTS-decoder``.
 
-A cell is ``BATCH:ROW,ROW,...:DRAWS``; batch-draw seeds 0..DRAWS-1; labels are never shared (each attack
-infers them its own way). Every row reports mean PSNR, SSIM, one-to-one re-identification (K = 10, 20
-draws; chance 10%), label-multiset accuracy and seconds per batch; the class prototype of the attack's own
+A cell is ``BATCH:ROW,ROW,...:DRAWS``; batch-draw seeds 0..DRAWS-1 (``--first-draw F``: F..F+DRAWS-1);
+labels are never shared (each attack infers them its own way). Every row reports mean PSNR, SSIM,
+one-to-one re-identification (K = 10, 20 draws; chance 10%), label-multiset accuracy and seconds per
+batch; the class prototype of the attack's own
 labels is scored on the same images (evaluation.evaluate).
 """
 
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--decoder", help="the projection row's decoder (default: the artifact WEIGHTS-decoder)")
     ap.add_argument("--part", default="private", choices=("private", "validation"),
                     help="where the client's digits come from (tune on validation, report private)")
+    ap.add_argument("--first-draw", type=int, default=0,
+                    help="batch-draw seeds FIRST..FIRST+DRAWS-1 (to add batches to a cell measured before)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -78,7 +81,7 @@ def main() -> None:
         b_s, rows_s, draws_s = cell.split(":")
         batch, draws = int(b_s), int(draws_s)
         acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for draw in range(draws):
+        for draw in range(args.first_draw, args.first_draw + draws):
             obs, truth = make_observation(arch=arch, weights=args.weights, method="full-visual", batch_size=batch,
                                           seed=draw, part=args.part)
             spec, public = public_for(obs.meta)

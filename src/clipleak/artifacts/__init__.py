@@ -94,6 +94,10 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                        PriorRecipe("cnn", "tiny-mnist", "tiny-32", steps=DEFAULT_CNN_STEPS)),
     "tiny-mnist-64": lambda: Artifact("tiny-mnist-64", "tiny-64 CLIP (64 px, 64 tokens) pretrained on the public "
                                       "MNIST split with tiny-mnist's recipe", _tiny_mnist_64()),
+    "tiny-mnist-64-decoder": lambda: Artifact("tiny-mnist-64-decoder", "feature-to-image decoder for tiny-mnist-64 "
+                                              "(64 px): tiny-mnist-decoder's recipe, trained on the public MNIST "
+                                              "split", PriorRecipe("decoder", "tiny-mnist-64", "tiny-64",
+                                                                   steps=DEFAULT_DECODER_STEPS)),
     "tiny-mnist-64-cnn": lambda: Artifact("tiny-mnist-64-cnn", "GradViT's prior network for 64 px: tiny-mnist-cnn's "
                                           "recipe at 64 px", PriorRecipe("cnn", "tiny-mnist-64", "tiny-64",
                                                                          steps=DEFAULT_CNN_STEPS)),

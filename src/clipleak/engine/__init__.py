@@ -2,6 +2,7 @@
 
 from .objectives import (
     cosine_gradient_distance,
+    gradient_distance,
     image_l2,
     l2_gradient_distance,
     patch_border_variation,
@@ -23,6 +24,6 @@ from .optimise import (
 
 __all__ = [
     "EngineConfig", "Parametrization", "PixelImages", "RunResult", "Schedule", "State", "Term", "TermFn",
-    "constant", "cosine_gradient_distance", "image_l2", "l2_gradient_distance",
+    "constant", "cosine_gradient_distance", "gradient_distance", "image_l2", "l2_gradient_distance",
     "patch_border_variation", "optimise", "switch_at", "total_variation",
 ]

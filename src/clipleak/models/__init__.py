@@ -15,11 +15,12 @@ from .factory import (
     save_weights,
 )
 from .features import accuracy, encode_images, image_features, zero_shot_accuracy
+from .lean import lean_encode_image, lean_supported
 from .text import TextTower, class_text_features
 
 __all__ = [
     "TINY_ARCHS", "ClipModel", "TextTower", "accuracy", "arch_config", "build_model", "card_path",
     "class_text_features", "encode_images", "file_sha256", "image_features", "list_architectures",
-    "load_state_dict_file", "math_attention", "read_card", "register_configs", "save_weights",
-    "zero_shot_accuracy",
+    "lean_encode_image", "lean_supported", "load_state_dict_file", "math_attention", "read_card",
+    "register_configs", "save_weights", "zero_shot_accuracy",
 ]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipleakError
-from ..models import ClipModel, TextTower, encode_images
+from ..models import ClipModel, TextTower, encode_images, lean_encode_image, lean_supported
 from .adapter import ClipAdapter
 from .coop import PromptLearner
 
@@ -99,6 +99,7 @@ class Victim(nn.Module):
             self.clip.visual.requires_grad_(True)
         elif cfg.method == "full":
             self.clip.requires_grad_(True)
+        self._lean = lean_supported(clip)  # the attack path's lean image-tower forward applies
         tokens = clip.tokenizer([cfg.template.format(n) for n in self.classnames])
         self.register_buffer("class_tokens", tokens, persistent=False)
         if cfg.method in ("adapter", "full-visual"):
@@ -176,9 +177,16 @@ class Victim(nn.Module):
         grads = torch.autograd.grad(self.loss(images01, labels), list(params.values()))
         return {n: g.detach().clone() for n, g in zip(params, grads, strict=True)}
 
-    def loss(self, images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy; ``labels`` are class indices ``(B,)`` or soft labels ``(B, K)``."""
-        logits = self(images01)
+    def loss(self, images01: torch.Tensor, labels: torch.Tensor, *, lean: bool = False) -> torch.Tensor:
+        """Mean cross-entropy; ``labels`` are class indices ``(B,)`` or soft labels ``(B, K)``.
+
+        ``lean``: the image tower runs :func:`~clipleak.models.lean_encode_image` (the same function, equal
+        up to float rounding, with fewer operations: what gradient-matching attacks differentiate twice)
+        when the architecture allows it, else the model's own forward."""
+        if lean and self._lean:
+            logits = self.logits_from_raw(lean_encode_image(self.clip_info, images01))
+        else:
+            logits = self(images01)
         if labels.dim() == 2:
             return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         return F.cross_entropy(logits, labels)
