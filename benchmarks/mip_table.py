@@ -24,7 +24,12 @@ ROWS = {
     "mip": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted"),
     "featmatch, zero-shot labels": dict(name="mip", decoder="tiny-mnist-decoder", labels="feature"),
     "ig (pixels + TV)": dict(name="ig", iterations=100, restarts=1, labels="infer"),
+    # the optional image stages (not in the default table; `--rows "mip;mip + latent search"` etc.)
+    "mip + latent search": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted",
+                                prior="generative:tiny-mnist-vae", search=100),
+    "mip + gradient refinement": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted", refine=100),
 }
+DEFAULT_ROWS = ["mip", "featmatch, zero-shot labels", "ig (pixels + TV)"]
 KINDS = {"adapter": dict(method="adapter"), "coop": dict(method="coop"),
          "coop class-specific": dict(method="coop", class_specific=True)}
 
@@ -34,7 +39,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--images", type=int, default=8, help="images per (kind, batch) cell (at least one batch)")
-    ap.add_argument("--rows", default=";".join(ROWS), help="row names separated by ';'")
+    ap.add_argument("--rows", default=";".join(DEFAULT_ROWS), help=f"row names separated by ';' (any of: {', '.join(ROWS)})")
     ap.add_argument("--part", default="private", choices=["private", "validation"])
     ap.add_argument("--seed-offset", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)

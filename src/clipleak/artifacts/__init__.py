@@ -47,9 +47,13 @@ class PriorRecipe:
     steps: int = 2000
     seed: int = 0
     latent: int = 32
+    augment_copies: int = 0  # decoder: small random affine copies of every public image
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.augment_copies:  # cards written before this field existed stay current
+            del out["augment_copies"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,11 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                            "on the public MNIST split",
                                            PriorRecipe("decoder", "tiny-mnist", "tiny-32",
                                                        steps=DEFAULT_DECODER_STEPS)),
+    "tiny-mnist-decoder-aug": lambda: Artifact("tiny-mnist-decoder-aug", "feature-to-image decoder for tiny-mnist "
+                                               "trained on the public MNIST split plus 2 random affine copies of "
+                                               "every digit, 4,000 steps (21.1 dB on validation against 20.3)",
+                                               PriorRecipe("decoder", "tiny-mnist", "tiny-32", steps=4000,
+                                                           augment_copies=2)),
     "tiny-mnist-cnn": lambda: Artifact("tiny-mnist-cnn", "GradViT's prior network: a BatchNorm CNN classifier "
                                        "trained on the public MNIST split, BN statistics calibrated there",
                                        PriorRecipe("cnn", "tiny-mnist", "tiny-32", steps=DEFAULT_CNN_STEPS)),
@@ -224,8 +233,8 @@ def resolve(name: str, progress: ProgressFn | None = None, *, rebuild: bool = Fa
             target = resolve(recipe.target, progress) if recipe.kind == "decoder" else None
             prior = build_prior(recipe.kind, data=recipe.data, arch=recipe.arch,
                                 weights=str(target) if target else None, split_seed=recipe.split_seed,
-                                steps=recipe.steps, seed=recipe.seed, latent=recipe.latent, progress=progress,
-                                task=task)
+                                steps=recipe.steps, seed=recipe.seed, latent=recipe.latent,
+                                augment_copies=recipe.augment_copies, progress=progress, task=task)
             save_prior(prior, path)
         _stamp(path, name, expected)
         if not _is_current(path, expected):
