@@ -39,7 +39,10 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--images", type=int, default=8, help="images per (kind, batch) cell (at least one batch)")
-    ap.add_argument("--rows", default=";".join(DEFAULT_ROWS), help=f"row names separated by ';' (any of: {', '.join(ROWS)})")
+    ap.add_argument("--rows", default=";".join(DEFAULT_ROWS),
+                    help=f"row names separated by ';' (any of: {', '.join(ROWS)})")
+    ap.add_argument("--decoder", help="the decoder of the MIP rows (default tiny-mnist-decoder; e.g. "
+                                      "tiny-mnist-decoder-aug)")
     ap.add_argument("--part", default="private", choices=["private", "validation"])
     ap.add_argument("--seed-offset", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
@@ -57,6 +60,8 @@ def main() -> None:
                 for row in rows:
                     kw = dict(ROWS[row])
                     name = kw.pop("name")
+                    if args.decoder and "decoder" in kw:
+                        kw["decoder"] = args.decoder
                     t0 = time.perf_counter()
                     rec = attack_observation(obs, name=name, **kw)
                     sec = time.perf_counter() - t0
