@@ -207,16 +207,20 @@ def test_named_prior_trains_once_then_reuses(monkeypatch, tmp_path):
 
 
 def test_prior_recipe_augment_copies():
-    """A recipe without augmentation records no such field (so cards built before it existed stay current);
-    the augmented decoder's recipe records it; augmentation is refused for a prior that is not a decoder."""
+    """A recipe without augmentation or a wider decoder records neither field (so cards built before they
+    existed stay current); the augmented decoder's recipe records both; both are refused for a prior that
+    is not a decoder."""
     from clipleak.training import build_prior
 
     plain = artifacts.PriorRecipe("decoder", "tiny-mnist", "tiny-32")
-    assert "augment_copies" not in plain.to_dict()
+    assert "augment_copies" not in plain.to_dict() and "base" not in plain.to_dict()
     aug = artifacts.get("tiny-mnist-decoder-aug").recipe
-    assert isinstance(aug, artifacts.PriorRecipe) and aug.to_dict()["augment_copies"] == 2
+    assert isinstance(aug, artifacts.PriorRecipe)
+    assert aug.to_dict()["augment_copies"] == 2 and aug.to_dict()["base"] == 128
     with pytest.raises(ClipleakError, match="only apply to a decoder"):
         build_prior("vae", steps=1, augment_copies=1)
+    with pytest.raises(ClipleakError, match="only applies to a decoder"):
+        build_prior("cnn", steps=1, base=32)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

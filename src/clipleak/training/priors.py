@@ -285,6 +285,7 @@ def build_prior(
     latent: int = 32,
     feature_noise: float = 0.0,
     augment_copies: int = 0,
+    base: int = 64,
     progress: ProgressFn | None = None,
     quality: bool = True,
     task: str | None = None,
@@ -295,7 +296,8 @@ def build_prior(
     (for a decoder) and, with ``quality``, the PSNR on the validation split next to the class-prototype
     baseline (:func:`prior_quality`). ``feature_noise`` (decoder only) trains on noisy features, for
     features that are fitted rather than exact (CoOp). ``augment_copies`` (decoder only) adds that many
-    small random affine copies of every public image (:func:`train_decoder`).
+    small random affine copies of every public image and ``base`` (decoder only) is its widest channel
+    count (:func:`train_decoder`).
     """
     if kind not in KINDS:
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae, decoder or cnn")
@@ -305,6 +307,8 @@ def build_prior(
     if augment_copies < 0 or (augment_copies > 0 and kind != "decoder"):
         raise ClipleakError(f"augment copies must be >= 0 and only apply to a decoder, got {augment_copies} "
                             f"for a {kind}")
+    if base != 64 and kind != "decoder":
+        raise ClipleakError(f"base (the channel width) only applies to a decoder, got {base} for a {kind}")
     if kind == "decoder" and weights is None:
         raise ClipleakError("a feature decoder needs the target's trained weights (--weights PATH or tiny-mnist): "
                             "a random-init CLIP gives every image nearly the same feature")
@@ -319,7 +323,7 @@ def build_prior(
                                  task=name)
     else:
         prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
-                              augment_copies=augment_copies, progress=progress, task=name)
+                              augment_copies=augment_copies, base=base, progress=progress, task=name)
     prior.card["data_spec"] = spec.to_dict()
     prior.card["for_arch"] = arch
     if quality:
