@@ -68,8 +68,6 @@ def gradient_matching_term(victim: Victim, obs: Observation, metric: str = "cosi
     runs the image tower's lean forward (:meth:`Victim.loss` with ``lean=True``: the same function with
     fewer operations to differentiate twice)."""
     params = victim.trainable()
-    if metric not in ("cosine", "l2"):
-        raise ClipleakError(f"unknown gradient distance {metric!r} (cosine, l2)")
     dist = gradient_distance(metric, [obs.gradients[n].to(torch.float32) for n in params])
     plist = list(params.values())
 
