@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipleakError
 from ..peft import Victim
+from ..privacy import clipped_sum
 from ..records import Observation
 from .coop import batched_levenberg_marquardt, levenberg_marquardt
 from .labels import predict_labels
@@ -144,8 +145,7 @@ class AdapterGradientModel:
             return torch.cat([gi["w1"].reshape(-1), gi["w2"].reshape(-1)])
 
         per = torch.func.vmap(one)(feats.double(), labels)
-        factor = (self.clip / (torch.linalg.vector_norm(per, dim=1) + 1e-6)).clamp(max=1.0)  # the client's rule
-        return (factor[:, None] * per).sum(0) / feats.shape[0]
+        return clipped_sum(per, self.clip)[0] / feats.shape[0]  # the client's own clipping rule
 
 
 def adapter_target(obs: Observation) -> torch.Tensor:
