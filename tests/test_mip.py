@@ -217,3 +217,45 @@ def test_shared_context_label_sets_from_the_public_subspace(short_run):
         assert sorted(truth.labels.tolist()) in [labs.tolist() for labs, _ in sets], (seed, sets)
         for labs, roots in sets:
             assert roots.shape == (4, model.e) and labs.tolist() == sorted(labs.tolist())
+
+
+def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
+    """The one-label search of a stalled batch fit: with a fit that converges only on the batch's label
+    multiset, it finds that multiset from a start one label off, starts the changed slot from a public
+    feature of its new label, skips the multisets it was told were tried, and stops at the first fit that
+    converges."""
+    from clipleak.data import public_for_observation
+    from clipleak.recover.bank import public_features
+    from clipleak.recover.coop import CoopGradientModel, _one_label_changes
+
+    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=5,
+                                  class_specific=True, part="validation")
+    v = rebuild_victim(obs)
+    public = public_for_observation(obs.meta)[1]
+    pf, pl = public_features(v.clip_info, public).double(), public.labels.long()
+    model = CoopGradientModel(v)
+    z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
+    target = sorted(truth.labels.tolist())
+    wrong = truth.labels.clone()
+    wrong[2] = (wrong[2] + 1) % 10
+    unit = F.normalize(pf, dim=-1)
+    calls: list[tuple[int, ...]] = []
+
+    def fit(start, labs):
+        calls.append(tuple(sorted(labs.tolist())))
+        changed = [i for i in range(4) if int(labs[i]) != int(wrong[i])]
+        assert len(changed) == 1  # one label away from the stalled fit
+        i = changed[0]  # its slot starts from a public feature of the new label, the others stay
+        assert int(pl[int((unit @ start[i]).argmax())]) == int(labs[i])
+        return start, (1e-6 if sorted(labs.tolist()) == target else 1e-2)
+
+    start = _true_features(v, truth.images).double()
+    skip = tuple(sorted([*target[:1], 0, 0, 0])) if target[0] != 0 else (1, 1, 1, 1)
+    f, labs, data = _one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), fit, list(range(10)),
+                                       {skip}, rounds=1, converged=1e-4)
+    assert sorted(labs.tolist()) == target and data == 1e-6
+    assert calls[-1] == tuple(target) and len(calls) == len(set(calls)) and skip not in calls
+    # nothing converges: one round returns the lowest residual seen and the labels it came with
+    f, labs, data = _one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), lambda s, lb: (s, 3e-2),
+                                       list(range(10)), set(), rounds=2, converged=1e-4)
+    assert data == 3e-2 and sum(int(a) != int(b) for a, b in zip(labs, wrong, strict=True)) == 1

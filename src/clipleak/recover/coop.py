@@ -284,7 +284,8 @@ def coop_features(
     Shared context whose gradient has as many numbers as unknown feature directions (batch 2 and 4 with 4
     context vectors), undefended: the label multisets come first (:func:`shared_label_sets`; ``swaps``
     rounds of one-label changes when none fits), and each is fitted with the prior and then without it
-    (:func:`_shared_batch_fit`).
+    (:func:`_shared_batch_fit`). A determined batch fit that stalls above :data:`CONVERGED` while the label
+    roots are isolated (``2 B <= K``) tries ``swaps`` rounds of one-label changes (:func:`_one_label_changes`).
     ``CoopFit.residual`` is the relative residual of the gradient alone.
     Shared labels restrict the candidates to those labels.
 
@@ -387,6 +388,11 @@ def coop_features(
     if found is None:
         raise ClipleakError("too few public images carry the shared labels: cannot start the CoOp fit")
     f, labs, _, data = found
+    if labels is None and swaps > 0 and determined >= 1.0 and 2 * b <= model.k and data >= converged:
+        # a determined fit with isolated label roots that stalled: a label is likely wrong
+        f, labs, data = _one_label_changes(
+            model, z, pf, pl, (f, labs, data), lambda st, lb: refine(st, lb, iterations)[::2],
+            list(range(model.k)), {tuple(sorted(labs.tolist()))}, swaps, converged)
     return CoopFit(F.normalize(f.float(), dim=-1), labs, data, None, determined, floor)
 
 
@@ -438,54 +444,68 @@ def _shared_batch_fit(
         f = mu + u.view(-1, e) @ sq
         return f, float((model.reduced(f, labs) - z).norm() / zn)
 
-    best_shared: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None  # ..., finished
+    best_shared: tuple[torch.Tensor, torch.Tensor, float] | None = None
     for labs, roots in sets:  # each multiset from its roots, then from a pursuit among the public features
         for start in [*([roots] if roots is not None else []), unit[_pursuit(z, cand, pl, b, labs)]]:
             f, data = let_go(start, labs, SHARED_CONTINUATION)
             if best_shared is None or data < best_shared[2]:
-                best_shared = (f, labs, data, True)
+                best_shared = (f, labs, data)
             if data < SHARED_CONVERGED:
                 break
         if best_shared is not None and best_shared[2] < SHARED_CONVERGED:
             break
-    if best_shared is not None and labels is None and swaps > 0:
-        # one label changed at a time, warm-started from the best fit: the new label's slot starts from
-        # the public feature of that label that best completes the others; first the labels the
-        # candidate multisets named, then the rest
+    if best_shared is not None and labels is None and swaps > 0 and best_shared[2] >= SHARED_CONVERGED:
         named = torch.cat([labs for labs, _ in sets])
-        order = sorted(range(model.k), key=lambda y: -int((named == y).sum()))
-        tried = {tuple(sorted(labs.tolist())) for labs, _ in sets}
-        for _ in range(swaps):
-            f0, labs0, data0, _ = best_shared
-            if data0 < SHARED_CONVERGED:
-                break
-            for slot in range(b):
-                others = [i for i in range(b) if i != slot]
-                rest = model.per_candidate(f0[others], labs0[others]).sum(0)
-                for y in order:
-                    labs = labs0.clone()
-                    labs[slot] = y
-                    key = tuple(sorted(labs.tolist()))
-                    idx = torch.nonzero(pl == y).flatten()
-                    if key in tried or not idx.numel():
-                        continue
-                    tried.add(key)
-                    start = f0.clone()
-                    start[slot] = unit[idx[((rest[None] + cand[idx]) / b - z).norm(dim=1).argmin()]]
-                    f, data = let_go(start, labs, SHARED_SWAP)
-                    if data < best_shared[2]:
-                        best_shared = (f, labs, data, False)
-                    if data < SHARED_CONVERGED:
-                        break
-                if best_shared[2] < SHARED_CONVERGED:
-                    break
-            if best_shared[2] >= data0:
-                break
-        if not best_shared[3]:  # a swap's short fit, finished
-            f, data = let_go(best_shared[0], best_shared[1], SHARED_CONTINUATION)
-            if data < best_shared[2]:
-                best_shared = (f, best_shared[1], data, True)
-    return None if best_shared is None else best_shared[:3]
+        changed = _one_label_changes(
+            model, z, pf, pl, best_shared, lambda st, labs: let_go(st, labs, SHARED_SWAP),
+            sorted(range(model.k), key=lambda y: -int((named == y).sum())),
+            {tuple(sorted(labs.tolist())) for labs, _ in sets}, swaps, SHARED_CONVERGED)
+        if changed[1] is not best_shared[1]:  # a short fit won: finish it
+            f, data = let_go(changed[0], changed[1], SHARED_CONTINUATION)
+            best_shared = (f, changed[1], data) if data < changed[2] else changed
+    return best_shared
+
+
+def _one_label_changes(
+    model: CoopGradientModel, z: torch.Tensor, pf: torch.Tensor, pl: torch.Tensor,
+    best: tuple[torch.Tensor, torch.Tensor, float],
+    fit: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+    order: list[int], tried: set[tuple[int, ...]], rounds: int, converged: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Up to ``rounds`` rounds of one-label changes of a batch fit ``best`` (features, labels, data residual)
+    that stalled: each label multiset one label away (new labels in ``order``, multisets in ``tried``
+    skipped) is fitted by ``fit(start, labels)``, warm-started from ``best`` with the changed slot at the
+    public feature of its new label that best completes the others; a round moves to the lowest residual,
+    and the search stops at the first fit below ``converged`` or when a round finds nothing better."""
+    b = best[1].numel()
+    unit = F.normalize(pf.double(), dim=-1)
+    cand = model.per_candidate(pf, pl)
+    for _ in range(rounds):
+        f0, labs0, data0 = best
+        if data0 < converged:
+            break
+        tried.add(tuple(sorted(labs0.tolist())))
+        for slot in range(b):
+            others = [i for i in range(b) if i != slot]
+            rest = model.per_candidate(f0[others], labs0[others]).sum(0)
+            for y in order:
+                labs = labs0.clone()
+                labs[slot] = y
+                key = tuple(sorted(labs.tolist()))
+                idx = torch.nonzero(pl == y).flatten()
+                if key in tried or not idx.numel():
+                    continue
+                tried.add(key)
+                start = f0.clone()
+                start[slot] = unit[idx[((rest[None] + cand[idx]) / b - z).norm(dim=1).argmin()]]
+                f, data = fit(start, labs)
+                if data < best[2]:
+                    best = (f, labs, data)
+                if data < converged:
+                    return best
+        if best[2] >= data0:
+            break
+    return best
 
 
 def low_rank_dl_dt(model: CoopGradientModel, z: torch.Tensor, b: int, iterations: int = 60,
