@@ -226,7 +226,7 @@ def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
     converges."""
     from clipleak.data import public_for_observation
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import CoopGradientModel, _one_label_changes
+    from clipleak.recover.coop import CoopGradientModel, one_label_changes
 
     obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=5,
                                   class_specific=True, part="validation")
@@ -251,11 +251,11 @@ def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
 
     start = _true_features(v, truth.images).double()
     skip = tuple(sorted([*target[:1], 0, 0, 0])) if target[0] != 0 else (1, 1, 1, 1)
-    f, labs, data = _one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), fit, list(range(10)),
+    f, labs, data = one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), fit, list(range(10)),
                                        {skip}, rounds=1, converged=1e-4)
     assert sorted(labs.tolist()) == target and data == 1e-6
     assert calls[-1] == tuple(target) and len(calls) == len(set(calls)) and skip not in calls
     # nothing converges: one round returns the lowest residual seen and the labels it came with
-    f, labs, data = _one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), lambda s, lb: (s, 3e-2),
+    f, labs, data = one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), lambda s, lb: (s, 3e-2),
                                        list(range(10)), set(), rounds=2, converged=1e-4)
     assert data == 3e-2 and sum(int(a) != int(b) for a, b in zip(labs, wrong, strict=True)) == 1

@@ -287,7 +287,7 @@ def coop_features(
     context vectors), undefended: the label multisets come first (:func:`shared_label_sets`; ``swaps``
     rounds of one-label changes when none fits), and each is fitted with the prior and then without it
     (:func:`_shared_batch_fit`). A determined batch fit that stalls above :data:`CONVERGED` while the label
-    roots are isolated (``2 B <= K``) tries ``swaps`` rounds of one-label changes (:func:`_one_label_changes`).
+    roots are isolated (``2 B <= K``) tries ``swaps`` rounds of one-label changes (:func:`one_label_changes`).
     ``CoopFit.residual`` is the relative residual of the gradient alone.
     Shared labels restrict the candidates to those labels.
 
@@ -392,7 +392,7 @@ def coop_features(
     f, labs, _, data = found
     if labels is None and swaps > 0 and determined >= 1.0 and 2 * b <= model.k and data >= converged:
         # a determined fit with isolated label roots that stalled: a label is likely wrong
-        f, labs, data = _one_label_changes(
+        f, labs, data = one_label_changes(
             model, z, pf, pl, (f, labs, data), lambda st, lb: refine(st, lb, iterations)[::2],
             list(range(model.k)), {tuple(sorted(labs.tolist()))}, swaps, converged)
     return CoopFit(F.normalize(f.float(), dim=-1), labs, data, None, determined, floor)
@@ -458,7 +458,7 @@ def _shared_batch_fit(
             break
     if best_shared is not None and labels is None and swaps > 0 and best_shared[2] >= SHARED_CONVERGED:
         named = torch.cat([labs for labs, _ in sets])
-        changed = _one_label_changes(
+        changed = one_label_changes(
             model, z, pf, pl, best_shared, lambda st, labs: let_go(st, labs, SHARED_SWAP),
             sorted(range(model.k), key=lambda y: -int((named == y).sum())),
             {tuple(sorted(labs.tolist())) for labs, _ in sets}, swaps, SHARED_CONVERGED)
@@ -468,7 +468,7 @@ def _shared_batch_fit(
     return best_shared
 
 
-def _one_label_changes(
+def one_label_changes(
     model: CoopGradientModel, z: torch.Tensor, pf: torch.Tensor, pl: torch.Tensor,
     best: tuple[torch.Tensor, torch.Tensor, float],
     fit: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
