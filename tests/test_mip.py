@@ -251,11 +251,12 @@ def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
 
     start = _true_features(v, truth.images).double()
     skip = tuple(sorted([*target[:1], 0, 0, 0])) if target[0] != 0 else (1, 1, 1, 1)
-    f, labs, data = one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), fit, list(range(10)),
+    cand = model.per_candidate(pf, pl)
+    f, labs, data = one_label_changes(model, z, pf, pl, cand, (start, wrong, 5e-2), fit, list(range(10)),
                                        {skip}, rounds=1, converged=1e-4)
     assert sorted(labs.tolist()) == target and data == 1e-6
     assert calls[-1] == tuple(target) and len(calls) == len(set(calls)) and skip not in calls
     # nothing converges: one round returns the lowest residual seen and the labels it came with
-    f, labs, data = one_label_changes(model, z, pf, pl, (start, wrong, 5e-2), lambda s, lb: (s, 3e-2),
+    f, labs, data = one_label_changes(model, z, pf, pl, cand, (start, wrong, 5e-2), lambda s, lb: (s, 3e-2),
                                        list(range(10)), set(), rounds=2, converged=1e-4)
     assert data == 3e-2 and sum(int(a) != int(b) for a, b in zip(labs, wrong, strict=True)) == 1

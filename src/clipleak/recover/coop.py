@@ -393,7 +393,8 @@ def coop_features(
     if labels is None and swaps > 0 and determined >= 1.0 and 2 * b <= model.k and data >= converged:
         # a determined fit with isolated label roots that stalled: a label is likely wrong
         f, labs, data = one_label_changes(
-            model, z, pf, pl, (f, labs, data), lambda st, lb: refine(st, lb, iterations)[::2],
+            model, z, pf, pl, model.per_candidate(pf, pl), (f, labs, data),
+            lambda st, lb: refine(st, lb, iterations)[::2],
             list(range(model.k)), {tuple(sorted(labs.tolist()))}, swaps, converged)
     return CoopFit(F.normalize(f.float(), dim=-1), labs, data, None, determined, floor)
 
@@ -459,7 +460,7 @@ def _shared_batch_fit(
     if best_shared is not None and labels is None and swaps > 0 and best_shared[2] >= SHARED_CONVERGED:
         named = torch.cat([labs for labs, _ in sets])
         changed = one_label_changes(
-            model, z, pf, pl, best_shared, lambda st, labs: let_go(st, labs, SHARED_SWAP),
+            model, z, pf, pl, cand, best_shared, lambda st, labs: let_go(st, labs, SHARED_SWAP),
             sorted(range(model.k), key=lambda y: -int((named == y).sum())),
             {tuple(sorted(labs.tolist())) for labs, _ in sets}, swaps, SHARED_CONVERGED)
         if changed[1] is not best_shared[1]:  # a short fit won: finish it
@@ -469,7 +470,7 @@ def _shared_batch_fit(
 
 
 def one_label_changes(
-    model: CoopGradientModel, z: torch.Tensor, pf: torch.Tensor, pl: torch.Tensor,
+    model: CoopGradientModel, z: torch.Tensor, pf: torch.Tensor, pl: torch.Tensor, cand: torch.Tensor,
     best: tuple[torch.Tensor, torch.Tensor, float],
     fit: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
     order: list[int], tried: set[tuple[int, ...]], rounds: int, converged: float,
@@ -477,11 +478,11 @@ def one_label_changes(
     """Up to ``rounds`` rounds of one-label changes of a batch fit ``best`` (features, labels, data residual)
     that stalled: each label multiset one label away (new labels in ``order``, multisets in ``tried``
     skipped) is fitted by ``fit(start, labels)``, warm-started from ``best`` with the changed slot at the
-    public feature of its new label that best completes the others; a round moves to the lowest residual,
+    public feature of its new label that best completes the others (``cand``: the public features' batch-1
+    reduced gradients, :meth:`CoopGradientModel.per_candidate`); a round moves to the lowest residual,
     and the search stops at the first fit below ``converged`` or when a round finds nothing better."""
     b = best[1].numel()
     unit = F.normalize(pf.double(), dim=-1)
-    cand = model.per_candidate(pf, pl)
     for _ in range(rounds):
         f0, labs0, data0 = best
         if data0 < converged:
