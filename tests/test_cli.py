@@ -10,7 +10,7 @@ import torch
 from clipleak import client
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
 from clipleak.cli import main
-from clipleak.records import Reconstruction
+from clipleak.records import Reconstruction, Truth
 
 
 @pytest.mark.parametrize("cmd", ["share", "attack", "evaluate", "demo", "models"])
@@ -78,6 +78,13 @@ def test_api_observation_matches_request():
     assert obs.batch_size == 3 and torch.equal(obs.labels, torch.tensor([4, 4, 4]))
     assert torch.equal(truth.labels, obs.labels)
     assert obs.meta["data"]["name"] == "mnist" and obs.meta["data"]["grayscale"] is True
+
+
+def test_share_distinct_classes(tmp_path):
+    assert main(["share", "--out", str(tmp_path / "o"), "--method", "adapter", "--batch-size", "8",
+                 "--distinct-classes", "--seed", "5"]) == 0
+    labels = Truth.load(tmp_path / "o.truth.safetensors").labels
+    assert labels.numel() == 8 and len(set(labels.tolist())) == 8
 
 
 def test_bad_inputs_exit_2(tmp_path, run, capsys):

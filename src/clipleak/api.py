@@ -52,6 +52,7 @@ def make_observation(
     classnames: list[str] | None = None,
     batch_size: int = 1,
     classes: list[int] | None = None,
+    distinct_classes: bool = False,
     seed: int = 0,
     include_labels: bool = False,
     peft_seed: int = 0,
@@ -65,6 +66,8 @@ def make_observation(
     Returns the observation (what the server receives) and the ground truth (kept by the client,
     used only for evaluation: it alone records the batch-draw seed and the private indices).
     ``part="validation"`` draws the client's images from the validation split (for tuning).
+    ``distinct_classes`` gives every image of the batch a different label (``batch_size`` classes drawn
+    at random, among ``classes`` if given, and one image of each).
 
     ``dp`` (a :class:`~clipleak.privacy.DpSetting` or its fields as a dict, e.g.
     ``{"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}``) privatises the shared
@@ -94,7 +97,8 @@ def make_observation(
         )
     cfg = PeftConfig(method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     victim = build_victim(clip, names, cfg)
-    images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes)
+    images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes,
+                                     distinct_classes=distinct_classes)
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
     obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, dp=setting,
                 dp_seed=dp_seed)

@@ -35,6 +35,8 @@ def share(
     classnames: Annotated[str | None, typer.Option(help="comma-separated class names")] = None,
     batch_size: Annotated[int, typer.Option(help="images in the client's batch")] = 1,
     classes: Annotated[str | None, typer.Option(help="draw only from these class indices, e.g. 3,5")] = None,
+    distinct_classes: Annotated[bool, typer.Option(
+        help="every image of the batch has a different label (one image of each of batch-size classes)")] = False,
     seed: Annotated[int, typer.Option(help="seed of the batch draw (kept in the truth file only)")] = 0,
     include_labels: Annotated[bool, typer.Option(help="the shared message carries the labels")] = False,
     truth_out: Annotated[Path | None, typer.Option(
@@ -100,7 +102,8 @@ def share(
             arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
             n_ctx=n_ctx, class_specific=class_specific,
             classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
-            classes=parse_ints(classes), seed=seed, include_labels=include_labels, dp=setting, dp_seed=dp_seed,
+            classes=parse_ints(classes), distinct_classes=distinct_classes, seed=seed,
+            include_labels=include_labels, dp=setting, dp_seed=dp_seed,
             progress=cb,
         )
     p = obs.save(out)
