@@ -509,7 +509,8 @@ def _signed_labels_fit(
     pursuit picks) runs, and it is taken only if it fits better and keeps every class marked present.
     Validation batches of 8 with distinct labels (draws 20-25): the signed set alone got 75-100% of the labels
     and feature cosines 0.75-1.0, the free fit 38-75% and 0.51-0.79; neither converged in 5 of 6, and then the
-    residual did not rank them (the free fit's was lower in 2)."""
+    residual did not rank them (the free fit's was lower in 2). With the one-label changes: 47 of the 48 labels,
+    2 batches converged (cosines 0.9998 or more)."""
     present, score = signed_labels(model, a)
     order = torch.argsort(score).tolist()
     first = torch.tensor(sorted(order[:b]))
