@@ -374,7 +374,8 @@ def coop_features(
         return CoopFit(F.normalize(best[0].float(), dim=-1), best[2], best[1], w.float(), determined, floor)
     # batch: a greedy pursuit picks B public candidates (feature, its label) that together explain the
     # gradient, then all features are refined jointly. (Tried on validation digits and dropped: candidates
-    # with every label, re-fitting after each pick; none improved the fits.)
+    # with every label, re-fitting after each pick, and, while 2B <= K, reading the labels off the signs of
+    # A's rows, where the label roots do better; none improved the fits.)
     # a determined fit counts as converged on its data residual; an under-determined one (whose data
     # residual any number of wrong features reach) only on data and prior together
     a = low_rank_dl_dt(model, z, b)
