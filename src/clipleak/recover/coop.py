@@ -513,18 +513,18 @@ def _signed_labels_fit(
     residual did not rank them (the free fit's was lower in 2). With the one-label changes: 47 of the 48 labels,
     2 batches converged (cosines 0.9998 or more)."""
     present, score = signed_labels(model, a)
+    marked = set(present.tolist())
     order = torch.argsort(score).tolist()
     first = torch.tensor(sorted(order[:b]))
     f, labs, _, data = batch_fit(first)
     if data >= converged and swaps > 0:
-        marked = set(present.tolist())
         slots = [i for i, y in enumerate(labs.tolist()) if y not in marked]
         f, labs, data = one_label_changes(
             model, z, pf, pl, model.per_candidate(pf, pl), (f, labs, data), fit,
             [y for y in order if y not in marked], {tuple(first.tolist())}, swaps, converged, slots=slots)
     if data >= converged:
         free_f, free_labs, _, free_data = batch_fit(None)
-        if free_data < data and set(present.tolist()) <= set(free_labs.tolist()):
+        if free_data < data and marked <= set(free_labs.tolist()):
             f, labs, data = free_f, free_labs, free_data
     return f, labs, data
 
