@@ -205,24 +205,25 @@ def test_shared_finish_ranks_multisets_by_their_finished_fits():
     from clipleak.recover.coop import _finish_shared
 
     right, wrong, other = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 4]), torch.tensor([5, 1, 2, 3])
-    feats = torch.zeros(4, 8, dtype=torch.float64)
-    fits = [(feats, wrong, 1e-4), (feats + 1, right, 2e-4), (feats + 2, other, 3e-4)]
+
+    def carrying(data):  # features that carry their fit's data residual, for the stand-in LM below
+        return torch.full((4, 8), data / 32, dtype=torch.float64)
+
+    fits = [(carrying(1e-4), wrong, 1e-4), (carrying(2e-4), right, 2e-4), (carrying(3e-4), other, 3e-4)]
     calls: list[tuple[list[int], int]] = []
 
     def go_on(f, labs, steps):  # the right labels' residual falls 10x per 100 steps, a wrong one's barely moves
         calls.append((labs.tolist(), steps))
-        data = next(d for ff, ll, d in fits if torch.equal(ll, labs)) if steps == 500 else float(f.sum())
-        rate = 10.0 ** (steps / 100) if torch.equal(labs, right) else 1.05
-        return torch.full_like(f, data / rate / f.numel()), data / rate
+        data = float(f.sum()) / (10.0 ** (steps / 100) if torch.equal(labs, right) else 1.05)
+        return carrying(data), data
 
     f, labs, data = _finish_shared(fits, fits[0], go_on, (2, 500, 1000))
-    assert labs.tolist() == right.tolist() and data < 1e-12
+    assert labs.tolist() == right.tolist() and data < 1e-15
     assert calls == [(wrong.tolist(), 500), (right.tolist(), 500), (right.tolist(), 1000)]  # the third never ran
-    calls.clear()
     assert _finish_shared(fits, fits[0], go_on, (1, 500, 1000))[1].tolist() == wrong.tolist()
     assert _finish_shared(fits, fits[0], go_on, (0, 0, 0))[1] is wrong  # no finish: the search's pick
     # a finish that does not beat the search's pick keeps the pick
-    better = (feats, other, 1e-30)
+    better = (carrying(1e-30), other, 1e-30)
     assert _finish_shared(fits, better, go_on, (3, 500, 1000)) is better
 
 

@@ -212,8 +212,8 @@ SHARED_POLISH = (4, 500, 1000)
 """(finalists, screen, finish) of a shared-context batch fit's finish (:func:`_finish_shared`): the label
 multisets with the lowest data residuals (at most ``finalists``) each go on for ``screen`` prior-free LM steps,
 and the best for ``finish`` more. Validation draws 20-27 (trained target, batch 4): re-identified 55% before,
-63% with the best fit alone going on for 1,500 steps, 66% (labels 94% to 97%) with 4 finalists; about 100 s
-more per batch on one thread."""
+63% with the best fit alone going on for 1,500 steps, 66% (labels 94% to 97%) with 4 finalists. It costs up
+to 3,000 LM steps (about 3.5 s per 100 at batch 4 on one thread)."""
 
 SHARED_CONVERGED = 1e-4
 """Data residual below which a shared-context label multiset is accepted without trying the next."""
@@ -442,7 +442,6 @@ def _shared_batch_fit(
     model: CoopGradientModel, z: torch.Tensor, b: int, pf: torch.Tensor, pl: torch.Tensor,
     labels: torch.Tensor | None, resid_fn: Callable[[torch.Tensor, float], Callable[[torch.Tensor], torch.Tensor]],
     whitening: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tol: float, swaps: int,
-    polish: tuple[int, int, int] = SHARED_POLISH,
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """A shared-context batch whose gradient has as many numbers as unknown feature directions (features,
     labels, data residual; ``None`` without a candidate label multiset).
@@ -501,7 +500,7 @@ def _shared_batch_fit(
     if best_shared is None:
         return None
     return _finish_shared(list(fitted.values()), best_shared,
-                          lambda st, labs, n: let_go(st, labs, ((0.0, n),)), polish)
+                          lambda st, labs, n: let_go(st, labs, ((0.0, n),)))
 
 
 def _finish_shared(
@@ -516,7 +515,7 @@ def _finish_shared(
 
     With the right labels the data residual keeps falling without the prior, slowly, since the confidently
     classified digits (``|p - e_y|`` about 0.01) barely enter the gradient: validation draw 22 (trained target)
-    from 2e-4 to 8e-7 in 1,500 steps, its two confident digits from cosine 0.78 / 0.77 to 0.90 / 0.94, where a
+    from 2e-4 to 9.5e-7 in 1,500 steps, its two confident digits from cosine 0.78 / 0.77 to 0.88 / 0.93, where a
     wrong multiset one label away went from 8.6e-5 to 7.6e-5. The short fits of the label search (80 steps)
     cannot rank them; the finished ones can."""
     finalists, screen, finish = polish
