@@ -1,9 +1,10 @@
 """The victim: a frozen CLIP with the client's trainable module (CoOp, CLIP-Adapter, or a fine-tune mode)."""
 
 from .adapter import ClipAdapter
+from .config import METHODS, Method, PeftConfig
 from .coop import PromptLearner
 from .rebuild import rebuild_victim
-from .victim import METHODS, Method, PeftConfig, Victim, build_victim
+from .victim import Victim, build_victim
 
 __all__ = ["METHODS", "ClipAdapter", "Method", "PeftConfig", "PromptLearner", "Victim", "build_victim",
            "rebuild_victim"]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import TextTower
-
-if TYPE_CHECKING:
-    from .victim import PeftConfig
+from .config import PeftConfig
 
 
 class PromptLearner(nn.Module):

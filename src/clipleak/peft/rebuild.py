@@ -8,7 +8,8 @@ from ..data import DataSpec, check_same_split
 from ..errors import ClipleakError
 from ..models import build_model, read_card
 from ..records import Observation
-from .victim import PeftConfig, Victim, build_victim
+from .config import PeftConfig
+from .victim import Victim, build_victim
 
 
 def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check_gradients: bool = True) -> Victim:
