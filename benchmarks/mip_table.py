@@ -1,106 +1,113 @@
-"""The README's MIP table: MIP vs feature matching (zero-shot labels) vs Inverting Gradients, for the adapter,
-CoOp with shared context and CoOp with class-specific context, at batch 1, 2, 4 and 8, on private digits.
+"""MIP on CLIP PEFT gradients: the adapter, CoOp with shared context and CoOp with class-specific context, at
+several batch sizes, on private digits of the trained target `tiny-mnist`, scored one-to-one beside the class
+prototype and the public nearest neighbour. Writes benchmarks/results/<name>.json (rows + provenance).
 
-    python benchmarks/mip_table.py --threads 1 --json runs/mip.json
-    python benchmarks/mip_table.py --part validation ...     # where the settings were tuned
+    python benchmarks/mip_table.py                                        # the default cells, private split
+    python benchmarks/mip_table.py --cells "adapter:1,8;coop:1" --images 40 --name mip
+    python benchmarks/mip_table.py --split validation --draw-seed 20 ...  # where settings are tuned
 
-Every row: mean PSNR, SSIM, one-to-one re-identification (K = 10, chance 10%), label multiset accuracy,
-the recovered features' cosine to the truth's (paired), seconds per batch (attack only). Baselines on the
-same batches: the class prototype of the attack's labels and the public nearest neighbour.
+A cell is PEFT:batch; it draws images // batch batches with draw seeds draw-seed, draw-seed + 1, ...
+Every rate carries its 95% Wilson interval over the cell's images; PSNR a bootstrap interval over the images.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import tempfile
 import time
-from collections import defaultdict
 
 import torch
 
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
+from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
-ROWS = {
+ATTACKS = {
     "mip": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted"),
-    "featmatch, zero-shot labels": dict(name="mip", decoder="tiny-mnist-decoder", labels="feature"),
+    "mip, zero-shot labels": dict(name="mip", decoder="tiny-mnist-decoder", labels="feature"),
     "ig (pixels + TV)": dict(name="ig", iterations=100, restarts=1, labels="infer"),
-    # the optional image stages (not in the default table; `--rows "mip;mip + latent search"` etc.)
     "mip + latent search": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted",
                                 prior="generative:tiny-mnist-vae", search=100),
     "mip + gradient refinement": dict(name="mip", decoder="tiny-mnist-decoder", labels="predicted", refine=100),
 }
-DEFAULT_ROWS = ["mip", "featmatch, zero-shot labels", "ig (pixels + TV)"]
 KINDS = {"adapter": dict(method="adapter"), "coop": dict(method="coop"),
-         "coop class-specific": dict(method="coop", class_specific=True)}
+         "coop-cs": dict(method="coop", class_specific=True)}
+KIND_NAMES = {"adapter": "CLIP-Adapter", "coop": "CoOp, shared context", "coop-cs": "CoOp, class-specific context"}
+SCORED = {"attack": "", "prototype": "prototype_", "public-nn": "nn_"}
+COLUMNS = [("peft", "PEFT"), ("batch", "batch"), ("attack", "attack"), ("n_images", "n"),
+           ("reid", "re-id [95% CI]"), ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("labels", "labels"),
+           ("feature_cosine", "feature cos"), ("prototype_reid", "prototype re-id"),
+           ("prototype_psnr", "prototype dB"), ("nn_reid", "public NN re-id"), ("nn_psnr", "public NN dB"),
+           ("seconds_per_batch", "s / batch")]
+
+
+def parse_cells(text: str) -> list[tuple[str, int]]:
+    cells = []
+    for part in text.split(";"):
+        kind, _, batches = part.strip().partition(":")
+        if kind not in KINDS or not batches:
+            raise SystemExit(f"bad cell {part!r}: use KIND:B[,B...] with KIND one of {', '.join(KINDS)}")
+        cells += [(kind, int(b)) for b in batches.split(",")]
+    return cells
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--batches", default="1,2,4,8")
-    ap.add_argument("--images", type=int, default=8, help="images per (kind, batch) cell (at least one batch)")
-    ap.add_argument("--rows", default=";".join(DEFAULT_ROWS),
-                    help=f"row names separated by ';' (any of: {', '.join(ROWS)})")
-    ap.add_argument("--decoder", help="the decoder of the MIP rows (default tiny-mnist-decoder; e.g. "
-                                      "tiny-mnist-decoder-aug)")
-    ap.add_argument("--part", default="private", choices=["private", "validation"])
-    ap.add_argument("--seed-offset", type=int, default=200)
-    ap.add_argument("--distinct-classes", action="store_true",
-                    help="every batch has distinct labels (the issue's batch-8 label goal is stated for those)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json")
+    ap.add_argument("--cells", default="adapter:1,8;coop:1,4;coop-cs:4",
+                    help="PEFT:batches separated by ';' (PEFT: adapter, coop, coop-cs)")
+    ap.add_argument("--images", type=int, default=40,
+                    help="images per cell (at least one batch); 40 keeps a rate's interval within about "
+                         "+-15 points")
+    ap.add_argument("--attacks", default="mip", help=f"attacks separated by ';' (any of: {'; '.join(ATTACKS)})")
+    ap.add_argument("--decoder", help="the decoder of the MIP rows (default tiny-mnist-decoder)")
+    ap.add_argument("--split", default="private", choices=["private", "validation"])
+    ap.add_argument("--draw-seed", type=int, default=200, help="first draw seed: batch j draws with seed D + j")
+    ap.add_argument("--distinct-classes", action="store_true", help="every batch has distinct labels")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="mip", help="results file: benchmarks/results/NAME.json")
+    ap.add_argument("--headline", action="store_true", help="mark the first attack's rows for the README table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [r.strip() for r in args.rows.split(";") if r.strip()]
-    out = []
-    for kind in args.kinds.split(","):
-        for b in (int(x) for x in args.batches.split(",")):
-            acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-            for draw in range(max(1, args.images // b)):
-                obs, truth = make_observation(weights="tiny-mnist", batch_size=b, seed=args.seed_offset + draw,
-                                              part=args.part, distinct_classes=args.distinct_classes,
-                                              **KINDS[kind])
-                for row in rows:
-                    kw = dict(ROWS[row])
-                    name = kw.pop("name")
-                    if args.decoder and "decoder" in kw:
-                        kw["decoder"] = args.decoder
-                    t0 = time.perf_counter()
-                    rec = attack_observation(obs, name=name, **kw)
-                    sec = time.perf_counter() - t0
-                    _, ev = evaluate_reconstruction(rec, truth, f"/tmp/mip-table/{kind}-{b}-{draw}-{name}",
-                                                    with_lpips=False)
-                    cells = {"attack": row, "prototype": "class prototype", "public-nn": "public nearest neighbour"}
-                    for m, label in cells.items():
-                        if m != "attack" and row != rows[0]:
-                            continue
-                        acc[label]["psnr"].append(ev["methods"][m]["psnr_mean"])
-                        acc[label]["ssim"].append(ev["methods"][m]["ssim_mean"])
-                        acc[label]["reid"].append(ev["reidentification"][m])
-                    acc[row]["labels"].append(ev["label_count_accuracy"])
-                    acc[row]["seconds"].append(sec)
-                    cos = (ev.get("feature_recovery") or {}).get("cosine_to_truth_mean")
-                    if cos is not None:
-                        acc[row]["cosine"].append(cos)
-                    print(f"{kind} b={b} draw {draw} {row}: {ev['methods']['attack']['psnr_mean']:.1f} dB, re-id "
-                          f"{ev['reidentification']['attack']:.0%}, labels {ev['label_count_accuracy']:.0%}, "
-                          f"{sec:.1f} s", flush=True)
-            for label, vals in acc.items():
-                out.append({"kind": kind, "batch": b, "row": label, "images": max(1, args.images // b) * b,
-                            **{k: sum(v) / len(v) for k, v in vals.items()}})
+    attacks = [a.strip() for a in args.attacks.split(";") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        ap.error(f"unknown attack(s) {bad}; choose from {list(ATTACKS)}")
+    cells = parse_cells(args.cells)
+    draws = {b: max(1, args.images // b) for _, b in cells}
+    prov = provenance(split=args.split, draw_seeds=range(args.draw_seed, args.draw_seed + max(draws.values())),
+                      images=args.images, threads=args.threads)
+    rows = []
+    scratch = tempfile.mkdtemp(prefix="mip-table-")
+    for kind, b in cells:
+        acc = {a: Cell.new() for a in attacks}
+        for j in range(draws[b]):
+            obs, truth = make_observation(weights="tiny-mnist", batch_size=b, seed=args.draw_seed + j,
+                                          part=args.split, distinct_classes=args.distinct_classes, **KINDS[kind])
+            for a in attacks:
+                kw = dict(ATTACKS[a])
+                name = kw.pop("name")
+                if args.decoder and "decoder" in kw:
+                    kw["decoder"] = args.decoder
+                t0 = time.perf_counter()
+                rec = attack_observation(obs, name=name, **kw)
+                sec = time.perf_counter() - t0
+                _, ev = evaluate_reconstruction(rec, truth, f"{scratch}/{kind}-{b}-{j}-{name}", with_lpips=False)
+                acc[a].add_evaluation(ev, SCORED, seconds=sec)
+                print(f"{kind} b={b} draw {args.draw_seed + j} {a}: {ev['methods']['attack']['psnr_mean']:.1f} dB, "
+                      f"re-id {ev['reidentification']['attack']:.0%}, labels {ev['label_count_accuracy']:.0%}, "
+                      f"{sec:.1f} s", flush=True)
+        for i, a in enumerate(attacks):
+            rows.append(acc[a].row(case=f"MIP, {KIND_NAMES[kind]}, batch {b}" if a == "mip" else f"{a}, {kind}, "
+                                   f"batch {b}", peft=KIND_NAMES[kind], batch=b, attack=a,
+                                   headline=bool(args.headline and i == 0)))
+    title = "MIP on CLIP PEFT gradients (tiny-mnist, " + args.split + " digits)"
+    notes = ("One-to-one re-identification among K = 10 candidates per image (chance 10%); labels: the label "
+             "multiset; feature cos: the recovered features' cosine to the true ones (paired). Intervals: 95%, "
+             "Wilson over the images for rates, bootstrap over the images for means. Baselines are scored on "
+             "the same batches: the class prototype of the attack's labels and the public nearest neighbour.")
+    path = write_results(args.name, rows, prov, title=title, columns=COLUMNS, notes=notes)
     print()
-    print("| PEFT | batch | attack | PSNR dB | SSIM | re-id | labels | feature cos | s/batch |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    def f(r: dict, key: str, fmt: str) -> str:
-        return format(r[key], fmt) if key in r else ""
-
-    for r in out:
-        print(f"| {r['kind']} | {r['batch']} | {r['row']} | {f(r, 'psnr', '.1f')} | {f(r, 'ssim', '.2f')} | "
-              f"{f(r, 'reid', '.0%')} | {f(r, 'labels', '.0%')} | {f(r, 'cosine', '.3f')} | "
-              f"{f(r, 'seconds', '.1f')} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ from .metrics import (
     ssim,
 )
 from .scoring import METHOD_LABELS, METHODS, evaluate, verdict
+from .stats import Interval, at_chance, bootstrap_mean, images_to_separate, pooled_rate, rate_interval, wilson
 
 __all__ = [
-    "LEAKAGE_WARNING_COSINE", "METHODS", "METHOD_LABELS", "PSNR_CAP", "LabelledImages", "evaluate", "label_accuracy",
+    "LEAKAGE_WARNING_COSINE", "METHODS", "METHOD_LABELS", "PSNR_CAP", "Interval", "LabelledImages", "at_chance",
+    "bootstrap_mean", "evaluate", "images_to_separate", "label_accuracy", "pooled_rate", "rate_interval", "wilson",
     "label_count_accuracy", "lpips_distance", "lpips_status", "pair_by_psnr", "psnr", "psnr_matrix",
     "public_nearest_neighbour", "reid_rate", "reidentify", "same_class_gradient_cosine", "ssim", "verdict",
 ]

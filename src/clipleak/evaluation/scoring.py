@@ -29,6 +29,7 @@ from .metrics import (
     reid_rate,
     ssim,
 )
+from .stats import bootstrap_mean, rate_interval
 
 METHODS = ("attack", "blank", "prototype")
 METHOD_LABELS = {
@@ -137,10 +138,14 @@ def _score(images: torch.Tensor, truth: torch.Tensor, use_lpips: bool) -> dict[s
     p = psnr(images, truth)
     s = ssim(images, truth)
     lp = lpips_distance(images, truth) if use_lpips else None
-    return {
+    out: dict[str, Any] = {
         "psnr": _floats(p), "ssim": _floats(s), "lpips": _floats(lp),
         "psnr_mean": _mean(p), "ssim_mean": _mean(s), "lpips_mean": _mean(lp),
     }
+    for name, values in (("psnr", out["psnr"]), ("ssim", out["ssim"])):
+        finite = [v for v in values if v is not None]
+        out[f"{name}_interval"] = bootstrap_mean(finite).to_dict() if finite else None
+    return out
 
 
 def evaluate(
@@ -178,10 +183,13 @@ def evaluate(
             labels              {"true": [...], "reconstructed": [...] (paired order)}
             label_accuracy      float (after pairing)
             label_count_accuracy  float, order-free (multiset overlap / B), unaffected by pairing
+            label_count_interval  its 95% Wilson interval over the B images {value, low, high, n}
             methods             {"attack"|"blank"|"prototype": {psnr, ssim, lpips: per-image lists
-                                 (lpips None when unavailable), psnr_mean, ssim_mean, lpips_mean}}
+                                 (lpips None when unavailable), psnr_mean, ssim_mean, lpips_mean,
+                                 psnr_interval, ssim_interval: 95% bootstrap over the images}}
             lpips               {"available": bool, "note": str}
-            reidentification    None, or {"k", "draws", "seed", "chance", "attack", "prototype", "note"}
+            reidentification    None, or {"k", "draws", "seed", "chance", "attack", "prototype", "note",
+                                "interval": {method: 95% Wilson interval over the B images}}
                                 (rates None and the reason in "note" when the pool is too small)
             verdict             {"beat_blank", "beat_prototype", "text"}
     """
@@ -228,6 +236,8 @@ def evaluate(
             for m in (*REID_METHODS, *(extra_baselines or {})):
                 reid[m] = reid_rate(images[m], t_img, t_lab, reid_pool, k=reid_k, draws=reid_draws,
                                     seed=reid_seed)
+            reid["interval"] = {m: rate_interval(reid[m], b).to_dict()
+                                for m in (*REID_METHODS, *(extra_baselines or {}))}
             reid["note"] = (f"share of {b * reid_draws} trials in which the image picks the client's true "
                             f"image out of {reid_k} same-class candidates by PSNR (chance {1 / reid_k:.0%})")
         except ClipleakError as e:
@@ -247,6 +257,7 @@ def evaluate(
                    "reconstructed": [int(i) for i in r_lab.tolist()]},
         "label_accuracy": label_accuracy(r_lab, t_lab),
         "label_count_accuracy": label_count_accuracy(r_lab, t_lab),
+        "label_count_interval": rate_interval(label_count_accuracy(r_lab, t_lab), b).to_dict(),
         "methods": methods,
         "lpips": {"available": bool(lp_ok), "note": lp_note},
         "reidentification": reid,
