@@ -15,7 +15,7 @@ and prints the ratio step/plain (goal: at most 3.5x). The timings are *interleav
 blocks times plain, then every preset, so a load change on a shared machine hits all of them alike; the
 table gives the median and the minimum over the blocks of each time and of the per-block ratio (the
 minimum is the least disturbed figure on a busy machine). Random-init weights: timing does not depend
-on training. Run:  python benchmarks/attack_step.py [--quick] [--threads 1] [--blocks 5] [--json out.json]
+on training. Run:  python benchmarks/attack_step.py [--quick] [--threads 1] [--blocks 5]
 ViT-B-32 (open_clip config, random init, nothing downloaded) runs full-visual at batch 1 only, presets
 ``--vit-presets`` (``--vit-b-32``; one attack step there is seconds on one CPU thread).
 """
@@ -23,7 +23,6 @@ ViT-B-32 (open_clip config, random init, nothing downloaded) runs full-visual at
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from clipleak.client import share
 from clipleak.models import build_model
 from clipleak.peft import PeftConfig, build_victim
 from clipleak.priors import PriorCNN, load_prior, save_prior
+from clipleak.report.results import markdown_table, provenance, write_results
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -109,11 +109,15 @@ def bench(arch: str, method: str, batch: int, repeats: int, presets: list[str], 
                      "plain_all_s": times["plain"], "step_all_s": times[name]})
     return rows
 
+COLUMNS = [("arch", "arch"), ("method", "method"), ("batch", "batch"), ("preset", "attack"),
+           ("plain_s", "plain s (median)"), ("step_s", "step s (median)"), ("ratio", "step / plain (median)"),
+           ("ratio_of_minima", "step / plain (minima)")]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model only")
-    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--name", default="attack_step", help="results file: benchmarks/results/NAME.json")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--methods", default="full-visual,coop", help="comma-separated PEFT methods")
@@ -132,20 +136,18 @@ def main() -> None:
     if args.vit_b_32 or not args.quick:
         vit = [p for p in args.vit_presets.split(",") if p]
         cases += [("ViT-B-32", "full-visual", 1, 1, max(2, args.blocks // 2), vit)]
+    prov = provenance(split="none (timing)", draw_seeds=[], images=0, threads=torch.get_num_threads())
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'arch':10s} {'method':12s} {'batch':>5s} {'preset':8s} {'plain s (med/min)':>19s} "
-          f"{'step s (med/min)':>19s} {'ratio med':>9s} {'min':>6s} {'min/min':>7s}")
     for arch, method, batch, rep, blocks, names in cases:
         for r in bench(arch, method, batch, rep, names, blocks,
                        cnn=cnn if arch == args.arch else None):
             rows.append(r)
-            print(f"{arch:10s} {method:12s} {batch:5d} {r['preset']:8s} {r['plain_s']:9.4f}/{r['plain_min_s']:9.4f} "
-                  f"{r['step_s']:9.4f}/{r['step_min_s']:9.4f} {r['ratio']:9.2f} {r['ratio_min']:6.2f} "
-                  f"{r['ratio_of_minima']:7.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            print(f"{arch} {method} b={batch} {r['preset']}: step / plain {r['ratio']:.2f} (median), "
+                  f"{r['ratio_of_minima']:.2f} (minima)", flush=True)
+    path = write_results(args.name, rows, prov, title="Attack step against a plain forward + backward",
+                         columns=COLUMNS, notes="Interleaved timing blocks; ratio of medians and of minima.")
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

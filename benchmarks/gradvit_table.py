@@ -1,7 +1,7 @@
 """Full fine-tuning of the visual tower (tiny-mnist, full-visual): analytic read-outs and gradient-matching
 presets on private digits, honest baselines beside.
 
-    python benchmarks/gradvit_table.py --threads 1 --json runs/gradvit.json
+    python benchmarks/gradvit_table.py --threads 2                 # writes benchmarks/results/gradvit.json
     python benchmarks/gradvit_table.py --cells "1:closed form,projection + decoder:8" --iterations 200
     python benchmarks/gradvit_table.py --cells "4:gradvit (neighbours start),neighbours start alone:2" \
         --part validation                      # tune on the validation split, report the private one
@@ -14,26 +14,26 @@ projection gradient; lr 0.01, restarts perturbed by N(0, 0.05^2)), ``neighbours 
 no optimisation), ``ig``, ``dlg``, ``idlg``. ``--cnn`` / ``--decoder`` default to the artifacts
 ``WEIGHTS-cnn`` / ``WEIGHTS-decoder``.
 
-A cell is ``BATCH:ROW,ROW,...:DRAWS``; batch-draw seeds 0..DRAWS-1 (``--first-draw F``: F..F+DRAWS-1);
+A cell is ``BATCH:ROW,ROW,...:DRAWS``; batch-draw seeds D..D+DRAWS-1 (``--draw-seed D``, default 0);
 labels are never shared (each attack infers them its own way). Every row reports mean PSNR, SSIM,
-one-to-one re-identification (K = 10, 20 draws; chance 10%), label-multiset accuracy and seconds per
-batch; the class prototype of the attack's own
-labels is scored on the same images (evaluation.evaluate).
+one-to-one re-identification (K = 10, 20 draws; chance 10%) with its 95% Wilson interval over the cell's
+images, label-multiset accuracy and seconds per batch; the class prototype of the attack's own labels is
+scored on the same images (evaluation.evaluate).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from collections import defaultdict
 
 import torch
 
 from clipleak import artifacts
-from clipleak.api import attack_observation, make_observation, public_for
+from clipleak.api import attack_observation, make_observation
 from clipleak.client import load_private
+from clipleak.data import public_for_observation
 from clipleak.evaluation import evaluate
+from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
 ROWS = {
     "closed form": dict(name="closed-form"),
@@ -52,8 +52,14 @@ ROWS = {
     "idlg": dict(name="idlg"),
 }
 OPTIMISED = ("gradvit", "ig", "dlg", "idlg")
-DEFAULT_CELLS = ("1:closed form,projection + decoder:8;4:projection + decoder:4;8:projection + decoder:2;"
-                 "4:gradvit,ig:2")
+DEFAULT_CELLS = ("1:closed form,projection + decoder:40;4:projection + decoder:10;"
+                 "4:gradvit (neighbours start),neighbours start alone:4")
+COLUMNS = [("batch", "batch"), ("attack", "attack"), ("n_images", "n"), ("reid", "re-id [95% CI]"),
+           ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("labels", "labels"), ("prototype_reid", "prototype re-id"),
+           ("prototype_psnr", "prototype dB"), ("seconds_per_batch", "s / batch")]
+HEADLINE = {"closed form": "closed form (APRIL), full-visual",
+            "projection + decoder": "projection read-out + decoder, full-visual",
+            "gradvit (neighbours start)": "GradViT (neighbours start), full-visual"}
 
 
 def main() -> None:
@@ -67,27 +73,28 @@ def main() -> None:
     ap.add_argument("--decoder", help="the projection row's decoder (default: the artifact WEIGHTS-decoder)")
     ap.add_argument("--part", default="private", choices=("private", "validation"),
                     help="where the client's digits come from (tune on validation, report private)")
-    ap.add_argument("--first-draw", type=int, default=0,
-                    help="batch-draw seeds FIRST..FIRST+DRAWS-1 (to add batches to a cell measured before)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--json")
+    ap.add_argument("--draw-seed", type=int, default=0, help="batch-draw seeds D..D+DRAWS-1 of every cell")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="gradvit", help="results file: benchmarks/results/NAME.json")
+    ap.add_argument("--headline", action="store_true", help="mark the named rows for the README's table")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     arch = args.arch or (str(getattr(artifacts.get(args.weights).recipe, "arch", "tiny-32"))
                          if artifacts.is_artifact(args.weights) else "tiny-32")
+    cells = [(int(b), rows.split(","), int(d)) for b, rows, d in (c.split(":") for c in args.cells.split(";"))]
+    most = max(d for _, _, d in cells)
+    prov = provenance(split=args.part, draw_seeds=range(args.draw_seed, args.draw_seed + most),
+                      images=max(b * d for b, _, d in cells), threads=args.threads)
     out = []
-    for cell in args.cells.split(";"):
-        b_s, rows_s, draws_s = cell.split(":")
-        batch, draws = int(b_s), int(draws_s)
-        acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for draw in range(args.first_draw, args.first_draw + draws):
+    for batch, row_names, draws in cells:
+        acc = {row: Cell.new() for row in row_names}
+        for draw in range(args.draw_seed, args.draw_seed + draws):
             obs, truth = make_observation(arch=arch, weights=args.weights, method="full-visual", batch_size=batch,
                                           seed=draw, part=args.part)
-            spec, public = public_for(obs.meta)
+            spec, public = public_for_observation(obs.meta)
             private = load_private(spec, int(obs.meta["image_size"]), args.part)
             names = {"{cnn}": args.cnn or f"{args.weights}-cnn", "{decoder}": args.decoder or f"{args.weights}-decoder"}
-            for row in rows_s.split(","):
+            for row in row_names:
                 kw = {k: names.get(v, v) if isinstance(v, str) else v for k, v in ROWS[row].items()}
                 name = kw.pop("name")
                 if name in OPTIMISED and "iterations" not in kw:
@@ -96,30 +103,24 @@ def main() -> None:
                 rec = attack_observation(obs, name=name, weights=args.weights, **kw)
                 sec = time.perf_counter() - t0
                 ev = evaluate(rec, truth, public.prototypes(), with_lpips=False, reid_pool=private)
-                for m in ("attack", "prototype"):
-                    acc[f"{row}|{m}"]["psnr"].append(ev["methods"][m]["psnr_mean"])
-                    acc[f"{row}|{m}"]["ssim"].append(ev["methods"][m]["ssim_mean"])
-                    acc[f"{row}|{m}"]["reid"].append(ev["reidentification"][m])
-                acc[f"{row}|attack"]["labels"].append(ev["label_count_accuracy"])
-                acc[f"{row}|attack"]["seconds"].append(sec)
+                acc[row].add_evaluation(ev, {"attack": "", "prototype": "prototype_"}, seconds=sec)
                 print(f"b={batch} draw {draw} {row}: {ev['methods']['attack']['psnr_mean']:.1f} dB, ssim "
                       f"{ev['methods']['attack']['ssim_mean']:.2f}, reid {ev['reidentification']['attack']:.0%}, "
                       f"labels {ev['label_count_accuracy']:.0%} | prototype "
                       f"{ev['methods']['prototype']['psnr_mean']:.1f} dB reid "
                       f"{ev['reidentification']['prototype']:.0%} ({sec:.1f} s)", flush=True)
-        for key, vals in acc.items():
-            row, m = key.split("|")
-            out.append({"batch": batch, "row": row if m == "attack" else f"{row}: class prototype",
-                        "draws": draws, **{k: sum(v) / len(v) for k, v in vals.items()}})
-    print("| batch | row | batches | PSNR dB | SSIM | re-id | labels | s/batch |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in out:
-        print(f"| {r['batch']} | {r['row']} | {r['draws']} | {r['psnr']:.1f} | {r['ssim']:.2f} | {r['reid']:.0%} | "
-              f"{r['labels']:.0%} | {r['seconds']:.1f} |" if "labels" in r else
-              f"| {r['batch']} | {r['row']} | {r['draws']} | {r['psnr']:.1f} | {r['ssim']:.2f} | {r['reid']:.0%} | | |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"settings": vars(args), "rows": out}, fh, indent=2)
+        for row in row_names:
+            case = f"{HEADLINE.get(row, row)}, batch {batch}"
+            out.append(acc[row].row(case=case, batch=batch, attack=row,
+                                    headline=bool(args.headline and row in HEADLINE)))
+    notes = ("Full fine-tuning of the visual tower of tiny-mnist; labels never shared. One-to-one "
+             "re-identification among K = 10 candidates per image (chance 10%); intervals 95% (Wilson over the "
+             f"images for rates, bootstrap for means). Optimisation rows: {args.iterations} steps x "
+             f"{args.restarts} restarts.")
+    title = f"Full fine-tuning: analytic read-outs and GradViT ({args.part} digits)"
+    path = write_results(args.name, out, prov, title=title, columns=COLUMNS, notes=notes)
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in out]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

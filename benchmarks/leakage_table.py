@@ -4,11 +4,11 @@ For each observation kind (CoOp prompt, CLIP-Adapter) and batch size, clients dr
 attack runs on the same observations; each row reports mean PSNR, SSIM and re-identification (the
 reconstruction picks its client's true digit out of K=10 private digits of its class; chance 10%; batches
 scored one-to-one: one truth counts once however many reconstructions claim it), label accuracy (the
-label multiset), the share of the batch the feature recovery separated, and seconds per batch.
+label multiset) and seconds per batch.
 Baseline rows: class prototype (mean public image of the attacker's label)
 and public nearest neighbour in the target's feature space (of the attack's feature estimate).
 
-    python benchmarks/leakage_table.py --images 8 --json runs/leakage.json
+    python benchmarks/leakage_table.py --images 8 --attacks "featmatch, decoder only"   # -> results/leakage.json
 
 Seconds per batch of a featmatch row include the feature recovery (computed once per observation and
 shared by the featmatch rows). Trained target and priors come from the artifact cache (built on first
@@ -18,17 +18,17 @@ use: tiny-mnist, tiny-mnist-vae, tiny-mnist-decoder).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from collections import defaultdict
 
 import torch
 
-from clipleak.api import attack_observation, make_observation, public_for
+from clipleak.api import attack_observation, make_observation
 from clipleak.client import load_private
+from clipleak.data import public_for_observation
 from clipleak.evaluation import evaluate, public_nearest_neighbour
 from clipleak.peft import rebuild_victim
 from clipleak.recover import recovered_features
+from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
 ATTACKS = {
     "ig, prior none": dict(name="ig", prior="none"),
@@ -43,6 +43,11 @@ ATTACKS = {
                                                    prior="generative:tiny-mnist-vae", lr=0.05),
 }
 
+COLUMNS = [("method", "observation"), ("batch", "batch"), ("attack", "attack"), ("n_images", "n"),
+           ("reid", "re-id [95% CI]"), ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("labels", "labels"),
+           ("prototype_reid", "prototype re-id"), ("prototype_psnr", "prototype dB"), ("nn_reid", "public NN re-id"),
+           ("nn_psnr", "public NN dB"), ("seconds_per_batch", "s / batch")]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,26 +58,28 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--attacks", default="", help="subset of row names separated by ';' (default all)")
     ap.add_argument("--weights", default="tiny-mnist")
-    ap.add_argument("--seed-offset", type=int, default=0, help="first batch-draw seed (draws seed, seed+1, ...)")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--draw-seed", type=int, default=0, help="first batch-draw seed (draws D, D+1, ...)")
+    ap.add_argument("--name", default="leakage", help="results file: benchmarks/results/NAME.json")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     wanted = [a.strip() for a in args.attacks.split(";") if a.strip()]
     unknown = [a for a in wanted if a not in ATTACKS]
     if unknown:
         ap.error(f"unknown row(s) {unknown}; rows: {list(ATTACKS)}")
     chosen = {k: v for k, v in ATTACKS.items() if not wanted or k in wanted}
+    batches = [int(b) for b in args.batches.split(",")]
+    prov = provenance(split="private", draw_seeds=range(args.draw_seed, args.draw_seed + max(1, args.images)),
+                      images=args.images, threads=args.threads)
     rows = []
     for method in args.methods.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for batch in batches:
+            acc = {row: Cell.new() for row in chosen}
             n_draws = max(1, args.images // batch)
             for draw in range(n_draws):
                 obs, truth = make_observation(weights=args.weights, method=method, batch_size=batch,
-                                              seed=args.seed_offset + draw)
-                spec, public = public_for(obs.meta)
+                                              seed=args.draw_seed + draw)
+                spec, public = public_for_observation(obs.meta)
                 private = load_private(spec, int(obs.meta["image_size"]))
                 victim = rebuild_victim(obs)
                 protos = public.prototypes()
@@ -95,32 +102,21 @@ def main() -> None:
                     nn_img, _ = public_nearest_neighbour(victim, public, est, rec.labels)
                     ev = evaluate(rec, truth, protos, with_lpips=False, reid_pool=private,
                                   extra_baselines={"public-nn": nn_img})
-                    for m in ("attack", "prototype", "public-nn"):
-                        acc[f"{row}|{m}"]["psnr"].append(ev["methods"][m]["psnr_mean"])
-                        acc[f"{row}|{m}"]["ssim"].append(ev["methods"][m]["ssim_mean"])
-                        acc[f"{row}|{m}"]["reid"].append(ev["reidentification"][m])
-                    acc[f"{row}|attack"]["labels"].append(ev["label_count_accuracy"])
-                    sep = (rec.meta.get("feature_recovery") or {}).get("images_separated")
-                    if sep is not None:
-                        acc[f"{row}|attack"]["separated"].append(sep / batch)
-                    acc[f"{row}|attack"]["seconds"].append(sec)
+                    acc[row].add_evaluation(ev, {"attack": "", "prototype": "prototype_", "public-nn": "nn_"},
+                                            seconds=sec)
                     print(f"{method} b={batch} draw {draw} {row}: {ev['methods']['attack']['psnr_mean']:.1f} dB "
                           f"reid {ev['reidentification']['attack']:.0%} ({sec:.1f} s)", flush=True)
-            for key, vals in acc.items():
-                row, m = key.split("|")
-                rows.append({"method": method, "batch": batch, "attack": row, "scored": m,
-                             **{k: sum(v) / len(v) for k, v in vals.items()}, "n_images": n_draws * batch})
-    print()
-    print("| observation | batch | attack | scored | PSNR dB | SSIM | re-id (one-to-one) | labels (multiset) | "
-          "separated | s/batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['batch']} | {r['attack']} | {r['scored']} | {r['psnr']:.1f} | {r['ssim']:.2f} | "
-              f"{r['reid']:.0%} | {r.get('labels', float('nan')):.0%} | {r.get('separated', float('nan')):.0%} | "
-              f"{r.get('seconds', float('nan')):.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            for row in chosen:
+                if acc[row].sizes:
+                    rows.append(acc[row].row(case=f"{row}, {method}, batch {batch}", method=method, batch=batch,
+                                             attack=row))
+    notes = ("Trained target tiny-mnist, private digits; one-to-one re-identification among K = 10 candidates "
+             "(chance 10%); intervals 95% (Wilson over the images for rates, bootstrap for means). Seconds of "
+             "a featmatch row include the feature recovery.")
+    path = write_results(args.name, rows, prov, title="Attacks and priors on the trained target (private digits)",
+                         columns=COLUMNS, notes=notes)
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def wilson(successes: float, n: int, z: float = Z95) -> Interval:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return Interval(value=p, low=max(0.0, centre - half), high=min(1.0, centre + half), n=int(n))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: rounding must not cut 1.0 to 0.99...
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(value=p, low=low, high=high, n=int(n))
 
 
 def rate_interval(rate: float, n: int) -> Interval:

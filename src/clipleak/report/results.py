@@ -26,7 +26,8 @@ from typing import Any
 from ..errors import ClipleakError
 
 SCHEMA = 1
-README_START = "<!-- headline:start (rendered from benchmarks/results/ by `python benchmarks/render.py`; do not edit) -->"
+README_START = ("<!-- headline:start (rendered from benchmarks/results/ by `python benchmarks/render.py`; "
+                "do not edit) -->")
 README_END = "<!-- headline:end -->"
 
 
