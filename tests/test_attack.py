@@ -77,6 +77,22 @@ def test_engine_keeps_best_restart_and_resumes(tmp_path):
     resumed = optimise(PixelImages(8, init="rand"), [Term("mse", fn)], cfg, checkpoint=ck, **kw)
     assert resumed.restart_losses == pytest.approx(full.restart_losses)
     assert torch.equal(resumed.images, full.images)
+    # one folder per save, the newest named by `latest`; no temporary file left behind
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-0000003"]
+    assert sorted(p.name for p in (ck / "step-0000003").iterdir()) == ["restarts.safetensors", "state.json"]
+
+
+def test_engine_damaged_checkpoint_is_one_line(tmp_path):
+    cfg = EngineConfig(iterations=3, restarts=1, lr=0.05, signed=False, decay="none")
+    kw = dict(batch=1, num_classes=2, known_labels=torch.tensor([0]))
+    terms = [Term("mse", lambda s: s.images.pow(2).mean())]
+    ck = tmp_path / "ck"
+    optimise(PixelImages(8), terms, cfg, checkpoint=ck, **kw)
+    state = ck / "step-0000001" / "state.json"
+    state.write_text(state.read_text()[:25])  # truncated, as a kill during an in-place write would leave it
+    with pytest.raises(ClipleakError, match=r"step-0000001 is damaged .*state\.json.*--no-resume") as e:
+        optimise(PixelImages(8), terms, cfg, checkpoint=ck, **kw)
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_attack(tiny, digits):

@@ -10,7 +10,17 @@ from clipleak.client import share
 from clipleak.errors import ClipleakError
 from clipleak.models import save_weights
 from clipleak.peft import PeftConfig, build_victim, rebuild_victim
-from clipleak.records import Observation, Truth
+from clipleak.records import (
+    STATE,
+    Observation,
+    Truth,
+    latest_checkpoint,
+    read_checkpoint,
+    read_state,
+    write_atomic,
+    write_checkpoint,
+    write_json_atomic,
+)
 
 
 def _batch(n=2, seed=0):
@@ -132,3 +142,62 @@ def test_split_mismatch_is_refused(tmp_path):
     obs.meta["data"]["split_seed"] = 1  # an observation that claims another split
     with pytest.raises(ClipleakError, match="split"):
         attack_observation(obs, name="featmatch", iterations=0, decoder=None, prior="none")
+
+
+# ------------------------------------------------------------------------------ atomic files, checkpoints
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "cells.json"
+    write_json_atomic(target, {"n": 1})
+
+    def half_then_fail(tmp):
+        tmp.write_text('{"n": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, half_then_fail)
+    assert json.loads(target.read_text()) == {"n": 1}
+    with pytest.raises(TypeError):  # not serialisable: nothing is written at all
+        write_json_atomic(tmp_path / "other.json", {"x": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
+
+
+def _write_step(value: int):
+    def write(d):
+        (d / STATE).write_text(json.dumps({"step": value}))
+    return write
+
+
+def test_checkpoint_switch_survives_a_kill_and_leaves_no_temp(tmp_path):
+    root = tmp_path / "ckpt"
+    write_checkpoint(root, 3, _write_step(3))
+
+    def killed(d):
+        (d / STATE).write_text('{"step": 6')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(root, 6, killed)
+    d = latest_checkpoint(root)
+    assert d is not None and read_checkpoint(d, read_state, hint="") == {"step": 3}
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003"]
+    (root / ".tmp-step-0000006-x").mkdir()  # what a SIGKILL during a write leaves: removed by the next one
+    write_checkpoint(root, 6, _write_step(6))
+    write_checkpoint(root, 6, _write_step(7))  # the same step again (a stop at a checkpoint step)
+    d = latest_checkpoint(root)
+    assert d is not None and read_checkpoint(d, read_state, hint="") == {"step": 7}
+    assert sorted(p.name for p in root.iterdir()) == ["latest", d.name]
+
+
+def test_damaged_checkpoint_is_one_line(tmp_path):
+    root = tmp_path / "ckpt"
+    d = write_checkpoint(root, 2, _write_step(2))
+    (d / STATE).write_text('{"step": ')
+    with pytest.raises(ClipleakError, match=r"checkpoint .*step-0000002 is damaged \(.*state\.json.*\); delete it"
+                       ) as e:
+        read_checkpoint(d, read_state, hint="delete it to start over")
+    assert "\n" not in str(e.value)
+    (d / STATE).unlink()
+    with pytest.raises(ClipleakError, match="is damaged"):
+        read_checkpoint(d, read_state, hint="delete it to start over")

@@ -112,6 +112,17 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         pretrain(other, tmp_path / "m.safetensors", evaluate=False, threads=1, resume=True)
 
 
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    cfg = PretrainConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    pretrain(cfg, tmp_path / "m.safetensors", evaluate=False, threads=1, stop_after=3)
+    root = checkpoint_dir(tmp_path / "m.safetensors")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002"]  # no temporary file left
+    state = root / "step-0000002" / "state.json"
+    state.write_text(state.read_text()[:30])
+    with pytest.raises(ClipleakError, match=r"step-0000002 is damaged .*state\.json.*without --resume"):
+        pretrain(cfg, tmp_path / "m.safetensors", evaluate=False, threads=1, resume=True)
+
+
 def test_time_budget_fits_the_schedule(tmp_path):
     cfg = PretrainConfig(steps=None, time_budget_s=1.5, batch_size=4, warmup_steps=2)
     card = pretrain(cfg, tmp_path / "t.safetensors", evaluate=False, threads=1)

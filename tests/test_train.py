@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipleak.data import DataSpec, ImageSet, load_validation
+from clipleak.errors import ClipleakError
 from clipleak.privacy import epsilon
 from clipleak.training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
 
@@ -71,6 +72,19 @@ def test_resume_is_exact(tmp_path, sets):
     a, b = _peft(tmp_path / "full"), _peft(tmp_path / "res")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert done["canaries"]["scores"] == full["canaries"]["scores"]
+    assert not (tmp_path / "res" / "ckpt").exists()  # removed once the run is done
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, sets):
+    train, held = sets
+    cfg = FinetuneConfig(method="adapter", steps=4, batch_size=6, checkpoint_every=2)
+    finetune(cfg, train, held, tmp_path / "res", stop_after=3)
+    ckpt = tmp_path / "res" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-0000002"]  # no temporary file left
+    state = ckpt / "step-0000002" / "state.json"
+    state.write_text(state.read_text()[:30])
+    with pytest.raises(ClipleakError, match=r"step-0000002 is damaged .*state\.json.*without --resume"):
+        finetune(cfg, train, held, tmp_path / "res", resume=True)
 
 
 def test_bad_settings_are_refused():

@@ -25,10 +25,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..errors import ClipleakError
 from ..models import math_attention
-from ..records import ProgressEvent, ProgressFn
+from ..records import STATE, ProgressEvent, ProgressFn, latest_checkpoint, read_checkpoint, read_state, write_checkpoint
 
 
 class Parametrization(Protocol):
@@ -204,11 +205,26 @@ def optimise(
         known_labels: the labels when ``cfg.labels == "known"``.
         selection: name of the term that picks the best restart (default: the first term).
         task: the name progress events carry.
-        checkpoint: a JSON+safetensors pair at this path stores finished restarts; an interrupted
-            run with the same path resumes after the last finished restart. ``checkpoint_tag``
-            identifies the run (attack settings, observation): a checkpoint with another tag or
-            engine config is ignored and overwritten, never mixed in.
+        checkpoint: a checkpoint folder at this path stores finished restarts; an interrupted run with
+            the same path resumes after the last finished restart. ``checkpoint_tag`` identifies the run
+            (attack settings, observation): a checkpoint with another tag or engine config is ignored and
+            overwritten, never mixed in.
     """
+    selection = _check_run(terms, cfg, selection, known_labels)
+    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag)[: cfg.restarts] if checkpoint else []
+    results: list[dict[str, Any]] = list(done)
+    run = _Restarts(param, terms, cfg, selection, known_labels, num_classes, batch, progress, task)
+    t0 = time.perf_counter()
+    for r in range(len(done), cfg.restarts):
+        results.append(run.restart(r))
+        if checkpoint:
+            _save_checkpoint(checkpoint, results, cfg, checkpoint_tag)
+    return _best_of(results, cfg, param, selection, time.perf_counter() - t0, run.n_iters)
+
+
+def _check_run(terms: list[Term], cfg: EngineConfig, selection: str | None,
+               known_labels: torch.Tensor | None) -> str:
+    """The selection term's name, once the terms and labels are known to fit the config."""
     if not terms:
         raise ClipleakError("an attack needs at least one objective term")
     names = [t.name for t in terms]
@@ -217,22 +233,37 @@ def optimise(
         raise ClipleakError(f"selection term {selection!r} is not among {names}")
     if cfg.labels == "known" and known_labels is None:
         raise ClipleakError("labels are unknown: use label inference (labels='infer')")
+    return selection
 
-    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag) if checkpoint else []
-    done = done[: cfg.restarts]
-    results: list[dict[str, Any]] = list(done)
-    t0 = time.perf_counter()
-    n_iters = 0
-    for r in range(len(done), cfg.restarts):
+
+@dataclass
+class _Restarts:
+    """One seeded restart after another: restart ``r`` starts from the generator seeded ``seed * 1000 + r``,
+    so a resumed run repeats exactly the restarts it had not finished."""
+
+    param: Parametrization
+    terms: list[Term]
+    cfg: EngineConfig
+    selection: str
+    known_labels: torch.Tensor | None
+    num_classes: int
+    batch: int
+    progress: ProgressFn | None
+    task: str
+    n_iters: int = 0
+
+    def restart(self, r: int) -> dict[str, Any]:
+        """Run restart ``r``: its images, hard labels, loss history and final selection loss."""
+        cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-        leaves = param.init(batch, g)
+        leaves = self.param.init(self.batch, g)
         label_logits = None
         if cfg.labels == "infer":
-            label_logits = (0.01 * torch.randn(batch, num_classes, generator=g)).requires_grad_(True)
+            label_logits = (0.01 * torch.randn(self.batch, self.num_classes, generator=g)).requires_grad_(True)
             leaves = [*leaves, label_logits]
         opt: torch.optim.Optimizer = (torch.optim.LBFGS(leaves, lr=cfg.lr, max_iter=1, history_size=100)
                                       if cfg.optimizer == "lbfgs" else torch.optim.Adam(leaves, lr=cfg.lr))
-        hist: dict[str, list[float]] = {n: [] for n in [*names, "total"]}
+        hist: dict[str, list[float]] = {n: [] for n in [*(t.name for t in self.terms), "total"]}
         for it in range(cfg.iterations):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg.decay, it, cfg.iterations)
@@ -240,29 +271,7 @@ def optimise(
 
             def closure(it: int = it, values: dict[str, float] = values, leaves: list[torch.Tensor] = leaves,
                         label_logits: torch.Tensor | None = label_logits) -> torch.Tensor:
-                """One evaluation of the weighted objective; sets the leaves' gradients."""
-                images = param.render()
-                labels = known_labels if label_logits is None else F.softmax(label_logits, dim=-1)
-                assert labels is not None
-                state = State(images=images, labels=labels, iteration=it, iterations=cfg.iterations)
-                total = images.new_zeros(())
-                with math_attention():
-                    for term in terms:
-                        w = term.weight * term.schedule(it, cfg.iterations)
-                        if w == 0.0 and term.name != selection:
-                            continue
-                        v = term.fn(state)
-                        values[term.name] = float(v.detach())
-                        total = total + w * v
-                    # only the candidate's leaves get gradients (not the victim's parameters)
-                    grads = torch.autograd.grad(total, leaves, allow_unused=True)
-                for leaf, grad in zip(leaves, grads, strict=True):
-                    if grad is not None and cfg.optimizer == "lbfgs":
-                        # L-BFGS flattens with .view(-1); a conv backward can hand back channels-last
-                        # image gradients (RGB, batch > 1)
-                        grad = grad.contiguous()
-                    leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
-                return total.detach()
+                return self.objective(it, values, leaves, label_logits)
 
             if isinstance(opt, torch.optim.LBFGS):
                 total = opt.step(closure)
@@ -270,36 +279,69 @@ def optimise(
                 opt.zero_grad(set_to_none=True)
                 total = closure()
                 opt.step()
-            param.project()
+            self.param.project()
             values["total"] = float(total.detach())
             if it % cfg.log_every == 0 or it == cfg.iterations - 1:
                 for k, val in values.items():
                     hist[k].append(val)
-            if progress is not None:
-                progress(ProgressEvent(task, r * cfg.iterations + it + 1, cfg.restarts * cfg.iterations,
-                                       values={**values, "restart": float(r + 1)}))
-            n_iters += 1
+            if self.progress is not None:
+                self.progress(ProgressEvent(self.task, r * cfg.iterations + it + 1, cfg.restarts * cfg.iterations,
+                                            values={**values, "restart": float(r + 1)}))
+            self.n_iters += 1
+        return {**self.finish(label_logits), "history": hist}
+
+    def objective(self, it: int, values: dict[str, float], leaves: list[torch.Tensor],
+                  label_logits: torch.Tensor | None) -> torch.Tensor:
+        """One evaluation of the weighted objective at iteration ``it``; records each term's value in
+        ``values`` and sets the leaves' gradients (signed when ``cfg.signed``)."""
+        cfg = self.cfg
+        images = self.param.render()
+        labels = self.known_labels if label_logits is None else F.softmax(label_logits, dim=-1)
+        assert labels is not None
+        state = State(images=images, labels=labels, iteration=it, iterations=cfg.iterations)
+        total = images.new_zeros(())
+        with math_attention():
+            for term in self.terms:
+                w = term.weight * term.schedule(it, cfg.iterations)
+                if w == 0.0 and term.name != self.selection:
+                    continue
+                v = term.fn(state)
+                values[term.name] = float(v.detach())
+                total = total + w * v
+            # only the candidate's leaves get gradients (not the victim's parameters)
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        for leaf, grad in zip(leaves, grads, strict=True):
+            if grad is not None and cfg.optimizer == "lbfgs":
+                # L-BFGS flattens with .view(-1); a conv backward can hand back channels-last
+                # image gradients (RGB, batch > 1)
+                grad = grad.contiguous()
+            leaf.grad = None if grad is None else (grad.sign() if cfg.signed else grad)
+        return total.detach()
+
+    def finish(self, label_logits: torch.Tensor | None) -> dict[str, Any]:
+        """The restart's final images and hard labels, and its selection term on them (soft labels)."""
+        cfg = self.cfg
         with torch.no_grad(), math_attention():
-            images = param.render().detach().clone()
-            hard = known_labels if label_logits is None else label_logits.argmax(-1)
-            soft = known_labels if label_logits is None else F.softmax(label_logits, -1)
-            assert hard is not None and soft is not None  # known_labels is checked above for labels="known"
-            labels = hard.clone()
+            images = self.param.render().detach().clone()
+            hard = self.known_labels if label_logits is None else label_logits.argmax(-1)
+            soft = self.known_labels if label_logits is None else F.softmax(label_logits, -1)
+            assert hard is not None and soft is not None  # known_labels is checked for labels="known"
             final_state = State(images=images, labels=soft, iteration=cfg.iterations, iterations=cfg.iterations)
-        sel_term = next(t for t in terms if t.name == selection)
+        sel_term = next(t for t in self.terms if t.name == self.selection)
         with math_attention():
             final_sel = float(sel_term.fn(final_state).detach())
-        results.append({"images": images, "labels": labels, "history": hist, "selection_loss": final_sel})
-        if checkpoint:
-            _save_checkpoint(checkpoint, results, cfg, checkpoint_tag)
-    seconds = time.perf_counter() - t0
+        return {"images": images, "labels": hard.clone(), "selection_loss": final_sel}
+
+
+def _best_of(results: list[dict[str, Any]], cfg: EngineConfig, param: Parametrization, selection: str,
+             seconds: float, n_iters: int) -> RunResult:
+    """The restart with the lowest selection loss (NaN last); with ``combine="mean"`` its images are the
+    restarts' pixel-wise mean (GradViT-style consistency), its labels and history the best restart's."""
     losses = [float(r["selection_loss"]) for r in results]
     best = int(min(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i])))
     res = results[best]
     images = res["images"]
     if cfg.combine == "mean":
-        # GradViT-style consistency: the restarts (which started from one image or one distribution) are
-        # averaged pixel-wise; the labels and history stay the best restart's
         images = torch.stack([r["images"] for r in results]).mean(0)
     return RunResult(
         images=images,
@@ -313,35 +355,38 @@ def optimise(
     )
 
 
+RESTARTS = "restarts.safetensors"
+
+
 def _ckpt_key(cfg: EngineConfig, tag: str) -> dict[str, Any]:
     return {"config": {k: v for k, v in asdict(cfg).items() if k != "restarts"}, "tag": tag}
 
 
 def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: EngineConfig, tag: str) -> None:
-    from safetensors.torch import save_file
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    """The finished restarts as a checkpoint folder ``path/step-NNNNNNN/`` (NNNNNNN: how many are done)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict[str, Any]] = []
     for i, r in enumerate(results):
         tensors[f"{i}/images"] = r["images"].contiguous()
         tensors[f"{i}/labels"] = r["labels"].contiguous()
         meta.append({"history": r["history"], "selection_loss": r["selection_loss"]})
-    save_file(tensors, str(p.with_suffix(".safetensors")))
-    p.with_suffix(".json").write_text(json.dumps({**_ckpt_key(cfg, tag), "restarts": meta}))
+
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / RESTARTS))
+        (d / STATE).write_text(json.dumps({**_ckpt_key(cfg, tag), "restarts": meta}))
+
+    write_checkpoint(path, len(results), write)
 
 
 def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.with_suffix(".json").is_file() or not p.with_suffix(".safetensors").is_file():
+    """The finished restarts of a run with this config and tag; none for another run's checkpoint."""
+    d = latest_checkpoint(path)
+    if d is None:
         return []
-    saved = json.loads(p.with_suffix(".json").read_text())
+    saved, t = read_checkpoint(d, lambda d: (read_state(d), load_file(str(d / RESTARTS))),
+                               hint="delete it or rerun with --no-resume to start over")
     key = _ckpt_key(cfg, tag)
     if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
         return []
     meta = saved["restarts"]
-    t = load_file(str(p.with_suffix(".safetensors")))
     return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], **m} for i, m in enumerate(meta)]

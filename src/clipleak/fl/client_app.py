@@ -21,7 +21,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..records import Truth
-from .local import ClientData, client_setup, derived_seed, local_update
+from ..seeding import derive_seed
+from .local import ClientData, client_setup, local_update
 from .settings import CONFIG_KEY, ROUND_KEY, Recipe
 
 SHARED_KEYS = ("weights", "arch", "data", "split-seed")
@@ -51,8 +52,8 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     victim.load_peft_state(global_state)
     images, labels = private.images.index_select(0, shard), private.labels.index_select(0, shard)
     res = local_update(victim, images, labels, local_steps=recipe.local_steps, batch_size=recipe.batch_size,
-                       lr=recipe.lr, seed=derived_seed("batches", data.seed, pid, rnd),
-                       dp=recipe.setting(), dp_seed=derived_seed("dp-noise", data.seed, pid, rnd))
+                       lr=recipe.lr, seed=derive_seed(data.seed, "batches", pid, rnd),
+                       dp=recipe.setting(), dp_seed=derive_seed(data.seed, "dp-noise", pid, rnd))
     victim.load_peft_state(global_state)  # the cached victim goes back to a neutral state
     if data.truth_dir:
         used = res.used()

@@ -6,7 +6,6 @@ Everything here may touch private images (it imports :mod:`clipleak.client`); th
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..errors import ClipleakError
 from ..models import build_model
 from ..peft import PeftConfig, Victim, build_victim
 from ..privacy import DpSetting, privatise
+from ..seeding import derive_seed
 
 
 def parse_partition(text: str) -> tuple[str, float | None]:
@@ -115,20 +115,14 @@ class ClientData:
         return cls(**out)
 
 
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from a tuple of values (stable across processes, unlike ``hash``)."""
-    h = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
 def client_shard(private: ImageSet, data: ClientData, partition_id: int, num_partitions: int) -> torch.Tensor:
     """Indices into ``private`` that client ``partition_id`` holds (the cap applied)."""
     if not 0 <= partition_id < num_partitions:
         raise ClipleakError(f"partition id {partition_id} out of range for {num_partitions} partitions")
-    parts = partition_indices(private.labels, num_partitions, data.partition, derived_seed("partition", data.seed))
+    parts = partition_indices(private.labels, num_partitions, data.partition, derive_seed(data.seed, "partition"))
     shard = parts[partition_id]
     if data.client_size is not None and data.client_size < shard.numel():
-        g = torch.Generator().manual_seed(derived_seed("cap", data.seed, partition_id))
+        g = torch.Generator().manual_seed(derive_seed(data.seed, "cap", partition_id))
         shard = shard[torch.randperm(shard.numel(), generator=g)[: data.client_size]]
     return shard
 
@@ -164,7 +158,7 @@ def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, 
 
     ``g`` is the victim's mean cross-entropy gradient on the step's batch (what ``client.share`` sends), or
     with ``dp`` the DP mechanism's noisy one (:func:`clipleak.privacy.privatise`, noise seeded per step from
-    ``dp_seed``). The victim is left at the new state.
+    ``dp_seed``, else from ``seed``). The victim is left at the new state.
     """
     if local_steps < 1 or batch_size < 1 or not lr > 0:
         raise ClipleakError(f"local steps {local_steps}, batch size {batch_size}, lr {lr}: all must be positive")
@@ -185,7 +179,7 @@ def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, 
         else:
             with torch.no_grad():
                 losses.append(float(victim.loss(x, y)))
-            g = privatise(victim, x, y, setting, derived_seed("dp", dp_seed, t))
+            g = privatise(victim, x, y, setting, derive_seed(seed if dp_seed is None else dp_seed, "dp", t))
         with torch.no_grad():
             for name, p in params.items():
                 p.sub_(lr * g[name])

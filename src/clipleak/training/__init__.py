@@ -1,12 +1,12 @@
 """Training: one loop (:mod:`.loop`) for contrastive pretraining of targets, the learned priors and the
 clients' (DP) fine-tuning (:mod:`.finetune`)."""
 
+from ..seeding import derive_seed
 from .finetune import (
     ContrastiveConfig,
     FinetuneConfig,
     accuracy_from_raw,
     contrastive_finetune,
-    derive_seed,
     dp_setting,
     finetune,
 )

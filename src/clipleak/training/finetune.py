@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -72,7 +71,17 @@ from ..privacy import (
     per_example_gradients_from_raw,
     text_feature_gradients_from_raw,
 )
-from ..records import ProgressEvent, ProgressFn
+from ..records import (
+    STATE,
+    ProgressEvent,
+    ProgressFn,
+    latest_checkpoint,
+    read_checkpoint,
+    read_state,
+    write_checkpoint,
+    write_json_atomic,
+)
+from ..seeding import derive_seed
 from .loop import Budget, LoopState, train_loop
 from .pretrain import PretrainConfig, pretrain
 
@@ -159,12 +168,6 @@ class FinetuneConfig:
         if d["dp_site"] == "parameters":  # checkpoints written before the site existed stay resumable
             d.pop("dp_site")
         return d
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, parts)``."""
-    digest = hashlib.sha256(repr((int(seed), *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def dp_setting(cfg: FinetuneConfig, n_images: int) -> DpSetting | None:
@@ -302,29 +305,27 @@ class _Run:
 
 
 def _save(root: Path, run: _Run, state: dict[str, Any]) -> None:
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: p.detach().contiguous().clone() for k, p in run.params.items()}, str(tmp / "peft.safetensors"))
-    torch.save(run.opt.state_dict(), tmp / "optimizer.pt")
-    if run.canary_scores is not None:
-        save_file({"scores": run.canary_scores}, str(tmp / "canaries.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    def write(d: Path) -> None:
+        save_file({k: p.detach().contiguous().clone() for k, p in run.params.items()}, str(d / "peft.safetensors"))
+        torch.save(run.opt.state_dict(), d / "optimizer.pt")
+        if run.canary_scores is not None:
+            save_file({"scores": run.canary_scores}, str(d / "canaries.safetensors"))
+        (d / STATE).write_text(json.dumps(state, indent=1))
+
+    write_checkpoint(root, int(state["step"]), write)
 
 
 def _load(root: Path, run: _Run, key: dict[str, Any]) -> dict[str, Any] | None:
-    if not (root / "state.json").is_file():
+    d = latest_checkpoint(root)
+    if d is None:
         return None
-    try:
-        state = json.loads((root / "state.json").read_text())
-        peft = load_file(str(root / "peft.safetensors"))
-        opt = torch.load(root / "optimizer.pt", map_location="cpu", weights_only=True)
-        scores = load_file(str(root / "canaries.safetensors"))["scores"] if run.canary_scores is not None else None
-    except Exception as e:  # noqa: BLE001 - I/O and format errors
-        raise ClipleakError(f"checkpoint {root} is unreadable ({type(e).__name__}: {e}); delete it to start over") \
-            from e
+
+    def read(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]:
+        scores = load_file(str(d / "canaries.safetensors"))["scores"] if run.canary_scores is not None else None
+        return (read_state(d), load_file(str(d / "peft.safetensors")),
+                torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True), scores)
+
+    state, peft, opt, scores = read_checkpoint(d, read, hint=f"delete {root} or run without --resume to start over")
     if state.get("format") != CKPT_FORMAT or state.get("key") != key:
         raise ClipleakError(f"cannot resume from {root}: it was started with different settings or images; "
                             "use the same ones or start over without --resume")
@@ -462,7 +463,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
                               "kind": "gradient-space canaries (norm C, Poisson-sampled at q when included), "
                                       "scored by the sum over steps of <privatised sum, direction>",
                               "space": "text features (K x E)" if run.text_site else "PEFT parameters"}
-    (out / "finetune.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(out / "finetune.json", result)
     shutil.rmtree(root, ignore_errors=True)
     return result
 

@@ -58,7 +58,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -99,7 +98,17 @@ from ..models import (
     zero_shot_accuracy,
 )
 from ..privacy import DpSetting, dp_clip
-from ..records import ProgressEvent, ProgressFn
+from ..records import (
+    STATE,
+    ProgressEvent,
+    ProgressFn,
+    latest_checkpoint,
+    read_checkpoint,
+    read_state,
+    write_checkpoint,
+    write_json_atomic,
+)
+from ..seeding import derive_seed
 from .loop import Budget, LoopState, train_loop
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -323,12 +332,6 @@ def _load_train_data(cfg: PretrainConfig, image_size: int) -> _TrainData:
 # ---------------------------------------------------------------------------------------- randomness
 
 
-def _derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, parts)``."""
-    digest = hashlib.sha256(repr((int(seed), *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class _Order:
     """Sample order: epoch ``e`` is a permutation seeded by ``(seed, e)``; step ``s`` takes positions
     ``s*B .. s*B+B-1`` of the endless concatenation of epochs. A pure function of ``(seed, s)``."""
@@ -341,7 +344,7 @@ class _Order:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(_derive_seed(self.seed, "epoch", epoch))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
@@ -453,14 +456,14 @@ class _Trainer:
 
     def step(self, s: int, lr: float) -> float:
         idx = self.order.batch(s)
-        g = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, "step", s))
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "step", s))
         cap = self.data.caption_ids(idx, g, self.cfg.caption_sampling == "per-class")
         x = self.data.images[idx]
         if self.cfg.augment:
             x = random_affine(x, _affine(self.cfg), g, self.data.grayscale)
         uniq, inverse = torch.unique(cap, return_inverse=True)
         with torch.random.fork_rng(devices=[]):  # patch dropout draws from the global RNG
-            torch.manual_seed(_derive_seed(self.cfg.seed, "patches", s))
+            torch.manual_seed(derive_seed(self.cfg.seed, "patches", s))
             img = F.normalize(self.model.encode_image(self.clip.normalize(x)), dim=-1)
         txt = self.tower.encode_embeddings(self.rows[self.local_tokens[uniq]], self.pool_idx[uniq])
         txt = F.normalize(txt, dim=-1)[inverse]
@@ -481,7 +484,7 @@ class _Trainer:
         assert self.dp is not None and self.dp.noise_multiplier is not None
         params = [p for group in self.opt.param_groups for p in group["params"]]
         grads = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
-        gen = torch.Generator().manual_seed(_derive_seed(self.dp_seed, "dp-noise", s))
+        gen = torch.Generator().manual_seed(derive_seed(self.dp_seed, "dp-noise", s))
         noisy = dp_clip(grads, self.dp.clip, self.dp.noise_multiplier, gen, self.dp.clipping)
         for i, p in enumerate(params):
             p.grad = noisy[str(i)]
@@ -494,41 +497,31 @@ def checkpoint_dir(out_path: str | Path) -> Path:
 
 
 def _save_checkpoint(root: Path, tr: _Trainer, state: dict[str, Any]) -> None:
-    step = int(state["step"])
-    d = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tr.write_back()
-    save_file({k: v.detach().contiguous().clone() for k, v in tr.model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    torch.save(tr.opt.state_dict(), tmp / "optimizer.pt")
-    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    latest = root / "latest"
-    (root / "latest.tmp").write_text(d.name)
-    os.replace(root / "latest.tmp", latest)
-    for old in root.glob("step-*"):
-        if old.name != d.name:
-            shutil.rmtree(old, ignore_errors=True)
+
+    def write(d: Path) -> None:
+        save_file({k: v.detach().contiguous().clone() for k, v in tr.model.state_dict().items()},
+                  str(d / "model.safetensors"))
+        torch.save(tr.opt.state_dict(), d / "optimizer.pt")
+        save_file({"torch_cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
+        (d / STATE).write_text(json.dumps(state, indent=1))
+
+    write_checkpoint(root, int(state["step"]), write)
+
+
+def _read_checkpoint(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    return (read_state(d), load_file(str(d / "model.safetensors")),
+            torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True),
+            load_file(str(d / "rng.safetensors"))["torch_cpu"])
 
 
 def _load_checkpoint(root: Path, tr: _Trainer, cfg: PretrainConfig,
                      extra_key: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    latest = root / "latest"
-    if not latest.is_file():
+    d = latest_checkpoint(root)
+    if d is None:
         return None
-    d = root / latest.read_text().strip()
-    try:
-        state = json.loads((d / "state.json").read_text())
-        sd = load_file(str(d / "model.safetensors"))
-        opt_sd = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = load_file(str(d / "rng.safetensors"))["torch_cpu"]
-    except Exception as e:  # noqa: BLE001 - several I/O and format errors
-        raise ClipleakError(f"checkpoint {d} is unreadable ({type(e).__name__}: {e}); delete {root} "
-                            "to start over") from e
+    state, sd, opt_sd, rng = read_checkpoint(d, _read_checkpoint,
+                                             hint=f"delete {root} or run without --resume to start over")
     if state.get("format") != CKPT_FORMAT:
         raise ClipleakError(f"checkpoint {d} has an unknown format; delete {root} to start over")
     saved_key = state["config"]
@@ -702,7 +695,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn
         card["privacy"] = {**ext.dp.record(), "sampling": "fixed-size batches (seeded per-epoch permutations), "
                            "accounted as Poisson sampling with q = batch size / images (an approximation)",
                            "epsilon_at_steps_done": _spent(ext.dp, step)}
-    card_path(out).write_text(json.dumps(card, indent=2))
+    write_json_atomic(card_path(out), card, indent=2)
     if stopped is None and not keep_checkpoints:
         shutil.rmtree(root, ignore_errors=True)
     return card
