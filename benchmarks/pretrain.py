@@ -1,6 +1,6 @@
 """Zero-shot accuracy of a pretrained target CLIP against wall time of training.
 
-For each time budget it runs :func:`clipleak.pretrain.pretrain` with the learning-rate schedule fitted to
+For each time budget it runs :func:`clipleak.training.pretrain` with the learning-rate schedule fitted to
 that budget (``steps=None, time_budget_s=B``) and measures zero-shot accuracy on the private split every
 ``--every`` seconds of training (evaluation time is not counted), then prints one table row per
 measurement and a summary per budget (final accuracy with the prompt "a photo of a {}." and with the

@@ -261,14 +261,15 @@ def test_gradvit_from_the_neighbours_start_beats_the_prototype_at_batch4():
     from the mean of the 8 public images nearest the feature read off the projection gradient scores
     14.4 dB / 68% re-identification against the class prototype's 13.3 dB / 9%. Margins asserted: +0.5 dB
     and +30 points (measured +1.1 dB and +59 points). About 10 minutes on one busy thread."""
-    from clipleak.api import attack_observation, make_observation, public_for
+    from clipleak.api import attack_observation, make_observation
     from clipleak.client import load_private
+    from clipleak.data import public_for_observation
     from clipleak.evaluation import evaluate
 
     psnr, reid = {"attack": [], "prototype": []}, {"attack": [], "prototype": []}
     for draw in (0, 1):
         obs, truth = make_observation(weights="tiny-mnist", method="full-visual", batch_size=4, seed=draw)
-        spec, public = public_for(obs.meta)
+        spec, public = public_for_observation(obs.meta)
         rec = attack_observation(obs, name="gradvit", weights="tiny-mnist", start="neighbours", lr=0.01,
                                  start_noise=0.05, iterations=200, restarts=2)
         ev = evaluate(rec, truth, public.prototypes(), with_lpips=False,
@@ -287,15 +288,16 @@ def test_tiny64_projection_decoder_beats_the_prototype_at_batch1():
     tiny-mnist-64-decoder scored 16.4 dB / 94% re-identification on draws 0-7 against the prototype's
     13.9 dB / 28%; on draws 0-3 (asserted here) 17.5 against 13.7 dB and 94%, labels 100%. Margins: +2 dB
     and re-identification >= 85%. Needs the tiny-mnist-64 artifacts (built on first use: an hour)."""
-    from clipleak.api import attack_observation, make_observation, public_for
+    from clipleak.api import attack_observation, make_observation
     from clipleak.client import load_private
+    from clipleak.data import public_for_observation
     from clipleak.evaluation import evaluate
 
     psnr, proto, reid, labels = [], [], [], []
     for draw in range(4):
         obs, truth = make_observation(arch="tiny-64", weights="tiny-mnist-64", method="full-visual", batch_size=1,
                                       seed=draw)
-        spec, public = public_for(obs.meta)
+        spec, public = public_for_observation(obs.meta)
         rec = attack_observation(obs, name="projection", weights="tiny-mnist-64", decoder="tiny-mnist-64-decoder")
         ev = evaluate(rec, truth, public.prototypes(), with_lpips=False,
                       reid_pool=load_private(spec, int(obs.meta["image_size"])))

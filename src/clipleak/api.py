@@ -36,8 +36,6 @@ from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
 from .training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
 
-public_for = public_for_observation
-
 
 def make_observation(
     *,
@@ -165,7 +163,7 @@ def evaluate_reconstruction(
             f"reconstruction {tuple(rec.images.shape)} and ground truth {tuple(tru.images.shape)} differ in shape"
         )
     meta = rec.meta.get("observation", {})
-    spec, public = public_for(meta)
+    spec, public = public_for_observation(meta)
     private = load_private(spec, int(meta["image_size"]), str(tru.meta.get("part", "private")))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
     victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False)

@@ -7,7 +7,7 @@ gradient, inverse gradient estimation, a learned decoder). Attack code sees only
 and public data; it never imports :mod:`clipleak.client`.
 """
 
-from . import analytic, featmatch, gradient_matching, inverting_gradients, mip
+from . import analytic, featmatch, gradient_matching, mip
 from .analytic import ClosedFormConfig, ProjectionConfig
 from .common import ImageSearchConfig, gradient_matching_term, resolve_labels
 from .featmatch import FeatMatchConfig, feature_loss
@@ -19,5 +19,5 @@ __all__ = [
     "ATTACKS", "PRESETS", "AttackSpec", "ClosedFormConfig", "DLGConfig", "FeatMatchConfig", "GradViTConfig",
     "GradientMatchingConfig", "IDLGConfig", "IGConfig", "ImageSearchConfig", "MIPConfig", "ProjectionConfig",
     "analytic", "attack_spec", "feature_loss", "featmatch", "gradient_matching", "gradient_matching_term",
-    "inverting_gradients", "make_config", "mip", "register", "resolve_labels", "run_attack",
+    "make_config", "mip", "register", "resolve_labels", "run_attack",
 ]

@@ -1,4 +1,4 @@
-"""MIP (Multm-In-Parvo, arXiv 2403.07901) for CLIP PEFT updates: labels first, then the image features
+"""MIP (Zhou et al. 2024, arXiv 2403.07901) for CLIP PEFT updates: labels first, then the image features
 (inverse gradient estimation), then the images.
 
 1. **Label prediction** from the gradient before any image search (:func:`clipleak.recover.recovered_features`

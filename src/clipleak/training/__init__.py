@@ -5,6 +5,7 @@ from ..seeding import derive_seed
 from .finetune import (
     ContrastiveConfig,
     FinetuneConfig,
+    FinetuneRun,
     accuracy_from_raw,
     contrastive_finetune,
     dp_setting,
@@ -26,7 +27,7 @@ from .priors import (
 
 __all__ = [
     "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "ContrastiveConfig",
-    "FinetuneConfig", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior", "checkpoint_dir",
-    "cnn_quality", "contrastive_finetune", "derive_seed", "dp_setting", "finetune", "load_caption_csv", "lr_at",
-    "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
+    "FinetuneConfig", "FinetuneRun", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior",
+    "checkpoint_dir", "cnn_quality", "contrastive_finetune", "derive_seed", "dp_setting", "finetune",
+    "load_caption_csv", "lr_at", "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

@@ -197,8 +197,10 @@ def accuracy_from_raw(victim: Victim, raw: torch.Tensor, labels: torch.Tensor) -
         return float((victim.logits_from_raw(raw).argmax(-1) == labels).float().mean())
 
 
-class _Run:
-    """The victim, the encoded images, the optimiser and one (DP) step."""
+class FinetuneRun:
+    """The victim, the encoded images, the optimiser and one (DP) step: :func:`finetune`'s state, and what
+    a benchmark times step by step (``FinetuneRun(cfg, victim, raw, labels, dp_setting(cfg, n)).step(s, None)``).
+    """
 
     def __init__(self, cfg: FinetuneConfig, victim: Victim, raw: torch.Tensor, labels: torch.Tensor,
                  setting: DpSetting | None):
@@ -304,7 +306,7 @@ class _Run:
         return loss
 
 
-def _save(root: Path, run: _Run, state: dict[str, Any]) -> None:
+def _save(root: Path, run: FinetuneRun, state: dict[str, Any]) -> None:
     def write(d: Path) -> None:
         save_file({k: p.detach().contiguous().clone() for k, p in run.params.items()}, str(d / "peft.safetensors"))
         torch.save(run.opt.state_dict(), d / "optimizer.pt")
@@ -315,7 +317,7 @@ def _save(root: Path, run: _Run, state: dict[str, Any]) -> None:
     write_checkpoint(root, int(state["step"]), write)
 
 
-def _load(root: Path, run: _Run, key: dict[str, Any]) -> dict[str, Any] | None:
+def _load(root: Path, run: FinetuneRun, key: dict[str, Any]) -> dict[str, Any] | None:
     d = latest_checkpoint(root)
     if d is None:
         return None
@@ -388,7 +390,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
                           PeftConfig(method=cfg.method, n_ctx=cfg.n_ctx, class_specific=cfg.class_specific,
                                      init_seed=cfg.peft_seed))
     raw_train, raw_val = encode(victim, train.images), encode(victim, held_out.images)
-    run = _Run(cfg, victim, raw_train, train.labels, setting)
+    run = FinetuneRun(cfg, victim, raw_train, train.labels, setting)
     acc0 = accuracy_from_raw(victim, raw_val, held_out.labels)
     key = {"config": cfg.training_key(), "weights": str(weights), "arch": arch,
            "train": _digest(train.images), "labels": _digest(train.labels)}
