@@ -103,7 +103,7 @@ def train_rows(batch: int, repeats: int) -> dict[str, dict[str, float]]:
     """One step of ``clipleak train``'s CoOp loop (``training.finetune``: images encoded once, so a step is
     the text tower and the classifier; fixed batches of ``batch`` from 10 x batch encoded images; Adam):
     non-private vs per-example DP-SGD on the prompt vs per-example at the text features."""
-    from clipleak.training import FinetuneConfig, FinetuneRun, dp_setting
+    from clipleak.training import FinetuneConfig, FinetuneRun
 
     clip = build_model("tiny-32", init_seed=0)
     g = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def train_rows(batch: int, repeats: int) -> dict[str, dict[str, float]]:
         v = build_victim(clip, NAMES, PeftConfig(method="coop"))
         with torch.no_grad():
             raw = v.raw_image_features(x)
-        run = FinetuneRun(cfg, v, raw, y, dp_setting(cfg, n))
+        run = FinetuneRun(cfg, v, raw, y, cfg.dp_setting(n))
         counter = iter(range(10**9))
         fns[name] = lambda run=run, counter=counter: run.step(next(counter), None)
     row = _summary(_interleaved(fns, repeats), "plain")

@@ -201,3 +201,14 @@ def test_damaged_checkpoint_is_one_line(tmp_path):
     (d / STATE).unlink()
     with pytest.raises(ClipleakError, match="is damaged"):
         read_checkpoint(d, read_state, hint="delete it to start over")
+
+
+def test_make_observation_takes_a_peft_config():
+    from clipleak.api import make_observation
+
+    short, _ = make_observation(method="coop", n_ctx=2, peft_seed=3, batch_size=1, seed=4)
+    full, _ = make_observation(peft=PeftConfig(method="coop", n_ctx=2, init_seed=3), batch_size=1, seed=4)
+    assert short.meta["peft"] == full.meta["peft"]
+    assert all(torch.equal(short.gradients[k], full.gradients[k]) for k in short.gradients)
+    with pytest.raises(ClipleakError, match="not both"):
+        make_observation(peft=PeftConfig(method="coop"), method="adapter")

@@ -157,3 +157,19 @@ def test_text_feature_site_in_training(tmp_path, sets):
         FinetuneConfig(method="adapter", dp="per-example", dp_site="text-features", noise_multiplier=1.0)
     with pytest.raises(ClipleakError):
         FinetuneConfig(method="coop", dp_site="text-features")
+
+
+def test_configs_compose_the_one_peft_config_and_dp_setting():
+    from clipleak.peft import PeftConfig
+
+    cfg = FinetuneConfig(method="coop", n_ctx=2, class_specific=True, peft_seed=3, steps=10, batch_size=5,
+                         dp="per-example", clip=0.5, noise_multiplier=1.0)
+    assert cfg.peft() == PeftConfig(method="coop", n_ctx=2, class_specific=True, init_seed=3)
+    s = cfg.dp_setting(50)
+    assert s is not None and (s.mechanism, s.clip, s.sample_rate, s.steps) == ("per-example", 0.5, 0.1, 10)
+    assert s.epsilon is not None and s.epsilon > 0
+    assert FinetuneConfig(method="adapter").dp_setting(50) is None
+    c = ContrastiveConfig(steps=10, batch_size=5, clip=1.0, noise_multiplier=2.0).dp_setting(50)
+    assert c is not None and (c.mechanism, c.sample_rate) == ("per-batch", 0.1)
+    with pytest.raises(ClipleakError, match="larger than"):
+        ContrastiveConfig(steps=10, batch_size=60, clip=1.0, noise_multiplier=2.0).dp_setting(50)

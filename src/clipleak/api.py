@@ -44,6 +44,7 @@ def make_observation(
     init_seed: int = 0,
     data: str = "mnist",
     split_seed: int = 0,
+    peft: PeftConfig | None = None,
     method: str = "coop",
     n_ctx: int = 4,
     class_specific: bool = False,
@@ -67,6 +68,10 @@ def make_observation(
     ``distinct_classes`` gives every image of the batch a different label (``batch_size`` classes drawn
     at random, among ``classes`` if given, and one image of each).
 
+    ``peft`` (a :class:`~clipleak.peft.PeftConfig`) is what the client fine-tunes; ``method``, ``n_ctx``,
+    ``class_specific`` and ``peft_seed`` are its short form (``PeftConfig(method, n_ctx, class_specific,
+    init_seed=peft_seed)``), for use without ``peft``.
+
     ``dp`` (a :class:`~clipleak.privacy.DpSetting` or its fields as a dict, e.g.
     ``{"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}``) privatises the shared
     gradient; the observation records the setting under ``meta["defense"]``. The noise seed
@@ -74,11 +79,12 @@ def make_observation(
     """
     if batch_size < 1:
         raise ClipleakError("batch size must be at least 1")
+    cfg = _peft_config(peft, method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
     if setting is not None:
-        if setting.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
+        if setting.mechanism == "per-example" and cfg.method not in PER_EXAMPLE_METHODS:
             raise ClipleakError(f"per-example DP needs a frozen image encoder ({', '.join(PER_EXAMPLE_METHODS)}), "
-                                f"not {method!r}; use the per-batch mechanism")
+                                f"not {cfg.method!r}; use the per-batch mechanism")
         setting = setting.resolve()  # calibrate and check before loading anything
         if dp_seed is None:
             dp_seed = secrets.randbits(63)
@@ -93,7 +99,6 @@ def make_observation(
         raise ClipleakError(
             f"{len(names)} class names given but the data set has {len(private.classnames)} classes"
         )
-    cfg = PeftConfig(method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     victim = build_victim(clip, names, cfg)
     images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes,
                                      distinct_classes=distinct_classes)
@@ -106,6 +111,17 @@ def make_observation(
         truth_meta["dp_seed"] = dp_seed
     truth = Truth(images=images, labels=labels, meta=truth_meta)
     return obs, truth
+
+
+def _peft_config(peft: PeftConfig | None, **short: Any) -> PeftConfig:
+    """``peft``, or the config the short-form keywords describe; both at once is an error."""
+    if peft is None:
+        return PeftConfig(**short)
+    defaults = PeftConfig()
+    given = sorted(k for k, v in short.items() if v != getattr(defaults, k))
+    if given:
+        raise ClipleakError(f"give the PEFT settings as peft=PeftConfig(...) or as keywords, not both ({given})")
+    return peft
 
 
 def _resolve_prior(prior: str, progress: ProgressFn | None) -> str:
@@ -300,8 +316,8 @@ def run_demo(out: str | Path, plan: DemoPlan, *, batch_size: int = 1, seed: int 
     tell = say or (lambda _msg: None)
     tell(f"1/3 client: tiny-32 ({plan.weights or 'random init'}), {plan.method}, {batch_size} private MNIST "
          "digit(s)")
-    obs, truth = make_observation(weights=plan.weights, method=plan.method, batch_size=batch_size, seed=seed,
-                                  progress=progress)
+    obs, truth = make_observation(weights=plan.weights, peft=PeftConfig(method=plan.method), batch_size=batch_size,
+                                  seed=seed, progress=progress)
     obs_path = obs.save(out / "observation")
     truth_path = truth.save(out / "truth")
     tell(f"2/3 attacker: {plan.description}")

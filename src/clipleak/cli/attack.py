@@ -79,6 +79,7 @@ def share(
     """  # noqa: E501
     from ..api import make_observation
     from ..errors import ClipleakError
+    from ..peft import PeftConfig
     from ..privacy import DpSetting
 
     setting = None
@@ -99,8 +100,8 @@ def share(
 
     with progress_bar() as cb:
         obs, truth = make_observation(
-            arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed, method=method,
-            n_ctx=n_ctx, class_specific=class_specific,
+            arch=arch, weights=weights, init_seed=init_seed, data=data, split_seed=split_seed,
+            peft=PeftConfig(method=method, n_ctx=n_ctx, class_specific=class_specific),
             classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
             classes=parse_ints(classes), distinct_classes=distinct_classes, seed=seed,
             include_labels=include_labels, dp=setting, dp_seed=dp_seed,

@@ -150,6 +150,20 @@ class FinetuneConfig:
         if int(self.canaries) < 0 or int(self.eval_points) < 1 or int(self.checkpoint_every) < 1:
             raise ClipleakError("canaries must be >= 0, eval points and checkpoint interval >= 1")
 
+    def peft(self) -> PeftConfig:
+        """The PEFT module this config trains (the one :class:`~clipleak.peft.PeftConfig` it stands for)."""
+        return PeftConfig(method=self.method, n_ctx=self.n_ctx, class_specific=self.class_specific,
+                          init_seed=self.peft_seed)
+
+    def dp_setting(self, n_images: int) -> DpSetting | None:
+        """The per-example :class:`~clipleak.privacy.DpSetting` of this schedule over ``n_images`` images,
+        resolved (sigma calibrated from epsilon if needed); ``None`` without DP."""
+        if self.dp == "none":
+            return None
+        return DpSetting("per-example", clip=float(self.clip), noise_multiplier=self.noise_multiplier,
+                         epsilon=self.epsilon, delta=self.delta, sample_rate=sample_rate(self, n_images),
+                         steps=int(self.steps), accountant=self.accountant, site=self.dp_site).resolve()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -171,13 +185,8 @@ class FinetuneConfig:
 
 
 def dp_setting(cfg: FinetuneConfig, n_images: int) -> DpSetting | None:
-    """The resolved per-example setting of this schedule (sigma calibrated from epsilon if needed)."""
-    if cfg.dp == "none":
-        return None
-    q = sample_rate(cfg, n_images)
-    return DpSetting("per-example", clip=float(cfg.clip), noise_multiplier=cfg.noise_multiplier,
-                     epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=int(cfg.steps),
-                     accountant=cfg.accountant, site=cfg.dp_site).resolve()
+    """``cfg.dp_setting(n_images)``."""
+    return cfg.dp_setting(n_images)
 
 
 def sample_rate(cfg: FinetuneConfig, n_images: int) -> float:
@@ -199,7 +208,7 @@ def accuracy_from_raw(victim: Victim, raw: torch.Tensor, labels: torch.Tensor) -
 
 class FinetuneRun:
     """The victim, the encoded images, the optimiser and one (DP) step: :func:`finetune`'s state, and what
-    a benchmark times step by step (``FinetuneRun(cfg, victim, raw, labels, dp_setting(cfg, n)).step(s, None)``).
+    a benchmark times step by step (``FinetuneRun(cfg, victim, raw, labels, cfg.dp_setting(n)).step(s, None)``).
     """
 
     def __init__(self, cfg: FinetuneConfig, victim: Victim, raw: torch.Tensor, labels: torch.Tensor,
@@ -382,13 +391,11 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
     t_start = time.perf_counter()
     if list(train.classnames) != list(held_out.classnames):
         raise ClipleakError("the training and held-out images must have the same classes")
-    setting = dp_setting(cfg, len(train))  # calibrate (and refuse bad settings) before any work
+    setting = cfg.dp_setting(len(train))  # calibrate (and refuse bad settings) before any work
     if progress is not None:
         progress(ProgressEvent(task, 0, cfg.steps, phase="load", note="encoding images"))
     clip = build_model(arch, weights)
-    victim = build_victim(clip, list(train.classnames),
-                          PeftConfig(method=cfg.method, n_ctx=cfg.n_ctx, class_specific=cfg.class_specific,
-                                     init_seed=cfg.peft_seed))
+    victim = build_victim(clip, list(train.classnames), cfg.peft())
     raw_train, raw_val = encode(victim, train.images), encode(victim, held_out.images)
     run = FinetuneRun(cfg, victim, raw_train, train.labels, setting)
     acc0 = accuracy_from_raw(victim, raw_val, held_out.labels)
@@ -496,6 +503,17 @@ class ContrastiveConfig:
         if self.dp == "per-batch" and self.noise_multiplier is None and self.epsilon is None:
             raise ClipleakError("Dp-CLIP fine-tuning needs a noise multiplier or a target epsilon")
 
+    def dp_setting(self, n_images: int) -> DpSetting | None:
+        """The per-batch :class:`~clipleak.privacy.DpSetting` of this schedule over ``n_images`` images
+        (fixed-size batches accounted as Poisson with q = B / N), resolved; ``None`` without DP."""
+        if self.dp == "none":
+            return None
+        q = self.batch_size / n_images
+        if q > 1:
+            raise ClipleakError(f"batch size {self.batch_size} is larger than the {n_images} training images")
+        return DpSetting("per-batch", clip=self.clip, noise_multiplier=self.noise_multiplier, epsilon=self.epsilon,
+                         delta=self.delta, sample_rate=q, steps=self.steps, accountant=self.accountant).resolve()
+
 
 def contrastive_finetune(cfg: ContrastiveConfig, train: ImageSet, out_path: str | Path, *,
                          weights: str | Path | None, arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0,
@@ -506,13 +524,7 @@ def contrastive_finetune(cfg: ContrastiveConfig, train: ImageSet, out_path: str 
     (templates, AdamW, warmup + cosine, checkpoints), Dp-CLIP per-batch clipped and noised. Zero-shot
     accuracy on the validation split of ``data`` goes in the card; ``card["privacy"]`` records C,
     sigma, the sensitivity 2C and epsilon (fixed-size batches accounted as Poisson with q = B / N)."""
-    setting = None
-    if cfg.dp == "per-batch":
-        q = cfg.batch_size / len(train)
-        if q > 1:
-            raise ClipleakError(f"batch size {cfg.batch_size} is larger than the {len(train)} training images")
-        setting = DpSetting("per-batch", clip=cfg.clip, noise_multiplier=cfg.noise_multiplier, epsilon=cfg.epsilon,
-                            delta=cfg.delta, sample_rate=q, steps=cfg.steps, accountant=cfg.accountant).resolve()
+    setting = cfg.dp_setting(len(train))
     pcfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=cfg.steps, batch_size=cfg.batch_size,
                           lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), seed=cfg.seed, augment=False,
                           checkpoint_every=cfg.checkpoint_every)
