@@ -50,7 +50,7 @@ class DataSpec:
 
     Per class, a seeded permutation puts ``private_fraction + validation_fraction`` of the images in the
     hold-out (the first ones), splits that into private and validation, and leaves the rest public.
-    With the defaults (0.1 + 0.1) the public part is the same 80% that earlier versions used.
+    With the defaults (0.1 + 0.1) the public part is 80% of the images.
     """
 
     name: str = "mnist"

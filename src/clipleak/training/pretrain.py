@@ -33,8 +33,8 @@ Recipe details (all recorded in the model card):
 * Captions: with ``caption_sampling="per-class"`` (default) each step draws one template per class, so
   all images of a class in the batch share one caption. With ``"per-sample"`` two digits of the same
   class can get different templates, and the contrastive loss then pushes each image away from the
-  other's caption, i.e. away from its own class (measured once, 400 steps: 64% vs 62% zero-shot, which
-  is within seed noise; kept because it removes a contradiction from the objective).
+  other's caption, i.e. away from its own class: the per-class default keeps that contradiction out of
+  the objective.
 * Augmentation: a random affine map per image (shift, rotation, scale) with ``grid_sample``; zero
   padding for grayscale data (black background), border padding for colour.
 * Patch dropout (FLIP, ``patch_dropout``): a random part of the image patches is left out in training
