@@ -11,12 +11,10 @@ from clipleak.errors import ClipleakError
 from clipleak.models import save_weights
 from clipleak.peft import PeftConfig, build_victim, rebuild_victim
 from clipleak.records import (
-    STATE,
     Observation,
     Truth,
     latest_checkpoint,
-    read_checkpoint,
-    read_state,
+    load_checkpoint,
     write_atomic,
     write_checkpoint,
     write_json_atomic,
@@ -163,44 +161,47 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_leaves_no_temp(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
 
 
-def _write_step(value: int):
-    def write(d):
-        (d / STATE).write_text(json.dumps({"step": value}))
-    return write
+def _weights(d):
+    (d / "weights.bin").write_bytes(b"w")
+
+
+def _read(d):
+    return (d / "weights.bin").read_bytes()
 
 
 def test_checkpoint_switch_survives_a_kill_and_leaves_no_temp(tmp_path):
     root = tmp_path / "ckpt"
-    write_checkpoint(root, 3, _write_step(3))
+    write_checkpoint(root, 3, {"step": 3}, _weights)
 
     def killed(d):
-        (d / STATE).write_text('{"step": 6')
+        (d / "weights.bin").write_bytes(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_checkpoint(root, 6, killed)
-    d = latest_checkpoint(root)
-    assert d is not None and read_checkpoint(d, read_state, hint="") == {"step": 3}
+        write_checkpoint(root, 6, {"step": 6}, killed)
+    assert load_checkpoint(root, _read, hint="") == ({"step": 3}, b"w")
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003"]
     (root / ".tmp-step-0000006-x").mkdir()  # what a SIGKILL during a write leaves: removed by the next one
-    write_checkpoint(root, 6, _write_step(6))
-    write_checkpoint(root, 6, _write_step(7))  # the same step again (a stop at a checkpoint step)
+    write_checkpoint(root, 6, {"step": 6}, _weights)
+    write_checkpoint(root, 6, {"step": 7}, _weights)  # the same step again (a stop at a checkpoint step)
+    assert load_checkpoint(root, _read, hint="") == ({"step": 7}, b"w")
     d = latest_checkpoint(root)
-    assert d is not None and read_checkpoint(d, read_state, hint="") == {"step": 7}
-    assert sorted(p.name for p in root.iterdir()) == ["latest", d.name]
+    assert d is not None and sorted(p.name for p in root.iterdir()) == ["latest", d.name]
+    assert load_checkpoint(tmp_path / "none", _read, hint="") is None
 
 
 def test_damaged_checkpoint_is_one_line(tmp_path):
     root = tmp_path / "ckpt"
-    d = write_checkpoint(root, 2, _write_step(2))
-    (d / STATE).write_text('{"step": ')
+    d = write_checkpoint(root, 2, {"step": 2}, _weights)
+    (d / "state.json").write_text('{"step": ')
     with pytest.raises(ClipleakError, match=r"checkpoint .*step-0000002 is damaged \(.*state\.json.*\); delete it"
                        ) as e:
-        read_checkpoint(d, read_state, hint="delete it to start over")
+        load_checkpoint(root, _read, hint="delete it to start over")
     assert "\n" not in str(e.value)
-    (d / STATE).unlink()
-    with pytest.raises(ClipleakError, match="is damaged"):
-        read_checkpoint(d, read_state, hint="delete it to start over")
+    (d / "state.json").write_text('{"step": 2}')
+    (d / "weights.bin").unlink()
+    with pytest.raises(ClipleakError, match="is damaged .*weights.bin"):
+        load_checkpoint(root, _read, hint="delete it to start over")
 
 
 def test_make_observation_takes_a_peft_config():

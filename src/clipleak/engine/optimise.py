@@ -15,7 +15,6 @@ restarts can be checkpointed and resumed.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ClipleakError
 from ..models import math_attention
-from ..records import STATE, ProgressEvent, ProgressFn, latest_checkpoint, read_checkpoint, read_state, write_checkpoint
+from ..records import ProgressEvent, ProgressFn, load_checkpoint, write_checkpoint
 
 
 class Parametrization(Protocol):
@@ -371,20 +370,17 @@ def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: Engin
         tensors[f"{i}/labels"] = r["labels"].contiguous()
         meta.append({"history": r["history"], "selection_loss": r["selection_loss"]})
 
-    def write(d: Path) -> None:
-        save_file(tensors, str(d / RESTARTS))
-        (d / STATE).write_text(json.dumps({**_ckpt_key(cfg, tag), "restarts": meta}))
-
-    write_checkpoint(path, len(results), write)
+    write_checkpoint(path, len(results), {**_ckpt_key(cfg, tag), "restarts": meta},
+                     lambda d: save_file(tensors, str(d / RESTARTS)))
 
 
 def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict[str, Any]]:
     """The finished restarts of a run with this config and tag; none for another run's checkpoint."""
-    d = latest_checkpoint(path)
-    if d is None:
+    found = load_checkpoint(path, lambda d: load_file(str(d / RESTARTS)),
+                            hint="delete it or rerun with --no-resume to start over")
+    if found is None:
         return []
-    saved, t = read_checkpoint(d, lambda d: (read_state(d), load_file(str(d / RESTARTS))),
-                               hint="delete it or rerun with --no-resume to start over")
+    saved, t = found
     key = _ckpt_key(cfg, tag)
     if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
         return []

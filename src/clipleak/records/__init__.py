@@ -6,10 +6,8 @@ but :mod:`clipleak.errors`.
 """
 
 from .files import (
-    STATE,
     latest_checkpoint,
-    read_checkpoint,
-    read_state,
+    load_checkpoint,
     write_atomic,
     write_checkpoint,
     write_json_atomic,
@@ -20,7 +18,7 @@ from .progress import ProgressEvent, ProgressFn
 from .reconstruction import Reconstruction
 
 __all__ = [
-    "STATE", "Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "distinct_images",
-    "gradient_view", "latest_checkpoint", "read_checkpoint", "read_state", "tensor_path", "write_atomic",
-    "write_checkpoint", "write_json_atomic", "write_text_atomic",
+    "Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "distinct_images", "gradient_view",
+    "latest_checkpoint", "load_checkpoint", "tensor_path", "write_atomic", "write_checkpoint", "write_json_atomic",
+    "write_text_atomic",
 ]

@@ -4,7 +4,7 @@
 one file system). :func:`write_checkpoint` writes a checkpoint of several files as a folder
 ``<root>/step-NNNNNNN/``: the new folder is complete before the pointer ``<root>/latest`` is switched to it
 (atomically) and before the older folder is removed, so there is always a loadable checkpoint.
-:func:`read_checkpoint` turns a damaged one into a one-line :class:`~clipleak.errors.ClipleakError`.
+:func:`load_checkpoint` turns a damaged one into a one-line :class:`~clipleak.errors.ClipleakError`.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 1) -> 
     return write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
-def write_checkpoint(root: str | Path, step: int, write: Callable[[Path], object]) -> Path:
-    """Write the checkpoint of ``step`` as ``root/step-NNNNNNN/`` (``write(folder)`` puts its files there),
-    point ``root/latest`` at it and remove the older ones; returns the new folder.
+def write_checkpoint(root: str | Path, step: int, state: dict[str, Any],
+                     write_files: Callable[[Path], object] | None = None) -> Path:
+    """Write the checkpoint of ``step`` as ``root/step-NNNNNNN/``: ``write_files(folder)`` puts its tensor
+    files there, then ``state`` goes to ``state.json``; point ``root/latest`` at it and remove the older
+    ones; returns the new folder.
 
     A kill before the switch leaves the previous checkpoint as the latest, one after it the new one; a
     temporary folder left by a killed write is removed by the next one."""
@@ -65,7 +67,9 @@ def write_checkpoint(root: str | Path, step: int, write: Callable[[Path], object
     name = f"{_PREFIX}{int(step):07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=r))
     try:
-        write(tmp)
+        if write_files is not None:
+            write_files(tmp)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
         final, k = r / name, 1
         while final.exists():  # the same step saved twice: the one `latest` names stays until the switch
             final, k = r / f"{name}.{k}", k + 1
@@ -88,20 +92,24 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return Path(root) / latest.read_text().strip()
 
 
-def read_checkpoint(folder: Path, read: Callable[[Path], T], *, hint: str) -> T:
-    """``read(folder)``; any I/O or format error (a truncated ``state.json``, a missing tensor file) becomes
-    one line naming the checkpoint and how to go on (``hint``, e.g. "delete it to start over")."""
+def load_checkpoint(root: str | Path, read_files: Callable[[Path], T], *,
+                    hint: str) -> tuple[dict[str, Any], T] | None:
+    """The latest checkpoint under ``root`` as its ``state.json`` and ``read_files(folder)``; ``None`` when
+    there is none. Any I/O or format error (a truncated ``state.json``, a missing tensor file) becomes one
+    line naming the checkpoint and how to go on (``hint``, e.g. "delete it to start over")."""
+    folder = latest_checkpoint(root)
+    if folder is None:
+        return None
     try:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder.name} is missing")
-        return read(folder)
+        return _read_state(folder), read_files(folder)
     except Exception as e:  # noqa: BLE001 - json, safetensors and torch raise several kinds for a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ClipleakError(f"checkpoint {folder} is damaged ({type(e).__name__}: {first}); {hint}") from e
 
 
-def read_state(folder: Path) -> dict[str, Any]:
-    """The checkpoint's ``state.json`` (a JSON object, else an error that :func:`read_checkpoint` reports)."""
+def _read_state(folder: Path) -> dict[str, Any]:
     try:
         state = json.loads((folder / STATE).read_text())
     except json.JSONDecodeError as e:

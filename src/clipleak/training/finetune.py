@@ -42,7 +42,6 @@ steps of <update_t, u_j>; :mod:`clipleak.audit.canary` turns scores into an epsi
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -71,16 +70,7 @@ from ..privacy import (
     per_example_gradients_from_raw,
     text_feature_gradients_from_raw,
 )
-from ..records import (
-    STATE,
-    ProgressEvent,
-    ProgressFn,
-    latest_checkpoint,
-    read_checkpoint,
-    read_state,
-    write_checkpoint,
-    write_json_atomic,
-)
+from ..records import ProgressEvent, ProgressFn, load_checkpoint, write_checkpoint, write_json_atomic
 from ..seeding import derive_seed
 from .loop import Budget, LoopState, train_loop
 from .pretrain import PretrainConfig, pretrain
@@ -321,22 +311,20 @@ def _save(root: Path, run: FinetuneRun, state: dict[str, Any]) -> None:
         torch.save(run.opt.state_dict(), d / "optimizer.pt")
         if run.canary_scores is not None:
             save_file({"scores": run.canary_scores}, str(d / "canaries.safetensors"))
-        (d / STATE).write_text(json.dumps(state, indent=1))
 
-    write_checkpoint(root, int(state["step"]), write)
+    write_checkpoint(root, int(state["step"]), state, write)
 
 
 def _load(root: Path, run: FinetuneRun, key: dict[str, Any]) -> dict[str, Any] | None:
-    d = latest_checkpoint(root)
-    if d is None:
-        return None
-
-    def read(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]:
+    def read(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None]:
         scores = load_file(str(d / "canaries.safetensors"))["scores"] if run.canary_scores is not None else None
-        return (read_state(d), load_file(str(d / "peft.safetensors")),
+        return (load_file(str(d / "peft.safetensors")),
                 torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True), scores)
 
-    state, peft, opt, scores = read_checkpoint(d, read, hint=f"delete {root} or run without --resume to start over")
+    saved = load_checkpoint(root, read, hint=f"delete {root} or run without --resume to start over")
+    if saved is None:
+        return None
+    state, (peft, opt, scores) = saved
     if state.get("format") != CKPT_FORMAT or state.get("key") != key:
         raise ClipleakError(f"cannot resume from {root}: it was started with different settings or images; "
                             "use the same ones or start over without --resume")

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -98,16 +97,7 @@ from ..models import (
     zero_shot_accuracy,
 )
 from ..privacy import DpSetting, dp_clip
-from ..records import (
-    STATE,
-    ProgressEvent,
-    ProgressFn,
-    latest_checkpoint,
-    read_checkpoint,
-    read_state,
-    write_checkpoint,
-    write_json_atomic,
-)
+from ..records import ProgressEvent, ProgressFn, load_checkpoint, write_checkpoint, write_json_atomic
 from ..seeding import derive_seed
 from .loop import Budget, LoopState, train_loop
 
@@ -504,34 +494,32 @@ def _save_checkpoint(root: Path, tr: _Trainer, state: dict[str, Any]) -> None:
                   str(d / "model.safetensors"))
         torch.save(tr.opt.state_dict(), d / "optimizer.pt")
         save_file({"torch_cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
-        (d / STATE).write_text(json.dumps(state, indent=1))
 
-    write_checkpoint(root, int(state["step"]), write)
+    write_checkpoint(root, int(state["step"]), state, write)
 
 
-def _read_checkpoint(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
-    return (read_state(d), load_file(str(d / "model.safetensors")),
+def _read_checkpoint(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    return (load_file(str(d / "model.safetensors")),
             torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True),
             load_file(str(d / "rng.safetensors"))["torch_cpu"])
 
 
 def _load_checkpoint(root: Path, tr: _Trainer, cfg: PretrainConfig,
                      extra_key: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    d = latest_checkpoint(root)
-    if d is None:
+    saved = load_checkpoint(root, _read_checkpoint, hint=f"delete {root} or run without --resume to start over")
+    if saved is None:
         return None
-    state, sd, opt_sd, rng = read_checkpoint(d, _read_checkpoint,
-                                             hint=f"delete {root} or run without --resume to start over")
+    state, (sd, opt_sd, rng) = saved
     if state.get("format") != CKPT_FORMAT:
-        raise ClipleakError(f"checkpoint {d} has an unknown format; delete {root} to start over")
+        raise ClipleakError(f"the checkpoint in {root} has an unknown format; delete {root} to start over")
     saved_key = state["config"]
     now_key = {**cfg.training_key(), **(extra_key or {})}
     diff = sorted(k for k in set(saved_key) | set(now_key) if saved_key.get(k) != now_key.get(k))
     if diff:
-        raise ClipleakError(f"cannot resume from {d}: the run was started with different settings "
+        raise ClipleakError(f"cannot resume from {root}: the run was started with different settings "
                             f"({', '.join(diff)}); use the same settings or start over without --resume")
     if cfg.steps is not None and int(cfg.steps) != int(state["total_steps"]):
-        raise ClipleakError(f"cannot resume from {d}: it was planned for {state['total_steps']} steps, "
+        raise ClipleakError(f"cannot resume from {root}: it was planned for {state['total_steps']} steps, "
                             f"now {cfg.steps} were asked (the learning-rate schedule depends on it)")
     tr.model.load_state_dict(sd, strict=True)
     tr.reload_rows()
