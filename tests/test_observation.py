@@ -182,6 +182,7 @@ def test_checkpoint_switch_survives_a_kill_and_leaves_no_temp(tmp_path):
     assert load_checkpoint(root, _read, hint="") == ({"step": 3}, b"w")
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003"]
     (root / ".tmp-step-0000006-x").mkdir()  # what a SIGKILL during a write leaves: removed by the next one
+    (root / ".tmp-latest-x").write_text("step-0000006")
     write_checkpoint(root, 6, {"step": 6}, _weights)
     write_checkpoint(root, 6, {"step": 7}, _weights)  # the same step again (a stop at a checkpoint step)
     assert load_checkpoint(root, _read, hint="") == ({"step": 7}, b"w")

@@ -26,6 +26,9 @@ _TMP = ".tmp-"
 
 T = TypeVar("T")
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write ``path`` through ``write(tmp)``, which creates the file ``tmp`` in the same folder; ``tmp`` then
@@ -36,6 +39,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f"{_TMP}{p.name}-", dir=p.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions a plain open() would give, not mkstemp's 0600
     try:
         write(tmp)
         os.replace(tmp, p)
@@ -81,6 +85,8 @@ def write_checkpoint(root: str | Path, step: int, state: dict[str, Any],
     for old in r.iterdir():
         if old.is_dir() and old != final and old.name.startswith((_PREFIX, _TMP)):
             shutil.rmtree(old, ignore_errors=True)
+        elif old.is_file() and old.name.startswith(f"{_TMP}{LATEST}-"):  # a killed pointer switch's
+            old.unlink(missing_ok=True)
     return final
 
 
