@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from clipleak.attacks import make_config, run_attack
-from clipleak.audit import AuditConfig
-from clipleak.audit.sweep import _Context
+from clipleak.audit import AuditConfig, AuditContext
 from clipleak.client import sample_batch, share
 from clipleak.evaluation import evaluate
 from clipleak.peft import rebuild_victim
@@ -68,7 +67,7 @@ def main() -> None:
         features.modelled_clip = lambda obs: None
     ft = {**AuditConfig().finetune, **({"class_specific": True} if args.class_specific else {})}
     cfg = AuditConfig(epsilons=[math.inf], methods=[args.method], batch_sizes=[args.batch], finetune=ft)
-    ctx = _Context(cfg, None)
+    ctx = AuditContext(cfg, None)
     victim = ctx.victims[args.method]
     std = args.sigma * 0.01
     big = args.big_clip

@@ -1,5 +1,6 @@
 """The privacy audit: strong noise brings the strongest cheap attack to chance, weak noise does not; the
-report prints the defense; the audit resumes without recomputing and writes its chart; the canary bound."""
+report prints the defense; the audit resumes without recomputing and writes its chart; intervals and the
+verdict they decide; the draw seed picks the digits; the canary bound."""
 
 from __future__ import annotations
 
@@ -134,6 +135,8 @@ def test_audit_resumes_and_writes_its_chart(tmp_path):
     assert rows["1"]["noise_multiplier"] > 1 and rows["1"]["accuracy"] is not None
     assert rows["1"]["canary_epsilon_lower_bound"] is not None
     assert "chance" in rows["1"]["verdict"]
+    assert rows["1"]["reid_interval"]["n"] == 2 and rows["1"]["psnr_interval"]["n"] == 2
+    assert rows["inf"]["draw_seeds"] == [0, 1]
     chart = tmp_path / "audit.png"
     assert chart.is_file() and chart.stat().st_size > 10_000
     assert (tmp_path / "audit.html").is_file() and "| adapter |" in (tmp_path / "audit.md").read_text()
@@ -143,7 +146,7 @@ def test_audit_resumes_and_writes_its_chart(tmp_path):
 
 def test_audit_coop_options(tmp_path):
     """Class-specific CoOp context, the MIP attack and the text-features DP site reach the audit's cells."""
-    from clipleak.audit.sweep import _Context
+    from clipleak.audit import AuditContext
     from clipleak.errors import ClipleakError
 
     base = {"steps": 2, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"}
@@ -158,7 +161,7 @@ def test_audit_coop_options(tmp_path):
 
     cfg = AuditConfig(epsilons=[math.inf], methods=["coop"], batch_sizes=[1], attack="mip", images=1, canaries=0,
                       finetune={**base, "class_specific": True})
-    ctx = _Context(cfg, None)
+    ctx = AuditContext(cfg, None)
     assert ctx.victims["coop"].trainable()["prompt.ctx"].shape[0] == 10  # one context per class
     res = run_audit(cfg, tmp_path)
     assert res["computed"] == 2
@@ -201,3 +204,125 @@ def test_canary_bound():
     torch.manual_seed(0)
     noise = canary_audit(torch.randn(1000).tolist(), (torch.rand(1000) < 0.5).tolist())
     assert noise["epsilon_lower_bound"] < 0.5
+
+
+def _hand_made_cells(cfg, hits):
+    """Observation cells of batch 1 where image i of epsilon e is re-identified (rate 1) for i < hits[e],
+    missed (rate 0) otherwise; PSNR 10 + i dB; the accuracy cells."""
+    from clipleak.audit.cells import key_text
+
+    cells = {}
+    for eps, k in hits.items():
+        cells[key_text("acc", "adapter", 0, eps, 0)] = {"accuracy": 0.9 if math.isinf(eps) else 0.5}
+        for i in range(cfg.images):
+            r = 1.0 if i < k else 0.0
+            cells[key_text("obs", "adapter", 1, eps, i)] = {
+                "draw_seed": cfg.draw_seed + i, "images": 1, "reid": r, "psnr": 10.0 + i, "psnr_images": [10.0 + i],
+                "ssim": 0.5, "label_accuracy": 1.0, "prototype_reid": 0.1, "prototype_psnr": 9.0,
+                "prototype_true_reid": 0.1, "prototype_true_psnr": 9.0, "chance": 0.1, "noise_multiplier": None,
+                "attack_seconds": 0.1}
+    return cells
+
+
+def test_audit_verdict_from_known_counts():
+    """8 images per epsilon: 8/8 at inf, 3/8 at 1e5 (Wilson 14-69%: excludes chance 10%), 1/8 at 3 (2-47%:
+    reaches it). The finding names 1e5 and 3, the 8 images, that the two intervals overlap, and the 554
+    images that a 12.5% rate needs for its interval to exclude 10%."""
+    from clipleak.audit import findings, markdown_table, summarise
+
+    cfg = AuditConfig(epsilons=[math.inf, 1e5, 3.0], methods=["adapter"], images=8, canaries=0)
+    summary = summarise(cfg, _hand_made_cells(cfg, {math.inf: 8, 1e5: 3, 3.0: 1}))
+    rows = {r["epsilon"]: r for r in summary["rows"]}
+    three = rows["100000"]["reid_interval"]
+    assert three["value"] == 0.375 and three["n"] == 8
+    assert three["low"] == pytest.approx(0.1368, abs=1e-4) and three["high"] == pytest.approx(0.6943, abs=1e-4)
+    one = rows["3"]["reid_interval"]
+    assert one["low"] == pytest.approx(0.0224, abs=1e-4) and one["high"] == pytest.approx(0.4709, abs=1e-4)
+    assert rows["inf"]["reid_interval"]["low"] == pytest.approx(0.6756, abs=1e-4)
+    assert [rows[e]["at_chance"] for e in ("inf", "100000", "3")] == [False, False, True]
+    assert "above chance" in rows["100000"]["verdict"] and "at chance" in rows["3"]["verdict"]
+    assert rows["3"]["psnr_interval"]["value"] == 13.5 and rows["3"]["psnr_interval"]["n"] == 8
+    (text,) = summary["findings"]
+    assert "8 images per epsilon" in text and "chance 10%" in text
+    assert "smallest epsilon whose 95% interval excludes chance is 100000 (38% [14-69%] (n=8))" in text
+    assert "reaches chance up to epsilon 3 (12% [2-47%] (n=8))" in text
+    assert "intervals overlap" in text and "554 images per point (now 8)" in text
+    assert "50.0% vs 90.0% without DP (+40.0 points paid)" in text
+    md = markdown_table(summary)
+    assert "38% [14-69%] (n=8)" in md and "12% [2-47%] (n=8)" in md and "re-id [95%]" in md
+
+    # above chance everywhere; at chance everywhere (more images would not help at a rate below chance)
+    assert "above chance at every epsilon" in findings(cfg, summarise(
+        cfg, _hand_made_cells(cfg, {math.inf: 8, 1e5: 8, 3.0: 3}))["rows"])[0]
+    flat = findings(cfg, summarise(cfg, _hand_made_cells(cfg, {math.inf: 0, 1e5: 0, 3.0: 0}))["rows"])[0]
+    assert "at chance at every epsilon" in flat and "would not lift" in flat
+
+    # chance is 1/reid_k: with 4 candidates, 3/8 (14-69%) reaches 25%
+    four = AuditConfig(epsilons=[math.inf, 1e5, 3.0], methods=["adapter"], images=8, canaries=0, reid_k=4)
+    rows4 = {r["epsilon"]: r for r in summarise(four, _hand_made_cells(four, {math.inf: 8, 1e5: 3, 3.0: 1}))["rows"]}
+    assert rows4["100000"]["chance"] == 0.25 and rows4["100000"]["at_chance"]
+
+
+def test_audit_chart_draws_intervals_and_the_real_chance(tmp_path):
+    from clipleak.audit import chart_figure, summarise, write_outputs
+
+    cfg = AuditConfig(epsilons=[math.inf, 1e5, 3.0], methods=["adapter"], images=8, canaries=0, reid_k=5)
+    summary = summarise(cfg, _hand_made_cells(cfg, {math.inf: 8, 1e5: 3, 3.0: 1}))
+    fig = chart_figure(summary)
+    reid_ax, psnr_ax = fig.axes[:2]  # the twin accuracy axes come after the two panels
+    (chance,) = [ln for ln in reid_ax.get_lines() if ln.get_gid() == "chance"]
+    assert list(chance.get_ydata()) == [0.2, 0.2] and chance.get_label() == "chance (1/5)"
+    bars = [c for c in reid_ax.collections if c.get_gid() == "interval-reid"]
+    spans = sorted((float(seg[:, 1].min()), float(seg[:, 1].max())) for c in bars for seg in c.get_segments())
+    expected = sorted((r["reid_interval"]["low"], r["reid_interval"]["high"]) for r in summary["rows"])
+    assert spans == pytest.approx(expected)
+    assert [c for c in psnr_ax.collections if c.get_gid() == "interval-psnr"]
+    assert "K = 5" in reid_ax.get_ylabel()
+    files = write_outputs(tmp_path, summary)
+    page = (tmp_path / "audit.html").read_text()
+    assert "38% [14-69%] (n=8)" in page and "Private digits drawn with seeds 0..7" in page
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["rows"][1]["reid_interval"]["low"] == pytest.approx(0.1368, abs=1e-4)
+    assert files["chart"].endswith("audit.png")
+
+
+def test_audit_draw_seed_picks_other_digits(tmp_path, capsys):
+    """`clipleak audit --draw-seed 1000` attacks other private digits than the default, says so in its cells
+    and summary, and a folder of one draw seed refuses another (one line, exit 2)."""
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app, main
+
+    args = ["audit", "--methods", "adapter", "--epsilons", "inf", "--images", "2", "--canaries", "0",
+            "--steps", "2"]
+    runner = CliRunner()
+    drawn = {}
+    for seed in (0, 1000):
+        out = tmp_path / f"draw{seed}"
+        extra = [] if seed == 0 else ["--draw-seed", str(seed)]
+        r = runner.invoke(app, [*args, "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        cells = json.loads((out / "cells.json").read_text())
+        assert cells["config"]["draw_seed"] == seed
+        obs = [cells["cells"][f"obs|adapter|b1|epsinf|{i}"] for i in range(2)]
+        assert [o["draw_seed"] for o in obs] == [seed, seed + 1]
+        drawn[seed] = [o["private_indices"] for o in obs]
+        assert json.loads((out / "audit.json").read_text())["draw_seeds"] == [seed, seed + 1]
+    assert drawn[0] != drawn[1000]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "draw1000")]) == 2
+    err = capsys.readouterr().err
+    assert "draw seed 1000, not 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_audit_folder_from_before_draw_seeds_resumes(tmp_path):
+    """A cells.json written before the draw seed was a setting (it drew seeds 0..images-1) still resumes."""
+    cfg = AuditConfig(epsilons=[math.inf], methods=["adapter"], images=1, canaries=0)
+    old = cfg.to_dict()
+    old.pop("draw_seed")
+    cells = _hand_made_cells(cfg, {math.inf: 1})
+    (tmp_path / "cells.json").write_text(json.dumps({"config": old, "cells": cells}))
+    res = run_audit(cfg, tmp_path)
+    assert res["computed"] == 0 and res["rows"][0]["reid"] == 1.0
+    with pytest.raises(Exception, match="draw seed 0, not 3"):
+        run_audit(AuditConfig(epsilons=[math.inf], methods=["adapter"], images=1, canaries=0, draw_seed=3), tmp_path)

@@ -247,6 +247,55 @@ def test_inprocess_run_resumes_without_recomputing(tmp_path):
         server_main(InProcessGrid(make_client_app(data), 2), spec)
 
 
+def test_leakage_summary_pools_images():
+    """Two updates of 4 images re-identified at 50% and 25%: 3 of 8 images, Wilson 14-69%, above chance 10%;
+    PSNR a bootstrap over the 8 images."""
+    from clipleak.fl.run import leakage_summary
+
+    def entry(rnd, reid, psnr):
+        return {"round": rnd, "images": 4, "label_accuracy": 1.0,
+                "psnr": {k: sum(psnr) / 4 for k in ("attack", "prototype", "public-nn")},
+                "psnr_images": {k: psnr for k in ("attack", "prototype", "public-nn")},
+                "ssim": {k: 0.5 for k in ("attack", "prototype", "public-nn")},
+                "reid": {"attack": reid, "prototype": 0.1, "public-nn": 0.0}}
+
+    s = leakage_summary([entry(1, 0.5, [10.0, 11.0, 12.0, 13.0]), entry(2, 0.25, [14.0, 15.0, 16.0, 17.0]),
+                         {"round": 2, "images": 1, "error": "the attack made 2 images"}], 0.1)
+    iv = s["reid_interval"]["attack"]
+    assert s["scored"] == 2 and s["attacked_updates"] == 3 and s["images"] == 8
+    assert iv["value"] == 0.375 and iv["n"] == 8
+    assert iv["low"] == pytest.approx(0.1368, abs=1e-4) and iv["high"] == pytest.approx(0.6943, abs=1e-4)
+    assert s["at_chance"] is False and s["reid_interval"]["public-nn"]["value"] == 0.0
+    assert s["psnr_interval"]["attack"]["value"] == 13.5 and s["psnr_interval"]["attack"]["n"] == 8
+    assert s["label_accuracy_interval"]["low"] == pytest.approx(0.6756, abs=1e-4)
+    assert leakage_summary([entry(1, 0.25, [10.0] * 4)], 0.25)["at_chance"] is True
+
+
+def test_run_report_carries_intervals_and_the_clients_seed(tmp_path):
+    """An in-process run's report: per update, per round and over the run every rate with its interval;
+    chance from reid_k; the clients' data seed recorded; a resume with another data seed refused."""
+    from clipleak.errors import ClipleakError
+    from clipleak.fl.run import evaluate_run, run_federated
+
+    _, data, spec = _setup(tmp_path, clients=2, local_steps=1, batch_size=2, lr=0.5)
+    spec.attack = "featmatch"
+    spec.attack_settings = {"iterations": 2, "restarts": 1, "prior": "tv"}
+    run_federated(spec, data, engine="inprocess")
+    m = evaluate_run(spec.out, data.truth_dir, reid_k=5)
+    s = m["summary"]
+    assert s["scored"] == 2 and s["images"] == 4 and s["chance"] == 0.2
+    assert s["reid_interval"]["attack"]["n"] == 4 and s["psnr_interval"]["attack"]["n"] == 4
+    assert m["by_round"]["1"]["reid_interval"]["attack"] == s["reid_interval"]["attack"]
+    assert all(c["reid_interval"]["attack"]["n"] == 2 for c in m["clients"])
+    assert m["client_data"]["seed"] == 11
+    page = (tmp_path / "out" / "report" / "report.html").read_text()
+    assert "Leakage per round" in page and "(n=4)" in page and "chance 20%" in page and "chance 10%" not in page
+    assert "data seed 11" in page
+    data.seed = 12
+    with pytest.raises(ClipleakError, match="seed 11 \\(now 12\\)"):
+        run_federated(spec, data, engine="inprocess")
+
+
 def test_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     """FedAdam's moments are saved with each round and restored on resume: 2 rounds + 1 resumed round give
     the same global states as 3 rounds in one go; with the saved moments deleted the resumed run differs."""

@@ -114,3 +114,42 @@ def test_loss_curve_marks_the_schedule_switch(tmp_path) -> None:
     rec.meta.pop("schedule")
     page = write_report(tmp_path / "plain", rec, truth, ev, protos, [], None).read_text(encoding="utf-8")
     assert "Loss schedule" not in page and 'src="loss.png"' in page
+
+
+def test_report_shows_intervals_and_decides_chance_by_them(tmp_path) -> None:
+    """PSNR, labels and re-identification carry their 95% intervals; a known count gives the known interval
+    (3 of 4 images: Wilson 30-95%, above chance 10%; 1 of 4: 5-70%, at chance)."""
+    from clipleak.evaluation import wilson
+
+    rec, truth, protos = _case()
+    ev = evaluate(rec, truth, protos, with_lpips=False)
+    assert ev["methods"]["attack"]["psnr_interval"]["n"] == 4
+    for hits, decision in ((3, "above chance: its 95% interval excludes chance (10%)"),
+                           (1, "at chance: its 95% interval reaches chance (10%)")):
+        ev["reidentification"] = {"k": 10, "draws": 20, "seed": 0, "chance": 0.1, "attack": hits / 4,
+                                  "prototype": 0.0, "blank": 0.0, "note": "",
+                                  "interval": {m: wilson(hits if m == "attack" else 0, 4).to_dict()
+                                               for m in ("attack", "prototype", "blank")}}
+        page = write_report(tmp_path / str(hits), rec, truth, ev, protos, [], None).read_text(encoding="utf-8")
+        text = wilson(hits, 4).pct()
+        assert text == ("75% [30-95%] (n=4)" if hits == 3 else "25% [5-70%] (n=4)")
+        assert f"<td>{text}</td>" in page and f"Re-identification of the attack {text}: {decision}" in page
+    psnr = ev["methods"]["attack"]["psnr_interval"]
+    assert f"{psnr['value']:.1f} [{psnr['low']:.1f}-{psnr['high']:.1f}] dB (n=4)" in page
+    count = ev["label_count_interval"]
+    assert count["n"] == 4 and f"Ignoring order, {count['value']:.0%} [" in page
+
+
+def test_page_helper_escapes_and_orders_sections(tmp_path) -> None:
+    from clipleak.report.page import Section, bullets, image, paragraph, table, write_page
+
+    path = write_page(tmp_path / "p.html", "a <title>", [
+        Section(None, [paragraph("intro & more", "note")]),
+        Section("Rows", [table(["h<1>", "h2"], [["a<b", 1]], row_classes=["attack"]), bullets(["x>y"])]),
+        Section("Pictures", [image("a b.png", 'say "hi"')], level=3)])
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("a &lt;title&gt;") == 2
+    assert '<p class="note">intro &amp; more</p>' in page and "<th>h&lt;1&gt;</th>" in page
+    assert '<tr class="attack"><td>a&lt;b</td><td>1</td></tr>' in page and "<li>x&gt;y</li>" in page
+    assert page.index("<h2>Rows</h2>") < page.index("<h3>Pictures</h3>")
+    assert '<img src="a b.png" alt="say &quot;hi&quot;">' in page

@@ -1,10 +1,14 @@
 """The privacy audit: defended observations attacked across epsilons, beside the accuracy DP fine-tuning
-keeps at the same epsilon, and a canary audit's empirical epsilon lower bound (:mod:`.sweep`, :mod:`.chart`,
-:mod:`.canary`)."""
+keeps at the same epsilon, and a canary audit's empirical epsilon lower bound (:mod:`.cells`: the config
+and cell keys; :mod:`.sweep`: the cells; :mod:`.summary`: table, intervals and verdicts; :mod:`.chart`:
+chart and page; :mod:`.canary`)."""
 
 from .canary import canary_audit, epsilon_lower_bound
-from .chart import markdown_table, summarise, write_chart, write_outputs
-from .sweep import CHANCE_MARGIN, AuditConfig, cell_keys, parse_epsilons, run_audit
+from .cells import AuditConfig, cell_keys, parse_epsilons
+from .chart import chart_figure, write_chart, write_outputs
+from .summary import findings, markdown_table, summarise, verdict
+from .sweep import AuditContext, run_audit
 
-__all__ = ["CHANCE_MARGIN", "AuditConfig", "canary_audit", "cell_keys", "epsilon_lower_bound", "markdown_table",
-           "parse_epsilons", "run_audit", "summarise", "write_chart", "write_outputs"]
+__all__ = ["AuditConfig", "AuditContext", "canary_audit", "cell_keys", "chart_figure", "epsilon_lower_bound",
+           "findings", "markdown_table", "parse_epsilons", "run_audit", "summarise", "verdict", "write_chart",
+           "write_outputs"]

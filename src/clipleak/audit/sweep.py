@@ -6,11 +6,13 @@ private digits trains with Poisson sampling at expected batch size ``finetune.ba
 for ``finetune.steps`` steps, clipping norm C = ``finetune.clip``, delta ``delta`` (RDP accountant).
 Then, per cell:
 
-* ``obs``: ``images`` defended observations (each a batch of B private digits, draw seed 0..images-1;
-  the shared update is one DP-SGD step of that schedule: clipped per-example gradients + N(0, (sigma C)^2),
-  of the victim at its PEFT initialisation), attacked (``featmatch`` + decoder by default: the strongest
-  cheap attack) and scored: PSNR and one-to-one re-identification among K = 10 same-class private
-  digits (chance 10%), beside the class prototype of the attacker's label and of the true label.
+* ``obs``: ``images`` defended observations (each a batch of B private digits drawn with seed
+  ``draw_seed + i``, i = 0..images-1; the shared update is one DP-SGD step of that schedule: clipped
+  per-example gradients + N(0, (sigma C)^2), of the victim at its PEFT initialisation), attacked
+  (``featmatch`` + decoder by default: the strongest cheap attack) and scored: PSNR and one-to-one
+  re-identification among K = ``reid_k`` same-class private digits (chance 1/K), beside the class
+  prototype of the attacker's label and of the true label. A cell keeps its draw seed, the private
+  indices it drew and the per-image PSNR (the summary's intervals are over images).
 * ``acc``: DP fine-tuning (:func:`clipleak.training.finetune`) on the same schedule and epsilon;
   accuracy on the validation split. epsilon = inf: no clipping, no noise.
 * ``canary``: the same DP run with canaries (:mod:`.canary`): an empirical epsilon lower bound.
@@ -21,7 +23,8 @@ features, docs/privacy.md); the adapter ignores both. The attack is ``featmatch`
 (the same feature recovery under MIP's name, decoded; ``iterations`` = its gradient refinement steps) or any
 other registered attack (``iterations`` steps).
 
-Every finished cell goes into ``cells.json`` at once; a rerun skips what is there.
+Every finished cell goes into ``cells.json`` at once; a rerun skips what is there. :mod:`.summary` turns
+the cells into the table and verdicts, :mod:`.chart` writes the chart and the page.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,96 +48,27 @@ from ..models import build_model, read_card
 from ..peft import PeftConfig, build_victim, rebuild_victim
 from ..privacy import DpSetting
 from ..records import ProgressEvent, ProgressFn, Truth
-from ..training import FinetuneConfig, derive_seed, dp_setting, finetune
+from ..training import derive_seed, dp_setting, finetune
 from .canary import canary_audit
-
-CHANCE_MARGIN = 0.10
-"""Re-identification within this many points of chance counts as "at chance" (with 8 digits x 20 draws,
-the spread of an image-independent guess around chance is of this order)."""
-
-
-@dataclass
-class AuditConfig:
-    """What the audit sweeps and the schedule its epsilons are calibrated for."""
-
-    epsilons: list[float] = field(default_factory=lambda: [math.inf, 100.0, 30.0, 10.0, 3.0, 1.0])
-    methods: list[str] = field(default_factory=lambda: ["adapter", "coop"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    attack: str = "featmatch"
-    images: int = 8
-    weights: str = "tiny-mnist"
-    decoder: str | None = "tiny-mnist-decoder"
-    iterations: int = 0
-    data: str = "mnist"
-    split_seed: int = 0
-    delta: float = 1e-5
-    finetune: dict[str, Any] = field(default_factory=lambda: {"steps": 200, "batch_size": 25, "clip": 0.01,
-                                                               "lr": 1e-2, "sampling": "poisson"})
-    canaries: int = 1000
-    reid_k: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.epsilons or any(not (e > 0) for e in self.epsilons):
-            raise ClipleakError("epsilons must be positive numbers (inf for no defense)")
-        if int(self.images) < 1 or not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
-            raise ClipleakError("images and batch sizes must be positive")
-        for m in self.methods or ["adapter"]:
-            self.ft(m, 1.0)
-
-    def label(self, method: str) -> str:
-        """``method`` as tables and charts name it (CoOp's context kind and DP site when not the default)."""
-        if method != "coop":
-            return method
-        parts = [method + (" class-specific" if self.finetune.get("class_specific") else "")]
-        if self.finetune.get("dp_site", "parameters") != "parameters":
-            parts.append(f"DP at the {self.finetune['dp_site']}")
-        return ", ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["epsilons"] = [eps_text(e) for e in self.epsilons]
-        return d
-
-    def ft(self, method: str, eps: float, canaries: int = 0) -> FinetuneConfig:
-        ft = dict(self.finetune)
-        site = ft.pop("dp_site", "parameters")
-        if method != "coop":  # CoOp-only options
-            ft.pop("class_specific", None)
-            site = "parameters"
-        base = FinetuneConfig(**{**ft, "method": method, "seed": self.seed})
-        if math.isinf(eps):
-            return base
-        return FinetuneConfig(**{**base.to_dict(), "dp": "per-example", "dp_site": site, "epsilon": float(eps),
-                                 "delta": self.delta, "canaries": canaries})
-
-
-def eps_text(e: float) -> str:
-    return "inf" if math.isinf(e) else f"{e:g}"
-
-
-def parse_epsilons(text: str) -> list[float]:
-    out = []
-    for t in text.split(","):
-        t = t.strip().lower()
-        if not t:
-            continue
-        try:
-            out.append(math.inf if t in ("inf", "infinity", "none") else float(t))
-        except ValueError as e:
-            raise ClipleakError(f"epsilons are numbers or inf, got {t!r}") from e
-    return out
+from .cells import AuditConfig, cell_keys, eps_text, key_text, saved_config
+from .chart import write_outputs
+from .summary import summarise
 
 
 class _Store:
-    """``cells.json``: finished cells by key, written atomically after each one."""
+    """``cells.json``: the audit's config and its finished cells by key, written atomically after each one.
+    A folder holds one audit: a rerun with other settings (another draw seed included) is refused."""
 
     def __init__(self, path: Path, config: dict[str, Any]):
         self.path = path
         self.cells: dict[str, Any] = {}
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("config") != config:
+            old = saved_config(saved.get("config") or {})
+            if old.get("draw_seed") != config.get("draw_seed"):
+                raise ClipleakError(f"{path} holds an audit of draw seed {old.get('draw_seed')}, not "
+                                    f"{config.get('draw_seed')}; use another --out for other digits")
+            if old != config:
                 raise ClipleakError(f"{path} belongs to an audit with other settings; use another --out or "
                                     "delete it")
             self.cells = saved.get("cells", {})
@@ -148,7 +81,7 @@ class _Store:
         os.replace(tmp, self.path)
 
 
-class _Context:
+class AuditContext:
     """What every cell needs, built once: model, data, prototypes, calibrated settings."""
 
     def __init__(self, cfg: AuditConfig, progress: ProgressFn | None):
@@ -176,14 +109,15 @@ def _arch(path: str) -> str:
     return str(card.get("arch", "tiny-32"))
 
 
-def _obs_cell(ctx: _Context, method: str, b: int, eps: float, i: int) -> dict[str, Any]:
+def _obs_cell(ctx: AuditContext, method: str, b: int, eps: float, i: int) -> dict[str, Any]:
     cfg = ctx.cfg
     t0 = time.perf_counter()
     setting = ctx.setting(method, eps)
-    images, labels, idx = sample_batch(ctx.private, b, seed=i)
+    draw = cfg.draw_seeds()[i]
+    images, labels, idx = sample_batch(ctx.private, b, seed=draw)
     obs = share(ctx.victims[method], images, labels, data=ctx.data_meta, dp=setting,
                 dp_seed=derive_seed(cfg.seed, "observation", method, b, eps_text(eps), i))
-    truth = Truth(images=images, labels=labels, meta={"private_indices": idx.tolist(), "seed": i})
+    truth = Truth(images=images, labels=labels, meta={"private_indices": idx.tolist(), "seed": draw})
     victim = rebuild_victim(obs, ctx.path)
     settings: dict[str, Any] = {"iterations": cfg.iterations, "labels": "auto"}
     if cfg.attack == "featmatch":
@@ -198,7 +132,9 @@ def _obs_cell(ctx: _Context, method: str, b: int, eps: float, i: int) -> dict[st
                   extra_baselines={"prototype-true": ctx.prototypes[labels]})
     reid = ev["reidentification"] or {}
     m = ev["methods"]
-    return {"psnr": m["attack"]["psnr_mean"], "ssim": m["attack"]["ssim_mean"],
+    return {"draw_seed": draw, "private_indices": idx.tolist(), "images": int(labels.numel()),
+            "psnr": m["attack"]["psnr_mean"], "ssim": m["attack"]["ssim_mean"],
+            "psnr_images": m["attack"]["psnr"],
             "prototype_psnr": m["prototype"]["psnr_mean"], "prototype_true_psnr": m["prototype-true"]["psnr_mean"],
             "reid": reid.get("attack"), "prototype_reid": reid.get("prototype"),
             "prototype_true_reid": reid.get("prototype-true"), "chance": reid.get("chance"),
@@ -208,7 +144,7 @@ def _obs_cell(ctx: _Context, method: str, b: int, eps: float, i: int) -> dict[st
             "attack_seconds": round(t_attack, 3), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _acc_cell(ctx: _Context, method: str, eps: float, out: Path, canaries: int = 0) -> dict[str, Any]:
+def _acc_cell(ctx: AuditContext, method: str, eps: float, out: Path, canaries: int = 0) -> dict[str, Any]:
     ft = ctx.cfg.ft(method, eps, canaries)
     res = finetune(ft, ctx.private, ctx.validation, out, weights=ctx.path,
                    train_description={"data": ctx.spec.to_dict(), "part": "private"})
@@ -224,31 +160,10 @@ def _acc_cell(ctx: _Context, method: str, eps: float, out: Path, canaries: int =
     return cell
 
 
-def cell_keys(cfg: AuditConfig) -> list[tuple[str, str, int, float, int]]:
-    """Every cell of the sweep: (kind, method, batch size, epsilon, image) in the order they run."""
-    keys: list[tuple[str, str, int, float, int]] = []
-    for method in cfg.methods:
-        for eps in cfg.epsilons:
-            keys.append(("acc", method, 0, eps, 0))
-            if cfg.canaries and not math.isinf(eps):
-                keys.append(("canary", method, 0, eps, 0))
-            for b in cfg.batch_sizes:
-                keys.extend(("obs", method, int(b), eps, i) for i in range(cfg.images))
-    return keys
-
-
-def key_text(kind: str, method: str, b: int, eps: float, i: int) -> str:
-    if kind == "obs":
-        return f"obs|{method}|b{b}|eps{eps_text(eps)}|{i}"
-    return f"{kind}|{method}|eps{eps_text(eps)}"
-
-
 def run_audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
               threads: int | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep into ``out_dir``; write the table, chart and page; return the summary
     (``computed``: cells computed in this call)."""
-    from .chart import summarise, write_outputs
-
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -258,7 +173,7 @@ def run_audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | N
         store = _Store(out / "cells.json", cfg.to_dict())
         keys = cell_keys(cfg)
         todo = [k for k in keys if key_text(*k) not in store.cells]
-        ctx = _Context(cfg, progress) if todo else None
+        ctx = AuditContext(cfg, progress) if todo else None
         t0 = time.perf_counter()
         for n, k in enumerate(todo):
             kind, method, b, eps, i = k

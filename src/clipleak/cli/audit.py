@@ -35,17 +35,27 @@ def audit(
     dp_site: Annotated[str, typer.Option(
         help="coop: per-example DP site, parameters (DP-SGD on the prompt) | text-features")] = "parameters",
     canaries: Annotated[int, typer.Option(help="canaries per DP run for the lower bound (0: none)")] = 1000,
-    seed: Annotated[int, typer.Option(help="seed of the noise, batches and canaries")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="seeds the DP noise of the attacked observations, the DP fine-tuning's batches and noise, and the "
+             "canaries; it does not pick the digits (--draw-seed does)")] = 0,
+    draw_seed: Annotated[int, typer.Option(
+        help="picks which private digits are attacked: the IMAGES batches of every point are drawn with seeds "
+             "DRAW_SEED, DRAW_SEED+1, ..., DRAW_SEED+IMAGES-1 (the same digits at every epsilon); a folder "
+             "holds one draw seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Sweep epsilon x PEFT method x batch size: defended observations of private digits attacked and scored
     (re-identification, PSNR) beside the class prototype and chance; validation accuracy of DP fine-tuning on
-    the same schedule; a canary audit's empirical epsilon lower bound. Resumable: finished cells are kept in
-    OUT/cells.json and a rerun skips them.
+    the same schedule; a canary audit's empirical epsilon lower bound. Every rate comes with its 95% interval
+    over the images of the point, and "at chance" means the interval reaches chance (1/10). Resumable:
+    finished cells are kept in OUT/cells.json and a rerun skips them (a rerun with other settings, another
+    --draw-seed included, is refused).
 
     Writes one chart (OUT/audit.png), a table (audit.json, audit.md) and a page (audit.html).
 
     Example: clipleak audit --epsilons inf,100,30,10,3,1 --methods adapter,coop --batch-sizes 1 --attack featmatch --images 8 --out runs/audit
+
+    Example: clipleak audit --methods adapter --epsilons inf,1e6,1e5,3 --images 16 --draw-seed 1000 --out runs/audit-draw1000
 
     Example: clipleak audit --methods coop --class-specific --attack mip --batch-sizes 2 --epsilons inf,1e6,1e5,1e4,100,3 --lr 3e-3 --out runs/audit-coop-cs
     """  # noqa: E501
@@ -60,7 +70,7 @@ def audit(
     cfg = AuditConfig(epsilons=parse_epsilons(epsilons), methods=[m.strip() for m in methods.split(",") if m.strip()],
                       batch_sizes=parse_ints(batch_sizes) or [1], attack=attack, images=images,
                       decoder=decoder or None, iterations=iterations, weights=weights, delta=delta,
-                      finetune=ft, canaries=canaries, seed=seed)
+                      finetune=ft, canaries=canaries, seed=seed, draw_seed=draw_seed)
     with progress_bar() as cb:
         summary = api.audit(cfg, out, progress=cb, threads=threads)
     console.print(f"{summary['computed']} cell(s) computed ({summary['seconds_this_run']:.0f} s), the rest resumed")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..records import ProgressEvent, ProgressFn
 from .common import command, console, helptext, progress_bar
+
+EventFn = Callable[[str, dict[str, Any]], None]
 
 
 def run(
@@ -21,7 +25,10 @@ def run(
     partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (non-IID by class)")] = "iid",
     client_size: Annotated[int | None, typer.Option(
         help="images each client holds (its shard capped; default: the whole shard)")] = None,
-    data_seed: Annotated[int, typer.Option(help="the clients' secret seed: partition, batches, DP noise")] = 0,
+    data_seed: Annotated[int, typer.Option(
+        help="the clients' secret seed: which private digits each client holds (the partition and the shard "
+             "cap), the order of its local batches and its DP noise; recorded in the report's metrics.json "
+             "(client_data)")] = 0,
     dp: Annotated[str | None, typer.Option(help="DP on every local step: per-example (DP-SGD) | per-batch")] = None,
     clip: Annotated[float | None, typer.Option(help="DP: clipping norm C")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="DP: noise standard deviation / C")] = None,
@@ -55,27 +62,19 @@ def run(
     attacks it. The clients write which images they used to their own folder; after the last round the
     evaluator pairs them with the reconstructions and writes OUT/report/report.html: the global accuracy on
     the validation split per round and, per attacked update, truth, reconstruction, class prototype and
-    public nearest neighbour with re-identification. A finished round is never recomputed.
+    public nearest neighbour with re-identification, every rate with its 95% interval over the attacked
+    images. A finished round is never recomputed; resuming with other client settings (another --data-seed)
+    is refused.
 
     Example: clipleak fl run --clients 4 --rounds 3 --local-steps 1 --batch-size 1 --method adapter --partition iid --attack featmatch --out runs/fl
 
     Example: clipleak fl run --clients 2 --rounds 2 --local-steps 5 --method coop --partition dirichlet:0.5 --dp per-example --clip 1 --noise-multiplier 1 --out runs/fl-dp
     """  # noqa: E501
-    from ..errors import ClipleakError
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
-    from ..records import ProgressEvent
 
-    dp_cfg: dict[str, Any] | None = None
-    if dp is None:
-        if clip is not None or noise_multiplier is not None:
-            raise ClipleakError("--clip and --noise-multiplier are DP options: use them with --dp")
-    else:
-        if clip is None or noise_multiplier is None:
-            raise ClipleakError("--dp needs --clip and --noise-multiplier")
-        dp_cfg = {"mechanism": dp, "clip": clip, "noise_multiplier": noise_multiplier, "delta": delta}
-    recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr, dp=dp_cfg,
-                    weights=None if weights == "random" else weights)
+    recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                    dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
     settings: dict[str, Any] = {"iterations": iterations}
     if attack == "featmatch" and decoder:
         settings["decoder"] = decoder
@@ -86,29 +85,63 @@ def run(
     data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
                       truth_dir=str(tdir.resolve()))
     with progress_bar() as cb:
-        def on_event(kind: str, info: dict[str, Any]) -> None:
-            if kind == "start":
-                cb(ProgressEvent("fl rounds", int(info["done"]), rounds,
-                                 note=f"resuming after round {info['done']}" if info["done"] else "starting"))
-            elif kind == "attack":
-                cb(ProgressEvent("fl rounds", int(info["round"]) - 1, rounds,
-                                 note=f"round {info['round']}: attacking update {info['index'] + 1}/{info['total']}"))
-            elif kind == "round" and int(info["round"]) > 0:
-                eps = info.get("epsilon_so_far")
-                cb(ProgressEvent("fl rounds", int(info["round"]), rounds,
-                                 note=f"round {info['round']}: accuracy {info['accuracy']:.1%}"
-                                 + (f", epsilon {eps:.3g}" if eps is not None else "")))
+        state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
+    _print_outcome(state, evaluate_run(out, tdir), out)
 
-        state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=on_event)
+
+def _dp_config(dp: str | None, clip: float | None, noise_multiplier: float | None,
+               delta: float) -> dict[str, Any] | None:
+    """The recipe's DP setting from the DP options (None without ``--dp``); a half-given setting is an error."""
+    from ..errors import ClipleakError
+
+    if dp is None:
+        if clip is not None or noise_multiplier is not None:
+            raise ClipleakError("--clip and --noise-multiplier are DP options: use them with --dp")
+        return None
+    if clip is None or noise_multiplier is None:
+        raise ClipleakError("--dp needs --clip and --noise-multiplier")
+    return {"mechanism": dp, "clip": clip, "noise_multiplier": noise_multiplier, "delta": delta}
+
+
+def _round_events(cb: ProgressFn, rounds: int) -> EventFn:
+    """The run's events (start or resume, each attack, each finished round) as progress-bar updates."""
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "start":
+            cb(ProgressEvent("fl rounds", int(info["done"]), rounds,
+                             note=f"resuming after round {info['done']}" if info["done"] else "starting"))
+        elif kind == "attack":
+            cb(ProgressEvent("fl rounds", int(info["round"]) - 1, rounds,
+                             note=f"round {info['round']}: attacking update {info['index'] + 1}/{info['total']}"))
+        elif kind == "round" and int(info["round"]) > 0:
+            eps = info.get("epsilon_so_far")
+            cb(ProgressEvent("fl rounds", int(info["round"]), rounds,
+                             note=f"round {info['round']}: accuracy {info['accuracy']:.1%}"
+                             + (f", epsilon {eps:.3g}" if eps is not None else "")))
+
+    return on_event
+
+
+def _print_outcome(state: dict[str, Any], metrics: dict[str, Any], out: Path) -> None:
+    """The global accuracy per round, the leakage per round and over the run (with 95% intervals over the
+    attacked images), and where the report is."""
+    from ..report.page import interval_text
+
     per_round = ", ".join(f"round {r} {state['rounds'][r]['accuracy']:.1%}" for r in sorted(state["rounds"], key=int))
     console.print(f"global accuracy (validation split): start {state.get('initial_accuracy', float('nan')):.1%}, "
                   f"{per_round}")
-    metrics = evaluate_run(out, tdir)
+    for r, s in sorted(metrics["by_round"].items(), key=lambda t: int(t[0])):
+        if s["scored"]:
+            console.print(f"round {r}: {s['scored']} update(s), {s['images']} image(s): re-identification "
+                          f"{interval_text(s['reid_interval']['attack'])}")
     s = metrics["summary"]
     if s["scored"]:
-        console.print(f"attacked updates: {s['scored']}; re-identification {s['reid']['attack']:.0%} (public NN "
-                      f"{s['reid']['public-nn']:.0%}, prototype {s['reid']['prototype']:.0%}; chance 10%), PSNR "
-                      f"{s['psnr']['attack']:.1f} dB (prototype {s['psnr']['prototype']:.1f} dB)")
+        where = "at chance" if s["at_chance"] else "above chance"
+        reid, psnr = s["reid_interval"], s["psnr_interval"]
+        console.print(f"attacked updates: {s['scored']}; re-identification {interval_text(reid['attack'])} ({where} "
+                      f"by its 95% interval; public NN {interval_text(reid['public-nn'])}, prototype "
+                      f"{interval_text(reid['prototype'])}; chance {s['chance']:.0%}), PSNR "
+                      f"{interval_text(psnr['attack'], 'db')} (prototype {s['psnr']['prototype']:.1f} dB)")
     console.print(f"report: [bold]{out / 'report' / 'report.html'}[/]")
 
 

@@ -8,15 +8,16 @@
 * ``comparison.png``: truth / reconstruction / prototype rows, one labelled column per image;
 * ``loss.png``: the attack's loss history on a log scale (only when there is a history), with the loss
   schedule's switches (``meta["schedule"]``) marked as dashed vertical lines;
-* ``report.html``: verdict, metrics table, label accuracy, images, loss curve and run config, with
-  inline CSS and images referenced by relative file names.
+* ``report.html`` (:mod:`.page`): verdict, metrics table with 95% intervals and the "at chance" decision
+  they support, label accuracy, images, loss curve and run config, with inline CSS and images referenced
+  by relative file names.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..evaluation import METHOD_LABELS  # noqa: E402
+from ..evaluation import METHOD_LABELS, Interval, at_chance, rate_interval  # noqa: E402
 from ..records import Reconstruction, Truth  # noqa: E402
+from .page import Section, esc, image, interval_text, links, paragraph, pre, table, write_page  # noqa: E402
 
 MIN_TILE = 128
 """Each image in a grid is upscaled (nearest) to at least this many pixels on its shorter side."""
@@ -189,49 +191,46 @@ def save_loss(history: dict[str, list[float]], path: str | Path,
 
 # ---------------------------------------------------------------------------------------------- html
 
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-.verdict{font-size:1.15em;font-weight:600;padding:.8em 1em;border-radius:6px;border:2px solid}
-.verdict.good{color:#135c1f;background:#e8f6ea;border-color:#2e9e44}
-.verdict.bad{color:#8a1616;background:#fbeaea;border-color:#c83232}
-table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.35em .8em;text-align:right}
-th:first-child,td:first-child{text-align:left} tr.attack td{font-weight:600}
-.note{color:#666;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
-pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em;border-radius:4px}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _num(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _reid_decision(ev: dict[str, Any]) -> str | None:
+    """Whether the attack's re-identification is at chance, decided by its 95% interval (None without one)."""
+    reid = ev.get("reidentification") or {}
+    iv = (reid.get("interval") or {}).get("attack")
+    if not iv or reid.get("attack") is None:
+        return None
+    chance = float(reid["chance"])
+    where = ("at chance: its 95% interval reaches" if at_chance(Interval(**iv), chance)
+             else "above chance: its 95% interval excludes")
+    return f"Re-identification of the attack {interval_text(iv)}: {where} chance ({chance:.0%})."
+
+
 def _metrics_table(ev: dict[str, Any]) -> str:
     reid = ev.get("reidentification")
-    head = ["method", "PSNR (dB) ↑", "SSIM ↑", "LPIPS ↓"]
+    head = ["method", "PSNR (dB) ↑ [95% interval]", "SSIM ↑", "LPIPS ↓"]
     if reid is not None:
-        head.append(f"re-identification ↑ (k={reid['k']}, chance {reid['chance']:.0%})")
-    out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
-    for m in ev["methods"]:
-        s = ev["methods"][m]
-        cells = [METHOD_LABELS.get(m, m), _num(s["psnr_mean"], ".2f"), _num(s["ssim_mean"], ".3f"),
-                 _num(s["lpips_mean"], ".3f")]
+        head.append(f"re-identification ↑ [95% interval] (k={reid['k']}, chance {reid['chance']:.0%})")
+    rows = []
+    for m, s in ev["methods"].items():
+        psnr = interval_text(s["psnr_interval"], "db") if s.get("psnr_interval") else _num(s["psnr_mean"], ".2f")
+        cells = [METHOD_LABELS.get(m, m), psnr, _num(s["ssim_mean"], ".3f"), _num(s["lpips_mean"], ".3f")]
         if reid is not None:
-            r = reid.get(m)
-            cells.append("—" if m not in reid else _num(r, ".0%"))
-        out.append(f'<tr class="{_e(m)}">' + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
-    out.append("</table>")
+            iv = (reid.get("interval") or {}).get(m)
+            cells.append("—" if m not in reid else interval_text(iv) if iv else _num(reid.get(m), ".0%"))
+        rows.append(cells)
+    out = [table(head, rows, row_classes=list(ev["methods"]))]
     notes = []
     if not ev["lpips"]["available"]:
         notes.append(ev["lpips"]["note"])
+    decision = _reid_decision(ev)
+    if decision:
+        notes.append(decision)
     if reid is not None and reid.get("note"):
-        notes.append("Re-identification: " + reid["note"])
-    notes.append("Means over the batch; per-image values are in metrics.json.")
+        notes.append("Re-identification: " + reid["note"] + "; its interval counts images, not draws.")
+    notes.append("Means over the batch with 95% intervals (Wilson for rates, a bootstrap over the images for "
+                 "PSNR; n = images); per-image values are in metrics.json.")
     diag = ev.get("diagnostics") or {}
     if diag.get("warning"):
         notes.insert(0, "Warning: " + diag["warning"])
@@ -239,7 +238,7 @@ def _metrics_table(ev: dict[str, Any]) -> str:
         notes.append(f"Leakage signal: mean cosine between the shared gradients of different public images of "
                      f"the same class = {diag['same_class_gradient_cosine']:.3f} (1.0 = the update does not "
                      "depend on the image).")
-    out += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    out += [paragraph(n, "note") for n in notes]
     return "\n".join(out)
 
 
@@ -264,22 +263,21 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _recovery_section(ev: dict[str, Any]) -> list[str]:
+def _recovery_section(ev: dict[str, Any]) -> list[Section]:
     """What the update gave away before any image search: features and their cosine to the truth's."""
     rec = ev.get("feature_recovery")
     if not rec:
         return []
-    parts = ["<h2>Feature recovery</h2>", "<p>"]
+    text = []
     if rec.get("cosine_to_truth_mean") is not None:
-        parts.append(f"Recovered image features vs the true images' features (paired): mean cosine "
-                     f"<b>{rec['cosine_to_truth_mean']:.4f}</b> (per image: "
-                     f"{', '.join(f'{c:.4f}' for c in rec['cosine_to_truth'])}). ")
+        text.append(f"Recovered image features vs the true images' features (paired): mean cosine "
+                    f"<b>{rec['cosine_to_truth_mean']:.4f}</b> (per image: "
+                    f"{', '.join(f'{c:.4f}' for c in rec['cosine_to_truth'])}). ")
     if rec.get("images_separated") is not None:
-        parts.append(f"Separated {rec['images_separated']} of {rec['batch_size']} images; relative residual "
-                     f"of the fit {rec.get('relative_residual', 0):.1e}. ")
-    parts.append("</p>")
-    parts += [f'<p class="note">{_e(n)}</p>' for n in rec.get("notes", [])]
-    return parts
+        text.append(f"Separated {rec['images_separated']} of {rec['batch_size']} images; relative residual "
+                    f"of the fit {rec.get('relative_residual', 0):.1e}. ")
+    return [Section("Feature recovery", ["<p>" + "".join(text) + "</p>",
+                                         *(paragraph(n, "note") for n in rec.get("notes", []))])]
 
 
 def defense_text(defense: dict[str, Any] | None) -> str:
@@ -294,6 +292,87 @@ def defense_text(defense: dict[str, Any] | None) -> str:
             f"({defense.get('clipping')}), noise multiplier {defense.get('noise_multiplier'):.4g}, {spent}.")
 
 
+@dataclass
+class _Paired:
+    """A batch in the evaluation's paired order: column ``i`` is ``truth[i]``, the reconstruction
+    ``recon[pairing[i]]`` and the prototype of that reconstruction's label."""
+
+    truth: torch.Tensor
+    recon: torch.Tensor
+    prototype: torch.Tensor
+    truth_labels: list[int]
+    recon_labels: list[int]
+
+    @classmethod
+    def of(cls, recon: Reconstruction, truth: Truth, ev: dict[str, Any], prototypes: torch.Tensor) -> _Paired:
+        perm = torch.as_tensor(ev.get("pairing", list(range(truth.images.shape[0]))), dtype=torch.long)
+        r_lab = [int(v) for v in torch.as_tensor(recon.labels).reshape(-1).long()[perm].tolist()]
+        return cls(truth=truth.images.detach().cpu().float(), recon=recon.images.detach().cpu().float()[perm],
+                   prototype=prototypes.detach().cpu().float()[torch.as_tensor(r_lab, dtype=torch.long)],
+                   truth_labels=[int(v) for v in torch.as_tensor(truth.labels).reshape(-1).long().tolist()],
+                   recon_labels=r_lab)
+
+
+def _write_figures(d: Path, pb: _Paired, ev: dict[str, Any], recon: Reconstruction,
+                   classnames: list[str]) -> tuple[Path | None, list[tuple[int, str]]]:
+    """The grids, ``comparison.png`` and ``loss.png`` (a stale curve removed); the loss path and switches."""
+    save_grid(pb.truth, d / "truth.png")
+    save_grid(pb.recon, d / "reconstruction.png")
+    save_grid(pb.prototype, d / "prototype.png")
+
+    def db(m: str, i: int) -> str:
+        v = ev["methods"][m]["psnr"][i]
+        return "n/a" if v is None else f"{v:.1f} dB"
+
+    n, t_lab, r_lab = pb.truth.shape[0], pb.truth_labels, pb.recon_labels
+    names_t = [_classname(classnames, t_lab[i]) for i in range(n)]
+    names_r = [_classname(classnames, r_lab[i]) for i in range(n)]
+    save_comparison([
+        ("truth", pb.truth, [f"#{i} {names_t[i]}" for i in range(n)]),
+        ("reconstruction", pb.recon, [f"{names_r[i]}{'' if r_lab[i] == t_lab[i] else ' (wrong)'} · "
+                                      f"{db('attack', i)}" for i in range(n)]),
+        ("prototype", pb.prototype, [f"{names_r[i]} · {db('prototype', i)}" for i in range(n)]),
+    ], d / "comparison.png")
+    switches = schedule_switches(recon.meta)
+    loss = save_loss(recon.history, d / "loss.png", switches)
+    if loss is None and (d / "loss.png").exists():
+        (d / "loss.png").unlink()  # a stale curve from an earlier run would be misleading
+    return loss, switches
+
+
+def _labels_section(pb: _Paired, ev: dict[str, Any], recon: Reconstruction, classnames: list[str]) -> Section:
+    """Label accuracy after pairing and order-free, with their intervals, and the per-image label table."""
+    t_lab, r_lab = pb.truth_labels, pb.recon_labels
+    n = len(t_lab)
+    n_ok = sum(int(a == b) for a, b in zip(r_lab, t_lab, strict=True))
+    paired = interval_text(rate_interval(ev["label_accuracy"], n).to_dict()) if n else "n/a"
+    count_iv = ev.get("label_count_interval")
+    count = interval_text(count_iv) if count_iv else f"{ev['label_count_accuracy']:.0%}"
+    text = (f"<p>Label accuracy: <b>{esc(paired)}</b> ({n_ok} of {n} after pairing; labels from "
+            f"{esc(recon.label_source)}). Ignoring order, {esc(count)} of the batch's labels were recovered "
+            "(multiset overlap), which does not depend on how images were paired. "
+            "The prototype baseline uses the reconstruction's labels.</p>")
+    rows = [[f"#{i}", _classname(classnames, t_lab[i]), _classname(classnames, r_lab[i]),
+             "✓" if t_lab[i] == r_lab[i] else "✗"] for i in range(n)]
+    return Section("Labels", [text, table(["image", "true class", "reconstruction's class", ""], rows)])
+
+
+def _images_sections(loss: Path | None, switches: list[tuple[int, str]]) -> list[Section]:
+    images = Section("Images", [
+        paragraph("Columns in paired order (Hungarian matching on PSNR); captions give the class name and the "
+                  "PSNR to the true image.", "note"),
+        image("comparison.png", "truth, reconstruction and class prototype side by side"),
+        links("Full grids:", [("truth.png", "truth.png"), ("reconstruction.png", "reconstruction.png"),
+                              ("prototype.png", "prototype.png")])])
+    curve = Section("Loss curve", [image("loss.png", "attack loss over iterations (log scale)") if loss is not None
+                                   else paragraph("No loss history was recorded.", "note")])
+    if loss is not None and switches:
+        curve.parts.append(paragraph(f"Loss schedule (dashed lines): {'; '.join(lab for _, lab in switches)}. "
+                                     "Terms that are off before a switch are not evaluated, so their curves start "
+                                     "there.", "note"))
+    return [images, curve]
+
+
 def write_report(
     out_dir: str | Path,
     recon: Reconstruction,
@@ -305,96 +384,27 @@ def write_report(
 ) -> Path:
     """Write the report folder (see module docs) and return the path of ``report.html``.
 
-    Images are shown in the evaluation's paired order: column ``i`` is ``truth[i]``, the reconstruction
-    ``recon[pairing[i]]`` and the prototype of that reconstruction's label.
+    Images are shown in the evaluation's paired order (:class:`_Paired`).
     """
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     ev = evaluation
     cfg = dict(config) if config is not None else {}
-
     (d / "metrics.json").write_text(_to_json({**ev, "config": cfg}) + "\n")
 
-    perm = torch.as_tensor(ev.get("pairing", list(range(truth.images.shape[0]))), dtype=torch.long)
-    t_img = truth.images.detach().cpu().float()
-    r_img = recon.images.detach().cpu().float()[perm]
-    r_lab = [int(v) for v in torch.as_tensor(recon.labels).reshape(-1).long()[perm].tolist()]
-    t_lab = [int(v) for v in torch.as_tensor(truth.labels).reshape(-1).long().tolist()]
-    p_img = prototypes.detach().cpu().float()[torch.as_tensor(r_lab, dtype=torch.long)]
-
-    save_grid(t_img, d / "truth.png")
-    save_grid(r_img, d / "reconstruction.png")
-    save_grid(p_img, d / "prototype.png")
-
-    def db(m: str, i: int) -> str:
-        v = ev["methods"][m]["psnr"][i]
-        return "n/a" if v is None else f"{v:.1f} dB"
-
-    n = t_img.shape[0]
-    names_t = [_classname(classnames, t_lab[i]) for i in range(n)]
-    names_r = [_classname(classnames, r_lab[i]) for i in range(n)]
-    save_comparison([
-        ("truth", t_img, [f"#{i} {names_t[i]}" for i in range(n)]),
-        ("reconstruction", r_img, [f"{names_r[i]}{'' if r_lab[i] == t_lab[i] else ' (wrong)'} · "
-                                   f"{db('attack', i)}" for i in range(n)]),
-        ("prototype", p_img, [f"{names_r[i]} · {db('prototype', i)}" for i in range(n)]),
-    ], d / "comparison.png")
-    switches = schedule_switches(recon.meta)
-    loss = save_loss(recon.history, d / "loss.png", switches)
-    if loss is None and (d / "loss.png").exists():
-        (d / "loss.png").unlink()  # a stale curve from an earlier run would be misleading
-
+    pb = _Paired.of(recon, truth, ev, prototypes)
+    loss, switches = _write_figures(d, pb, ev, recon, classnames)
     v = ev["verdict"]
     good = bool(v["beat_blank"] and v["beat_prototype"])
-    acc = ev["label_accuracy"]
-    n_ok = sum(int(a == b) for a, b in zip(r_lab, t_lab, strict=True))
-    label_rows = "".join(
-        f"<tr><td>#{i}</td><td>{_e(_classname(classnames, t_lab[i]))}</td>"
-        f"<td>{_e(_classname(classnames, r_lab[i]))}</td><td>{'✓' if t_lab[i] == r_lab[i] else '✗'}</td></tr>"
-        for i in range(n)
-    )
     # the caller's config normally already holds the reconstruction's meta (attack config, observation)
     run_cfg = cfg if cfg else {"attack": recon.attack, "label_source": recon.label_source, "meta": recon.meta}
-    title = f"clipleak report: {recon.attack}"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="note">{n} image(s) of {ev["image_size"][0]}×{ev["image_size"][1]} px; '
-        f"labels from: {_e(recon.label_source)}</p>",
-        f'<p class="verdict {"good" if good else "bad"}">{_e(v["text"])}</p>',
-        f'<p class="note">{_e(defense_text(ev.get("defense")))}</p>',
-        "<h2>Metrics</h2>",
-        _metrics_table(ev),
-        *_recovery_section(ev),
-        "<h2>Labels</h2>",
-        f"<p>Label accuracy: <b>{acc:.0%}</b> ({n_ok} of {n} after pairing; labels from "
-        f"{_e(recon.label_source)}). Ignoring order, {ev['label_count_accuracy']:.0%} of the batch's labels "
-        "were recovered (multiset overlap), which does not depend on how images were paired. "
-        "The prototype baseline uses the reconstruction's labels.</p>",
-        "<table><tr><th>image</th><th>true class</th><th>reconstruction's class</th><th></th></tr>",
-        label_rows,
-        "</table>",
-        "<h2>Images</h2>",
-        '<p class="note">Columns in paired order (Hungarian matching on PSNR); captions give the class '
-        "name and the PSNR to the true image.</p>",
-        '<img src="comparison.png" alt="truth, reconstruction and class prototype side by side">',
-        '<p class="note">Full grids: <a href="truth.png">truth.png</a>, '
-        '<a href="reconstruction.png">reconstruction.png</a>, <a href="prototype.png">prototype.png</a>.</p>',
-        "<h2>Loss curve</h2>",
-        '<img src="loss.png" alt="attack loss over iterations (log scale)">' if loss is not None
-        else '<p class="note">No loss history was recorded.</p>',
-        *([f'<p class="note">Loss schedule (dashed lines): {_e("; ".join(lab for _, lab in switches))}. '
-           "Terms that are off before a switch are not evaluated, so their curves start there.</p>"]
-          if loss is not None and switches else []),
-        "<h2>Run configuration</h2>",
-        f"<p>Attack: <b>{_e(recon.attack)}</b></p>",
-        f"<pre>{_e(_to_json(run_cfg))}</pre>",
-        '<p class="note">All numbers: <a href="metrics.json">metrics.json</a>.</p>',
-        "</body></html>",
-    ]
-    out = d / "report.html"
-    out.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return out
+    head = Section(None, [
+        paragraph(f"{pb.truth.shape[0]} image(s) of {ev['image_size'][0]}×{ev['image_size'][1]} px; "
+                  f"labels from: {recon.label_source}", "note"),
+        paragraph(v["text"], f"verdict {'good' if good else 'bad'}"),
+        paragraph(defense_text(ev.get("defense")), "note")])
+    return write_page(d / "report.html", f"clipleak report: {recon.attack}", [
+        head, Section("Metrics", [_metrics_table(ev)]), *_recovery_section(ev),
+        _labels_section(pb, ev, recon, classnames), *_images_sections(loss, switches),
+        Section("Run configuration", [f"<p>Attack: <b>{esc(recon.attack)}</b></p>", pre(_to_json(run_cfg)),
+                                      links("All numbers:", [("metrics.json", "metrics.json")])])])

@@ -1,0 +1,199 @@
+"""The audit's table and verdicts: one row per (method, batch size, epsilon) with 95% intervals over the
+images of the point, "at chance" decided by the interval, and the findings per method and batch size.
+
+Rates (re-identification, label accuracy) pool the cells' per-batch rates over every attacked image
+(:func:`clipleak.evaluation.pooled_rate`, Wilson); PSNR is a bootstrap mean over the images. ``n`` is the
+number of images, not of re-identification draws (the draws of one image are not independent).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..evaluation import Interval, at_chance, bootstrap_mean, images_to_separate, pooled_rate
+from ..report.page import interval_text
+from .cells import AuditConfig, eps_text, key_text
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _pooled(cells: list[dict[str, Any]], key: str, batch: int) -> dict[str, Any] | None:
+    """The rate ``key`` pooled over the cells' images, with its interval (None when no cell has it)."""
+    have = [c for c in cells if c.get(key) is not None]
+    if not have:
+        return None
+    return pooled_rate([float(c[key]) for c in have], [int(c.get("images", batch)) for c in have]).to_dict()
+
+
+def _psnr(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean PSNR over the images with a bootstrap interval (a cell written without per-image values counts
+    once, with its batch mean)."""
+    values = [float(v) for c in cells for v in (c.get("psnr_images") or [c.get("psnr")]) if v is not None]
+    return bootstrap_mean(values).to_dict() if values else None
+
+
+def _row(cfg: AuditConfig, cells: dict[str, Any], method: str, b: int, eps: float) -> dict[str, Any]:
+    obs = [cells.get(key_text("obs", method, b, eps, i)) for i in range(cfg.images)]
+    done = [o for o in obs if o is not None]
+    acc = cells.get(key_text("acc", method, 0, eps, 0)) or {}
+    can = cells.get(key_text("canary", method, 0, eps, 0)) or {}
+    reid = _pooled(done, "reid", b)
+    psnr = _psnr(done)
+    row: dict[str, Any] = {
+        "method": method, "peft": cfg.label(method), "batch_size": b, "epsilon": eps_text(eps),
+        "images": len(done), "n_images": sum(int(o.get("images", b)) for o in done),
+        "draw_seeds": [o.get("draw_seed", i) for i, o in enumerate(obs) if o is not None],
+        "noise_multiplier": done[0]["noise_multiplier"] if done else acc.get("noise_multiplier"),
+        "reid": None if reid is None else reid["value"], "reid_interval": reid,
+        "psnr": None if psnr is None else psnr["value"], "psnr_interval": psnr,
+        "ssim": _mean([o["ssim"] for o in done]),
+        "label_accuracy_interval": _pooled(done, "label_accuracy", b),
+        "prototype_reid": _mean([o["prototype_reid"] for o in done]),
+        "prototype_psnr": _mean([o["prototype_psnr"] for o in done]),
+        "prototype_true_reid_interval": _pooled(done, "prototype_true_reid", b),
+        "prototype_true_psnr": _mean([o["prototype_true_psnr"] for o in done]),
+        "chance": cfg.chance,
+        "attack_seconds_per_image": _mean([o["attack_seconds"] for o in done]),
+        "accuracy": acc.get("accuracy"), "accuracy_epsilon_spent": acc.get("epsilon"),
+        "canary_epsilon_lower_bound": can.get("epsilon_lower_bound"),
+        "canary_guess_accuracy": can.get("accuracy"),
+    }
+    for key in ("label_accuracy", "prototype_true_reid"):
+        iv = row[f"{key}_interval"]
+        row[key] = None if iv is None else iv["value"]
+    row["at_chance"] = None if reid is None else at_chance(Interval(**reid), cfg.chance)
+    row["verdict"] = verdict(reid, cfg.chance)
+    return row
+
+
+def verdict(reid: dict[str, Any] | None, chance: float) -> str:
+    """One line on a point: its re-identification with the interval, and whether the interval reaches chance."""
+    if reid is None:
+        return "no observation yet"
+    head = f"re-identification {interval_text(reid)} vs chance {chance:.0%}: "
+    if at_chance(Interval(**reid), chance):
+        return head + "at chance (its 95% interval reaches chance): no evidence that the attack beats it"
+    return head + "above chance (its 95% interval excludes chance): the images still leak"
+
+
+def summarise(cfg: AuditConfig, cells: dict[str, Any]) -> dict[str, Any]:
+    """One row per (method, batch size, epsilon) with intervals, the accuracy and the canary bound; the
+    findings per method and batch size."""
+    rows = [_row(cfg, cells, method, int(b), eps) for method in cfg.methods for b in cfg.batch_sizes
+            for eps in cfg.epsilons]
+    return {"config": cfg.to_dict(), "chance": cfg.chance, "draw_seeds": cfg.draw_seeds(), "rows": rows,
+            "findings": findings(cfg, rows)}
+
+
+def _eps_value(r: dict[str, Any]) -> float:
+    return math.inf if r["epsilon"] == "inf" else float(r["epsilon"])
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["low"] <= b["high"] and b["low"] <= a["high"]
+
+
+def _paid(at: dict[str, Any], base: dict[str, Any] | None) -> str:
+    acc, base_acc = at["accuracy"], (base or {}).get("accuracy")
+    if acc is None or base_acc is None:
+        return ""
+    return (f" Validation accuracy at epsilon {at['epsilon']}: {acc:.1%} vs {base_acc:.1%} without DP "
+            f"({(base_acc - acc) * 100:+.1f} points paid).")
+
+
+def _separation(at: dict[str, Any], chance: float) -> str:
+    """How many images the point at chance would need for its interval to exclude chance at its rate."""
+    rate = at["reid_interval"]["value"]
+    need = images_to_separate(rate, chance)
+    if need is None:
+        return (f" Its rate at epsilon {at['epsilon']} ({rate:.0%}) is at or near chance: more images would not "
+                "lift its interval above chance.")
+    return (f" At the same rate, {need} images per point (now {at['n_images']}) would make the interval at "
+            f"epsilon {at['epsilon']} exclude chance.")
+
+
+def finding(name: str, b: int, mine: list[dict[str, Any]], chance: float, base: dict[str, Any] | None) -> str:
+    """The finding of one method and batch size from its rows (each with a re-identification interval):
+    the smallest epsilon whose interval excludes chance, the largest whose interval reaches it, the images
+    they rest on, and when their intervals overlap, how many images would separate the latter from chance."""
+    excl = sorted((r for r in mine if not r["at_chance"]), key=_eps_value)
+    near = sorted((r for r in mine if r["at_chance"]), key=_eps_value)
+    n = sorted({r["n_images"] for r in mine})
+    rests = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    head = f"{name}, batch {b} ({rests} images per epsilon, chance {chance:.0%}): "
+    if not near:
+        s = excl[0]
+        return (head + f"re-identification is above chance at every epsilon measured; its 95% interval excludes "
+                f"chance down to the smallest, epsilon {s['epsilon']} ({interval_text(s['reid_interval'])}).")
+    at = near[-1]
+    text = (f"the 95% interval of re-identification reaches chance up to epsilon {at['epsilon']} "
+            f"({interval_text(at['reid_interval'])})")
+    if not excl:
+        return (head + f"re-identification is at chance at every epsilon measured: {text}." + _paid(at, base)
+                + _separation(at, chance))
+    s = excl[0]
+    text = (f"the smallest epsilon whose 95% interval excludes chance is {s['epsilon']} "
+            f"({interval_text(s['reid_interval'])}); {text}")
+    if _eps_value(s) < _eps_value(at):
+        text += " (not monotone in epsilon)"
+    text += "."
+    if _overlap(s["reid_interval"], at["reid_interval"]):
+        text += f" The two intervals overlap.{_separation(at, chance)}"
+    return head + text + _paid(at, base)
+
+
+def findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """One finding per method and batch size with observations (:func:`finding`)."""
+    out = []
+    for method in cfg.methods:
+        for b in cfg.batch_sizes:
+            mine = [r for r in rows if r["method"] == method and r["batch_size"] == int(b)]
+            base = next((r for r in mine if r["epsilon"] == "inf"), None)
+            scored = [r for r in mine if r["reid_interval"] is not None]
+            if scored:
+                out.append(finding(cfg.label(method), int(b), scored, cfg.chance, base))
+    return out
+
+
+def _fmt(r: dict[str, Any], key: str, kind: str) -> str:
+    if kind in ("ipct", "idb"):
+        iv = r.get(f"{key}_interval")
+        if iv:
+            return interval_text(iv, "db" if kind == "idb" else "pct")
+        kind = kind[1:]
+    v = r.get(key)
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{v:.0%}"
+    if kind == "db":
+        return f"{v:.1f}"
+    if kind == "g":
+        return f"{v:.3g}"
+    return str(v)
+
+
+COLUMNS = [("peft", "method", "s"), ("batch_size", "batch", "s"), ("epsilon", "epsilon", "s"),
+           ("noise_multiplier", "sigma", "g"), ("n_images", "images", "s"), ("reid", "re-id [95%]", "ipct"),
+           ("psnr", "PSNR dB [95%]", "idb"), ("label_accuracy", "labels [95%]", "ipct"),
+           ("prototype_true_reid", "prototype re-id [95%]", "ipct"), ("prototype_true_psnr", "prototype dB", "db"),
+           ("chance", "chance", "pct"), ("accuracy", "accuracy (val)", "pct"),
+           ("canary_epsilon_lower_bound", "canary eps lower bound", "g")]
+"""The table's columns: (row key, heading, format); ``ipct`` / ``idb``: the key's interval as text."""
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The table's cells as text, one list per row (:data:`COLUMNS`)."""
+    return [[_fmt(r, k, kind) for k, _, kind in COLUMNS] for r in summary["rows"]]
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    return "\n".join([head, sep, *("| " + " | ".join(cells) + " |" for cells in table_rows(summary))])
