@@ -132,10 +132,10 @@ def finding(name: str, b: int, mine: list[dict[str, Any]], chance: float, base: 
         return (head + f"re-identification is above chance at every epsilon measured; its 95% interval excludes "
                 f"chance down to the smallest, epsilon {s['epsilon']} ({interval_text(s['reid_interval'])}).")
     at = near[-1]
-    text = (f"the 95% interval of re-identification reaches chance up to epsilon {at['epsilon']} "
+    text = (f"the largest epsilon whose 95% interval of re-identification reaches chance is {at['epsilon']} "
             f"({interval_text(at['reid_interval'])})")
     if not excl:
-        return (head + f"re-identification is at chance at every epsilon measured: {text}." + _paid(at, base)
+        return (head + f"re-identification is at chance at every epsilon measured; {text}." + _paid(at, base)
                 + _separation(at, chance))
     s = excl[0]
     text = (f"the smallest epsilon whose 95% interval excludes chance is {s['epsilon']} "
