@@ -29,7 +29,7 @@ from .metrics import (
     reid_rate,
     ssim,
 )
-from .stats import bootstrap_mean, rate_interval
+from .stats import Interval, at_chance, bootstrap_mean, rate_interval
 
 METHODS = ("attack", "blank", "prototype")
 METHOD_LABELS = {
@@ -270,4 +270,11 @@ def _full_verdict(means: dict[str, float], methods: dict[str, Any], reid: dict[s
     lost = losses_to_baselines(methods, reid)
     v["lost_to"] = lost
     v["text"] += _losses_text(lost)
+    if reid is not None and reid.get("attack") is not None:
+        iv = Interval(**reid["interval"]["attack"])
+        chance = float(reid["chance"])
+        v["reid_at_chance"] = at_chance(iv, chance)
+        v["text"] += (f" Re-identification {iv.pct()}: " + (
+            f"at chance (its 95% interval reaches chance, {chance:.0%})." if v["reid_at_chance"] else
+            f"above chance (its 95% interval excludes chance, {chance:.0%})."))
     return v
