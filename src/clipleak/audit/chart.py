@@ -44,6 +44,31 @@ def _interval_bars(ax: Any, xs: list[float], ivs: list[dict[str, Any] | None], c
         part.set_gid(gid)
 
 
+def _method_curves(ax: Any, acc_ax: Any, rows: list[dict[str, Any]], method: str, colour: Any, metric: str,
+                   batches: list[int], finite: list[float]) -> None:
+    """One method's curves in one panel: the attack per batch size with its interval bars and the class
+    prototype's level, and the validation accuracy (once: it does not depend on the batch size)."""
+    name = next(r.get("peft", method) for r in rows if r["method"] == method)
+    for n, b in enumerate(batches):
+        mine = sorted((r for r in rows if r["method"] == method and r["batch_size"] == b),
+                      key=lambda r: _x(r["epsilon"], finite))
+        if not mine:
+            continue
+        marker, ls = BATCH_STYLES[n % len(BATCH_STYLES)]
+        xs = [_x(r["epsilon"], finite) for r in mine]
+        ax.plot(xs, [np.nan if r[metric] is None else r[metric] for r in mine], marker=marker, ls=ls, color=colour,
+                label=f"{name}, batch {b}: attack")
+        _interval_bars(ax, xs, [r.get(f"{metric}_interval") for r in mine], colour, f"interval-{metric}")
+        proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
+        if proto is not None:
+            which = f"{name}, batch {b}" if len(batches) > 1 else name
+            ax.axhline(proto, color=colour, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")
+    acc_rows = {r["epsilon"]: r["accuracy"] for r in rows if r["method"] == method}
+    xs_acc = sorted(acc_rows, key=lambda e: _x(e, finite))
+    acc_ax.plot([_x(e, finite) for e in xs_acc], [np.nan if acc_rows[e] is None else acc_rows[e] for e in xs_acc],
+                marker="x", ls=":", color=colour, alpha=0.7, label=f"{name}: validation accuracy (DP fine-tuning)")
+
+
 def chart_figure(summary: dict[str, Any]) -> plt.Figure:
     """Re-identification (top) and PSNR (bottom) against epsilon (log x, infinity at the right), each point
     with its 95% interval as an error bar, the task accuracy on a second axis in both panels; chance
@@ -60,33 +85,11 @@ def chart_figure(summary: dict[str, Any]) -> plt.Figure:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     batches = sorted({int(r["batch_size"]) for r in rows})
-    several = len(batches) > 1
     titles = (f"re-identification (K = {k}) [95%]", "PSNR (dB) [95%]")
     for panel, (ax, metric, label) in enumerate(zip(axes, ("reid", "psnr"), titles, strict=True)):
         acc_ax = ax.twinx()
         for m, method in enumerate(methods):
-            c = colours[m % len(colours)]
-            name = next(r.get("peft", method) for r in rows if r["method"] == method)
-            for n, b in enumerate(batches):
-                mine = sorted((r for r in rows if r["method"] == method and r["batch_size"] == b),
-                              key=lambda r: _x(r["epsilon"], finite))
-                if not mine:
-                    continue
-                marker, ls = BATCH_STYLES[n % len(BATCH_STYLES)]
-                xs = [_x(r["epsilon"], finite) for r in mine]
-                ys = [r[metric] for r in mine]
-                ax.plot(xs, [np.nan if y is None else y for y in ys], marker=marker, ls=ls, color=c,
-                        label=f"{name}, batch {b}: attack")
-                _interval_bars(ax, xs, [r.get(f"{metric}_interval") for r in mine], c, f"interval-{metric}")
-                proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
-                if proto is not None:
-                    which = f"{name}, batch {b}" if several else name
-                    ax.axhline(proto, color=c, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")
-            acc_rows = {r["epsilon"]: r["accuracy"] for r in rows if r["method"] == method}
-            xs_acc = sorted(acc_rows, key=lambda e: _x(e, finite))
-            acc_ys = [np.nan if acc_rows[e] is None else acc_rows[e] for e in xs_acc]
-            acc_ax.plot([_x(e, finite) for e in xs_acc], acc_ys, marker="x", ls=":", color=c, alpha=0.7,
-                        label=f"{name}: validation accuracy (DP fine-tuning)")
+            _method_curves(ax, acc_ax, rows, method, colours[m % len(colours)], metric, batches, finite)
         if metric == "reid" and rows:
             ax.axhline(chance, color="black", ls=":", lw=1.5, label=f"chance (1/{k})", gid="chance")
             ax.set_ylim(-0.02, 1.02)
@@ -105,9 +108,9 @@ def chart_figure(summary: dict[str, Any]) -> plt.Figure:
     ax.set_xticklabels([f"{t:g}" for t in finite] + ["∞ (no DP)"])
     ax.set_xlabel("epsilon (delta and schedule in the table)")
     cfg = summary["config"]
-    what = "batch" if not several else "batches of " + ", ".join(str(b) for b in batches) + " digits"
-    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private digit {what} per point "
-                 "(bars: 95% intervals over the images)")
+    what = "batch" if len(batches) == 1 else "batches of " + ", ".join(str(b) for b in batches) + " digits"
+    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private digit {what} per point\n"
+                 "bars: 95% intervals over the images of each point")
     fig.tight_layout()
     return fig
 
