@@ -27,14 +27,33 @@ from .attacks import ATTACKS, make_config, run_attack
 from .audit import AuditConfig, run_audit
 from .client import load_private, sample_batch, share
 from .data import DataSpec, ImageSet, check_same_split, load_validation, public_for_observation
-from .errors import ClipleakError
+from .errors import ClipleakError, check_range
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import build_model, read_card
-from .peft import PeftConfig, build_victim, rebuild_victim
+from .peft import PeftConfig, Victim, build_victim, rebuild_victim
+from .priors import check_prior, load_prior
 from .privacy import PER_EXAMPLE_METHODS, DpSetting
 from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
 from .training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
+
+RANDOM_INIT = ("none", "random")
+"""Weights names that mean a random init (seeded by ``init_seed``), as ``weights=None`` does."""
+
+ATTACK_BOUNDS: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
+    "iterations": ("--iterations", 0, 100_000, False, True),
+    "restarts": ("--restarts", 1, 1_000, False, True),
+    "lr": ("--lr", 0, 1_000, True, False),
+    "tv_weight": ("--tv", 0, 1e6, False, False),
+    "search": ("--search", 0, 100_000, False, True),
+    "refine": ("--refine", 0, 100_000, False, True),
+}
+"""Attack settings: (option, low, high, low excluded, whole number). The upper bounds are far beyond any
+useful run and keep a typo from costing hours."""
+
+
+def _weights_name(weights: str | None) -> str | None:
+    return None if weights is None or str(weights).strip().lower() in RANDOM_INIT else weights
 
 
 def make_observation(
@@ -77,8 +96,8 @@ def make_observation(
     gradient; the observation records the setting under ``meta["defense"]``. The noise seed
     ``dp_seed`` (default: a fresh secret one) goes to the truth file only.
     """
-    if batch_size < 1:
-        raise ClipleakError("batch size must be at least 1")
+    check_range("batch size", batch_size, low=1, high=4096, integer=True)
+    weights = _weights_name(weights)
     cfg = _peft_config(peft, method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
     if setting is not None:
@@ -106,7 +125,7 @@ def make_observation(
     obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, dp=setting,
                 dp_seed=dp_seed)
     truth_meta: dict[str, Any] = {"private_indices": idx.tolist(), "data": data_meta, "seed": seed,
-                                  "part": part}
+                                  "part": part, "observation_digest": obs.digest()}
     if setting is not None:
         truth_meta["dp_seed"] = dp_seed
     truth = Truth(images=images, labels=labels, meta=truth_meta)
@@ -144,10 +163,23 @@ def attack_observation(
     iterations, restarts, lr, tv_weight, labels, seed, checkpoint, prior, decoder, bn_prior, ...); settings
     not given keep the preset's defaults. Artifact names in ``prior`` (``generative:NAME``), ``decoder``
     and ``bn_prior`` are resolved to files here.
+
+    Everything is checked before the attack starts (settings within :data:`ATTACK_BOUNDS`, weights against
+    the observation, the decoder MIP needs, each prior against the target and the split), so a bad input
+    costs seconds, not the feature fit. The reconstruction records the observation's digest
+    (``meta["observation_digest"]``), which :func:`evaluate_reconstruction` matches against the truth's.
     """
-    obs = observation if isinstance(observation, Observation) else Observation.load(observation)
     if name not in ATTACKS:
         raise ClipleakError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+    for key, (option, low, high, low_open, whole) in ATTACK_BOUNDS.items():
+        check_range(option, settings.get(key), low=low, high=high, low_open=low_open, integer=whole)
+    obs = observation if isinstance(observation, Observation) else Observation.load(observation)
+    weights = _check_weights(obs, weights)
+    cfg = make_config(name, **settings)
+    if name == "mip" and not getattr(cfg, "decoder", None):
+        raise ClipleakError("MIP's image stage needs a feature-to-image decoder for this target (--decoder: "
+                            "tiny-mnist-decoder for tiny-mnist, or one trained with `clipleak prior train --kind "
+                            "decoder --weights ...`)")
     victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress))
     if "prior" in settings:
         settings["prior"] = _resolve_prior(str(settings["prior"]), progress)
@@ -156,7 +188,39 @@ def attack_observation(
     cfg = make_config(name, **settings)
     if getattr(cfg, "bn_prior", None):  # gradvit's prior network, by default the tiny-mnist-cnn artifact
         cfg.bn_prior = artifacts.resolve_path(str(cfg.bn_prior), progress)
-    return run_attack(name, obs, victim, cfg, progress)
+    _check_priors(cfg, obs, victim)
+    rec = run_attack(name, obs, victim, cfg, progress)
+    rec.meta["observation_digest"] = obs.digest()
+    return rec
+
+
+def _check_weights(obs: Observation, weights: str | None) -> str | None:
+    """``weights`` as given for ``obs``: refused when the observation was made with a random init (the
+    recorded init is what the attacker rebuilds; other weights would be silently ignored)."""
+    sha = str(obs.meta.get("weights_sha256", ""))
+    if weights is not None and sha.startswith("random-init:"):
+        if _weights_name(weights) is None:
+            return None
+        raise ClipleakError(f"the observation was made with a random init ({sha}), not with weights {weights!r}; "
+                            "leave out --weights")
+    return weights
+
+
+def _check_priors(cfg: Any, obs: Observation, victim: Victim) -> None:
+    """Every prior file an attack config names (decoder, VAE, BN-prior CNN), checked against the target and
+    the split before any expensive step (the attacks check them again when they load them)."""
+    size = victim.clip_info.image_size
+    data = obs.meta.get("data")
+    decoder = getattr(cfg, "decoder", None)
+    if decoder:
+        check_prior(load_prior(str(decoder)), size, weights_sha256=victim.clip_info.weights_sha256, kind="decoder",
+                    data=data)
+    prior = str(getattr(cfg, "prior", "") or "")
+    if prior.startswith("generative:"):
+        check_prior(load_prior(prior.split(":", 1)[1]), size, kind="vae", data=data)
+    bn_prior = getattr(cfg, "bn_prior", None)
+    if bn_prior:
+        check_prior(load_prior(str(bn_prior)), size, kind="cnn", data=data)
 
 
 def evaluate_reconstruction(
@@ -170,10 +234,15 @@ def evaluate_reconstruction(
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluator side: score against the truth and the baselines, write the report folder.
 
-    The evaluator holds the private split (re-identification draws its distractors from it).
+    The evaluator holds the private split (re-identification draws its distractors from it). A truth
+    that belongs to another observation than the one the reconstruction attacked (their recorded
+    observation digests differ) is refused; files made before digests were recorded are scored, with
+    ``ev["truth_matches_observation"]`` None (unchecked) instead of True.
     """
+    check_range("--reid-k", reid_k, low=2, high=1000, integer=True)
     rec = reconstruction if isinstance(reconstruction, Reconstruction) else Reconstruction.load(reconstruction)
     tru = truth if isinstance(truth, Truth) else Truth.load(truth)
+    matched = truth_matches(rec, tru)
     if rec.images.shape != tru.images.shape:
         raise ClipleakError(
             f"reconstruction {tuple(rec.images.shape)} and ground truth {tuple(tru.images.shape)} differ in shape"
@@ -208,6 +277,7 @@ def evaluate_reconstruction(
         feat_cos = (F.normalize(rec.features.float(), dim=-1)[perm] * true_feats).sum(-1)
         ev.setdefault("feature_recovery", {})["cosine_to_truth"] = [round(float(c), 4) for c in feat_cos]
         ev["feature_recovery"]["cosine_to_truth_mean"] = round(float(feat_cos.mean()), 4)
+    ev["truth_matches_observation"] = matched
     ev["defense"] = meta.get("defense")  # None: the observation was not privatised
     config = {"attack": rec.attack, "label_source": rec.label_source, "defense": meta.get("defense"),
               "attack_meta": {k: v for k, v in rec.meta.items() if k != "observation"},
@@ -215,6 +285,19 @@ def evaluate_reconstruction(
     report = write_report(out_dir, rec, tru, ev, public.prototypes(), list(meta.get("classnames", [])), config)
     json.dumps(ev)  # fail loudly here if anything is not JSON-serialisable
     return Path(report), ev
+
+
+def truth_matches(rec: Reconstruction, truth: Truth) -> bool | None:
+    """True when the truth belongs to the observation the reconstruction attacked (same digest); None when
+    either file predates the digest (unchecked); a mismatch is a :class:`ClipleakError`."""
+    a, b = rec.meta.get("observation_digest"), truth.meta.get("observation_digest")
+    if a is None or b is None:
+        return None
+    if a != b:
+        raise ClipleakError(f"the ground truth belongs to another observation (digest {str(b)[:12]}...) than the "
+                            f"one this reconstruction attacked ({str(a)[:12]}...); give the truth file `clipleak "
+                            "share` wrote beside that observation")
+    return True
 
 
 def client_images(*, weights: str | None = "tiny-mnist", arch: str = "tiny-32", data: str = "mnist",

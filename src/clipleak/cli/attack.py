@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console, parse_ints, progress_bar
+from .common import check_writable, command, console, parse_ints, progress_bar
 
 
 def models() -> None:
@@ -24,7 +24,7 @@ def share(
     out: Annotated[Path, typer.Option(help="where to write the observation (.safetensors + .json)")],
     arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
     weights: Annotated[str | None, typer.Option(
-        help="weights file or artifact name (tiny-mnist); none = random init")] = None,
+        help="weights file or artifact name (tiny-mnist); none or random (the default) = random init")] = None,
     init_seed: Annotated[int, typer.Option(help="seed of a random init")] = 0,
     data: Annotated[str, typer.Option(
         help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
@@ -81,7 +81,11 @@ def share(
     from ..errors import ClipleakError
     from ..peft import PeftConfig
     from ..privacy import DpSetting
+    from ..records import tensor_path
 
+    check_writable(tensor_path(out), folder=False)
+    truth_path = tensor_path(truth_out if truth_out is not None else tensor_path(out).with_suffix(".truth"))
+    check_writable(truth_path, folder=False, option="--truth-out")
     setting = None
     if dp is None:
         given = [n for n, v in (("--clip", clip), ("--noise-multiplier", noise_multiplier), ("--epsilon", epsilon),
@@ -108,7 +112,7 @@ def share(
             progress=cb,
         )
     p = obs.save(out)
-    tp = truth.save(truth_out if truth_out is not None else p.with_suffix(".truth"))
+    tp = truth.save(truth_path)
     console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
     defense = obs.meta.get("defense")
     if defense is not None:
@@ -173,6 +177,7 @@ def attack(
     from ..api import attack_observation
     from ..attacks import attack_spec
 
+    check_writable(out, folder=True)
     known = {f.name for f in fields(attack_spec(name).config)}
     if name == "mip" and labels == "infer":
         labels = "predicted"
@@ -214,11 +219,19 @@ def evaluate(
 ) -> None:
     """Score a reconstruction against the truth and the honest baselines; write the report.
 
+    The truth must be the one `clipleak share` wrote with the attacked observation: both files record the
+    observation's digest, and a truth of another observation is refused. Files made before clipleak recorded
+    digests are scored with a note that the pair could not be checked.
+
     Example: clipleak evaluate runs/rec --truth runs/obs.truth.safetensors
     """
     from ..api import evaluate_reconstruction
 
+    check_writable(out or reconstruction, folder=True)
     report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k)
+    if ev.get("truth_matches_observation") is None:
+        console.print("note: the reconstruction or the truth predates observation digests, so nothing checks "
+                      "that they belong to the same observation; rerun share and attack to have it checked")
     console.print(ev["verdict"]["text"])
     console.print(f"report: [bold]{report}[/]")
 
@@ -256,6 +269,7 @@ def demo(
     """
     from ..api import plan_demo, run_demo
 
+    check_writable(out, folder=True)
     plan = plan_demo(weights=weights, method=method, attack=name, prior=prior, decoder=decoder,
                      iterations=iterations, restarts=restarts, seed=seed)
     with progress_bar() as cb:

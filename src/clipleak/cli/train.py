@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ClipleakError
-from .common import command, console, helptext, progress_bar
+from ..errors import ClipleakError, check_range
+from .common import check_writable, command, console, helptext, progress_bar
+
+MAX_THREADS = 1024
+MAX_STEPS = 10_000_000
 
 
 def pretrain(
@@ -38,6 +41,9 @@ def pretrain(
     from ..training import PretrainConfig
     from ..training import pretrain as run_pretrain
 
+    check_writable(out, folder=False)
+    _check_common(threads=threads, steps=steps, batch_size=batch_size, lr=lr)
+    check_range("--time-budget", time_budget, low=0, high=1e7, low_open=True)
     if steps is None and time_budget is None:
         steps = PretrainConfig.steps
     cfg = PretrainConfig(arch=arch, data=data, split_seed=split_seed, steps=steps, batch_size=batch_size,
@@ -94,6 +100,9 @@ def prior_train(
 
     if out.suffix != ".safetensors":
         raise ClipleakError(f"--out must end in .safetensors, got {out}")
+    check_writable(out, folder=False)
+    _check_common(steps=steps)
+    check_range("--seconds", seconds, low=0, high=1e7, low_open=True)
     with progress_bar() as cb:
         prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
                             steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
@@ -161,6 +170,12 @@ def train(
     from .. import api
     from ..training import ContrastiveConfig, FinetuneConfig
 
+    check_writable(out, folder=True)
+    _check_common(threads=threads, steps=steps, batch_size=batch_size, lr=lr)
+    check_range("--clip", clip, low=0, low_open=True)
+    check_range("--epsilon", epsilon, low=0, low_open=True)
+    check_range("--noise-multiplier", noise_multiplier, low=0)
+    check_range("--delta", delta, low=0, high=1, low_open=True)
     if contrastive:
         if dp_site != "parameters":
             raise ClipleakError("--dp-site is for per-example DP-SGD of CoOp, not contrastive fine-tuning")
@@ -205,6 +220,15 @@ def train(
         console.print(f"DP-SGD per-example{site}: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g}, epsilon spent "
                       f"[bold]{pv['epsilon_spent']:.3g}[/] at delta {pv['delta']:g} ({pv['accountant']})")
     console.print(f"result: {out / 'finetune.json'}")
+
+
+def _check_common(*, threads: int | None = None, steps: int | None = None, batch_size: int | None = None,
+                  lr: float | None = None) -> None:
+    """The options every training command shares, checked before anything is loaded."""
+    check_range("--threads", threads, low=1, high=MAX_THREADS, integer=True)
+    check_range("--steps", steps, low=1, high=MAX_STEPS, integer=True)
+    check_range("--batch-size", batch_size, low=1, high=65_536, integer=True)
+    check_range("--lr", lr, low=0, high=1_000, low_open=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ClipleakError
+from .files import write_atomic, write_text_atomic
+from .schema import check_digest, check_images, check_observation
 
 GRAD_PREFIX = "grad/"
 STATE_PREFIX = "state/"
@@ -69,19 +71,26 @@ class Observation:
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns the tensor file path."""
+        """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns the tensor file path.
+
+        Both are written atomically, the sidecar last (an older sidecar is removed first), so a kill at any
+        moment leaves no pair that loads as whole but is not: at worst tensors without a sidecar, which
+        :meth:`load` refuses."""
         p = tensor_path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        js = p.with_suffix(".json")
         tensors = {GRAD_PREFIX + k: v.detach().contiguous() for k, v in self.gradients.items()}
         tensors.update({STATE_PREFIX + k: v.detach().contiguous() for k, v in self.peft_state.items()})
         if self.labels is not None:
             tensors[LABELS_KEY] = self.labels.detach().to(torch.int64).contiguous()
-        save_file(tensors, str(p), metadata={"clipleak": "observation"})
-        p.with_suffix(".json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        text = json.dumps(self.meta, indent=2, sort_keys=True)  # unserialisable meta: nothing is touched
+        js.unlink(missing_ok=True)
+        write_atomic(p, lambda tmp: save_file(tensors, str(tmp), metadata={"clipleak": "observation"}))
+        write_text_atomic(js, text)
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> Observation:
+        """Read an observation, checked (:func:`~clipleak.records.schema.check_observation`) before use."""
         p = tensor_path(path)
         js = p.with_suffix(".json")
         if not p.is_file():
@@ -90,12 +99,8 @@ class Observation:
             raise ClipleakError(f"observation sidecar not found: {js} (it must sit beside {p.name})")
         try:
             meta = json.loads(js.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ClipleakError(f"observation sidecar {js} is not valid JSON: {e}") from e
-        missing = [k for k in ("arch", "weights_sha256", "peft", "classnames", "batch_size", "image_size")
-                   if k not in meta]
-        if missing:
-            raise ClipleakError(f"observation sidecar {js} lacks {', '.join(missing)}")
         try:
             tensors = load_file(str(p))
         except Exception as e:  # noqa: BLE001
@@ -104,7 +109,9 @@ class Observation:
         state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
         if not grads:
             raise ClipleakError(f"{p} holds no gradients")
-        return cls(gradients=grads, meta=meta, peft_state=state, labels=tensors.get(LABELS_KEY))
+        labels = tensors.get(LABELS_KEY)
+        check_observation(meta, grads, labels, js)
+        return cls(gradients=grads, meta=meta, peft_state=state, labels=labels)
 
 
 UPDATE_KEYS = ("local_steps", "lr", "num_examples")
@@ -167,14 +174,16 @@ class Truth:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Write the truth (one safetensors file, its meta in the header) atomically."""
         p = tensor_path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": self.images.contiguous(), "labels": self.labels.to(torch.int64).contiguous()},
-                  str(p), metadata={"clipleak": "truth", "meta": json.dumps(self.meta)})
+        tensors = {"images": self.images.contiguous(), "labels": self.labels.to(torch.int64).contiguous()}
+        header = {"clipleak": "truth", "meta": json.dumps(self.meta)}
+        write_atomic(p, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> Truth:
+        """Read a truth file, checked: images ``(B, 3, H, W)``, one label each, its meta a JSON object."""
         p = tensor_path(path)
         if not p.is_file():
             raise ClipleakError(f"ground-truth file not found: {p}")
@@ -188,6 +197,12 @@ class Truth:
             raise ClipleakError(f"cannot read ground-truth file {p}: {e}") from e
         if "images" not in t or "labels" not in t:
             raise ClipleakError(f"{p} is not a clipleak ground-truth file (needs images and labels)")
-        return cls(images=t["images"], labels=t["labels"], meta=json.loads(md.get("meta", "{}")))
-
-
+        try:
+            meta = json.loads(md.get("meta", "{}"))
+        except json.JSONDecodeError as e:
+            raise ClipleakError(f"{p}: meta is not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise ClipleakError(f"{p}: meta must be a JSON object")
+        check_images(p, t["images"], t["labels"])
+        check_digest(p, meta)
+        return cls(images=t["images"], labels=t["labels"], meta=meta)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ClipleakError
+from .files import write_atomic, write_text_atomic
+from .schema import check_digest, check_images
 
 TENSORS = "reconstruction.safetensors"
 META = "reconstruction.json"
@@ -36,26 +38,45 @@ class Reconstruction:
     features: torch.Tensor | None = None
 
     def save(self, out_dir: str | Path) -> Path:
+        """Write the folder's two files atomically, the JSON last (an older one is removed first), so a
+        kill never leaves a pair that loads as whole but is not."""
         d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {"images": self.images.detach().contiguous(),
                    "labels": self.labels.detach().to(torch.int64).contiguous()}
         if self.features is not None:
             tensors["features"] = self.features.detach().float().contiguous()
-        save_file(tensors, str(d / TENSORS))
-        (d / META).write_text(json.dumps({
-            "attack": self.attack, "label_source": self.label_source,
-            "history": self.history, "meta": self.meta,
-        }, indent=2, sort_keys=True))
+        text = json.dumps({"attack": self.attack, "label_source": self.label_source, "history": self.history,
+                           "meta": self.meta}, indent=2, sort_keys=True)
+        (d / META).unlink(missing_ok=True)
+        write_atomic(d / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        write_text_atomic(d / META, text)
         return d
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Reconstruction:
+        """Read a reconstruction folder, checked: the JSON's fields and types, the tensors' shapes."""
         d = Path(out_dir)
         if not (d / TENSORS).is_file() or not (d / META).is_file():
             raise ClipleakError(f"{d} is not a reconstruction folder (needs {TENSORS} and {META})")
-        t = load_file(str(d / TENSORS))
-        js = json.loads((d / META).read_text())
+        try:
+            t = load_file(str(d / TENSORS))
+        except Exception as e:  # noqa: BLE001
+            raise ClipleakError(f"cannot read reconstruction tensors {d / TENSORS}: {e}") from e
+        try:
+            js = json.loads((d / META).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ClipleakError(f"{d / META} is not valid JSON: {e}") from e
+        if not isinstance(js, dict):
+            raise ClipleakError(f"{d / META}: must hold a JSON object")
+        for key in ("attack", "label_source"):
+            if not isinstance(js.get(key), str):
+                raise ClipleakError(f"{d / META}: {key} must be a string, got {js.get(key)!r}")
+        for key in ("history", "meta"):
+            if not isinstance(js.get(key, {}), dict):
+                raise ClipleakError(f"{d / META}: {key} must be an object")
+        check_images(d / TENSORS, t.get("images"), t.get("labels"), t.get("features"))
+        meta = js.get("meta", {})
+        check_digest(d / META, meta)
         return cls(images=t["images"], labels=t["labels"], label_source=js["label_source"],
-                   attack=js["attack"], history=js.get("history", {}), meta=js.get("meta", {}),
+                   attack=js["attack"], history=js.get("history", {}), meta=meta,
                    features=t.get("features"))

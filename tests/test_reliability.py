@@ -1,0 +1,322 @@
+"""Reliability of the CLI and the files: exit codes a script can trust, inputs checked before any work, one
+schema check for observation / truth / reconstruction files, atomic saves, a clean screen, and a run killed
+at random points that always resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipleak import api
+from clipleak.api import make_observation
+from clipleak.cli import main, quiet_warnings
+from clipleak.errors import ClipleakError
+from clipleak.records import Observation, Reconstruction, Truth
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A random-init tiny-32 CoOp observation of 2 digits (labels included) and its truth, on disk."""
+    d = tmp_path_factory.mktemp("pair")
+    obs, truth = make_observation(method="coop", batch_size=2, seed=1, include_labels=True)
+    return obs.save(d / "obs"), truth.save(d / "obs.truth")
+
+
+def _edited(pair: tuple[Path, Path], tmp_path: Path, **changes: object) -> Path:
+    """A copy of the observation whose sidecar has ``changes`` (a value None removes the key)."""
+    src = pair[0]
+    dst = tmp_path / "edited.safetensors"
+    dst.write_bytes(src.read_bytes())
+    meta = json.loads(src.with_suffix(".json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    dst.with_suffix(".json").write_text(json.dumps(meta))
+    return dst
+
+
+def _one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:"), err
+    text = " ".join(err.split())
+    for w in words:
+        assert w in text, (w, err)
+
+
+# 1. exit codes
+
+def test_interrupted_attack_exits_130_with_the_resume_line(pair, tmp_path, monkeypatch, capsys):
+    def stop(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "attack_observation", stop)
+    out = tmp_path / "rec"
+    assert main(["attack", str(pair[0]), "--out", str(out), "--iterations", "2"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "interrupted:" in err and "rerun the same command to resume" in err
+    assert str(out / "checkpoint") in err
+    assert main(["attack", str(pair[0]), "--out", str(out), "--no-resume"]) == 130
+    assert "nothing was kept" in capsys.readouterr().err
+
+
+def test_interrupted_train_and_pretrain_name_the_rerun(tmp_path, monkeypatch, capsys):
+    import clipleak.training
+
+    def stop(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "finetune_client", stop)
+    monkeypatch.setattr(clipleak.training, "pretrain", stop)
+    assert main(["train", "--out", str(tmp_path / "ft"), "--steps", "2"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--resume" in err and str(tmp_path / "ft") in err
+    assert main(["pretrain", "--out", str(tmp_path / "t.safetensors"), "--steps", "2"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--resume" in err and "t.ckpt" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "nothing.safetensors")
+    assert main(["attack", missing, "--out", str(tmp_path / "r")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--debug", "attack", missing, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "observation file not found" in err
+
+
+def test_finished_command_exits_0(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "0.01", "--steps", "10"]) == 0
+
+
+# 2. one schema check for the files
+
+@pytest.mark.parametrize("changes, field", [
+    ({"batch_size": "one"}, "batch_size"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"batch_size": 3}, "batch_size"),  # the stored labels are 2
+    ({"kind": None}, "kind"),
+    ({"kind": "gradients"}, "kind"),
+    ({"param_shapes": {"prompt.ctx": [4, 64]}}, "param_shapes"),
+    ({"param_shapes": {"prompt.other": [4, 128]}}, "param_shapes"),
+    ({"classnames": ["zero", "one"]}, "classnames"),  # the stored labels name classes beyond two
+    ({"classnames": "zero,one"}, "classnames"),
+    ({"image_size": "32"}, "image_size"),
+    ({"peft": {"method": "coop", "n_ctx": 8, "class_specific": False}}, "n_ctx"),
+])
+def test_edited_observation_is_one_line_naming_file_and_field(pair, tmp_path, changes, field, capsys):
+    if field == "classnames" and isinstance(changes["classnames"], list):
+        labels = Observation.load(pair[0]).labels
+        assert labels is not None and int(labels.max()) >= 2  # the draw holds a digit above one
+    path = _edited(pair, tmp_path, **changes)
+    with pytest.raises(ClipleakError) as e:
+        Observation.load(path)
+    assert field in str(e.value) and "edited.json" in str(e.value)
+    _one_line_error(main(["attack", str(path), "--out", str(tmp_path / "r"), "--iterations", "1"]),
+                    capsys.readouterr().err, field)
+
+
+def test_class_specific_context_must_match_the_class_names(tmp_path):
+    obs, _ = make_observation(method="coop", class_specific=True, batch_size=1)
+    p = obs.save(tmp_path / "cs")
+    meta = json.loads(p.with_suffix(".json").read_text())
+    meta["classnames"] = meta["classnames"][:9]
+    p.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ClipleakError, match="classnames"):
+        Observation.load(p)
+
+
+def test_truth_and_reconstruction_files_are_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "bad.truth.safetensors"
+    save_file({"images": torch.rand(2, 3, 8, 8), "labels": torch.tensor([1])}, str(p))
+    with pytest.raises(ClipleakError, match="labels"):
+        Truth.load(p)
+    save_file({"images": torch.rand(2, 8, 8), "labels": torch.tensor([1, 2])}, str(p))
+    with pytest.raises(ClipleakError, match="images"):
+        Truth.load(p)
+    rec = Reconstruction(images=torch.rand(2, 3, 8, 8), labels=torch.tensor([1, 2]), label_source="x", attack="ig")
+    d = rec.save(tmp_path / "rec")
+    (d / "reconstruction.json").write_text('{"attack": "ig", "label_source": 3}')
+    with pytest.raises(ClipleakError, match="label_source"):
+        Reconstruction.load(d)
+    (d / "reconstruction.json").write_text('{"attack": "ig", "lab')
+    with pytest.raises(ClipleakError, match="not valid JSON"):
+        Reconstruction.load(d)
+
+
+def test_truth_of_another_observation_is_refused(pair, tmp_path):
+    obs = Observation.load(pair[0])
+    other_obs, other_truth = make_observation(method="coop", batch_size=2, seed=5, include_labels=True)
+    truth = Truth.load(pair[1])
+    assert truth.meta["observation_digest"] == obs.digest() != other_obs.digest()
+    rec = Reconstruction(images=truth.images.clone(), labels=truth.labels.clone(), label_source="test",
+                         attack="oracle", meta={"observation": obs.meta, "observation_digest": obs.digest()})
+    with pytest.raises(ClipleakError, match="another observation"):
+        api.evaluate_reconstruction(rec, other_truth, tmp_path / "report", with_lpips=False)
+    assert api.truth_matches(rec, truth) is True
+    old = Truth(images=truth.images, labels=truth.labels, meta={})
+    assert api.truth_matches(rec, old) is None  # made before digests: scored, unchecked (a note in the CLI)
+
+
+def test_interrupted_observation_save_never_leaves_a_pair_that_loads(pair, tmp_path, monkeypatch):
+    import clipleak.records.observation as observation
+
+    p = tmp_path / "o.safetensors"
+    p.write_bytes(pair[0].read_bytes())
+    p.with_suffix(".json").write_text(pair[0].with_suffix(".json").read_text())
+    other, _ = make_observation(method="coop", batch_size=1, seed=9)
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(observation, "write_text_atomic", killed)  # killed after the tensors, before the .json
+    with pytest.raises(KeyboardInterrupt):
+        other.save(p)
+    with pytest.raises(ClipleakError, match="sidecar not found"):
+        Observation.load(p)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
+
+
+# 3. inputs checked before work
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--lr", "-1"], ["--lr"]),
+    (["--tv", "-1"], ["--tv"]),
+    (["--iterations", "1000000000"], ["--iterations"]),
+    (["--iterations", "-1"], ["--iterations"]),
+    (["--restarts", "0"], ["--restarts"]),
+    (["--restarts", "100000"], ["--restarts"]),
+    (["--weights", "tiny-mnist"], ["random init", "--weights"]),
+    (["--attack", "mip"], ["decoder"]),
+])
+def test_bad_attack_options_fail_before_any_work(pair, tmp_path, args, words, capsys):
+    t0 = time.perf_counter()
+    code = main(["attack", str(pair[0]), "--out", str(tmp_path / "r"), *args])
+    _one_line_error(code, capsys.readouterr().err, *words)
+    assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "1", "100000"])
+def test_evaluate_reid_k_is_checked(pair, tmp_path, k, capsys):
+    rec = Reconstruction(images=torch.rand(2, 3, 32, 32), labels=torch.tensor([1, 2]), label_source="x",
+                         attack="ig")
+    d = rec.save(tmp_path / "rec")
+    _one_line_error(main(["evaluate", str(d), "--truth", str(pair[1]), "--reid-k", k]), capsys.readouterr().err,
+                    "--reid-k")
+
+
+def test_training_options_are_checked_first(tmp_path, capsys):
+    _one_line_error(main(["train", "--out", str(tmp_path / "ft"), "--threads", "0"]), capsys.readouterr().err,
+                    "--threads")
+    _one_line_error(main(["train", "--out", str(tmp_path / "ft"), "--lr", "nan"]), capsys.readouterr().err, "--lr")
+    _one_line_error(main(["pretrain", "--out", str(tmp_path / "t.safetensors"), "--threads", "0"]),
+                    capsys.readouterr().err, "--threads")
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("cmd", [
+    ["attack", "{obs}", "--out", "{file}"],
+    ["evaluate", "{rec}", "--truth", "{truth}", "--out", "{file}"],
+    ["train", "--out", "{file}"],
+    ["demo", "--out", "{file}"],
+    ["share", "--out", "{file}/obs"],
+    ["pretrain", "--out", "{file}/t.safetensors"],
+    ["prior", "train", "--kind", "vae", "--out", "{file}/p.safetensors"],
+    ["attack", "{obs}", "--out", "/proc/clipleak-test/rec"],
+    ["share", "--out", "/proc/clipleak-test/obs"],
+])
+def test_unwritable_out_is_refused_before_any_work(pair, tmp_path, cmd, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("keep me")
+    rec = Reconstruction(images=torch.rand(2, 3, 32, 32), labels=torch.tensor([1, 2]), label_source="x",
+                         attack="ig").save(tmp_path / "rec")
+    args = [a.format(obs=pair[0], file=file, rec=rec, truth=pair[1]) for a in cmd]
+    t0 = time.perf_counter()
+    _one_line_error(main(args), capsys.readouterr().err, "--out")
+    assert time.perf_counter() - t0 < 5
+    assert file.read_text() == "keep me"
+
+
+def test_share_accepts_none_and_random_as_random_init(tmp_path, capsys):
+    assert main(["share", "--out", str(tmp_path / "o"), "--weights", "none"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["weights_sha256"] == "random-init:0"
+    capsys.readouterr()
+    assert main(["share", "--help"]) == 0
+    assert "none or random" in " ".join(capsys.readouterr().out.replace("│", " ").split())
+
+
+# 4. a clean screen
+
+def test_torch_jit_script_deprecation_is_silenced_and_nothing_else():
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_warnings()
+        torch.jit.script(f)
+        warnings.warn("a warning the user can act on", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning the user can act on"]
+
+
+# 5. killed at random points, resumed to the uninterrupted result
+
+CLI = "import sys; from clipleak.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _attack_cmd(obs: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", CLI, "attack", str(obs), "--out", str(out), "--attack", "ig", "--iterations", "8",
+            "--restarts", "4", "--seed", "3"]
+
+
+def _run_killed(obs: Path, out: Path, kills: int, rng: random.Random, span_s: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIPLEAK_TEST_THREADS": "1"}
+    for _ in range(kills):
+        proc = subprocess.Popen(_attack_cmd(obs, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0, span_s))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_attack_cmd(obs, out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def _kill_and_resume(pair: tuple[Path, Path], tmp_path: Path, kills: int) -> None:
+    obs = pair[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    whole = subprocess.run(_attack_cmd(obs, tmp_path / "whole"), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    span = time.perf_counter() - t0
+    _run_killed(obs, tmp_path / "killed", kills, random.Random(kills), span)
+    a, b = Reconstruction.load(tmp_path / "whole"), Reconstruction.load(tmp_path / "killed")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.history == b.history
+    assert a.meta["restart_losses"] == b.meta["restart_losses"] and a.meta["best_restart"] == b.meta["best_restart"]
+
+
+def test_attack_killed_3_times_resumes_to_the_same_result(pair, tmp_path):
+    _kill_and_resume(pair, tmp_path, 3)
+
+
+@pytest.mark.slow
+def test_attack_killed_20_times_resumes_to_the_same_result(pair, tmp_path):
+    _kill_and_resume(pair, tmp_path, 20)
