@@ -42,6 +42,15 @@ def test_end_to_end_files(run):
     assert m["verdict"]["text"] in (rec / "report.html").read_text()
 
 
+def test_truth_and_reconstruction_name_their_observation(run):
+    from clipleak.records import Observation
+
+    d, obs, rec = run
+    digest = Observation.load(str(obs) + ".safetensors").digest()
+    assert Reconstruction.load(rec).meta["observation_digest"] == digest
+    assert Truth.load(d / "obs.truth.safetensors").meta["observation_digest"] == digest
+
+
 def test_truth_as_reconstruction_beats_baselines_and_noise_does_not(run, tmp_path):
     d, obs, rec_dir = run
     from clipleak.records import Truth

@@ -205,6 +205,7 @@ def test_interrupted_observation_save_never_leaves_a_pair_that_loads(pair, tmp_p
     (["--restarts", "100000"], ["--restarts"]),
     (["--weights", "tiny-mnist"], ["random init", "--weights"]),
     (["--attack", "mip"], ["decoder"]),
+    (["--attack", "featmatch", "--decoder", "tiny-mnist-decoder"], ["tiny-mnist-decoder", "random init"]),
 ])
 def test_bad_attack_options_fail_before_any_work(pair, tmp_path, args, words, capsys):
     t0 = time.perf_counter()
@@ -277,9 +278,39 @@ def test_torch_jit_script_deprecation_is_silenced_and_nothing_else():
     assert [str(w.message) for w in caught] == ["a warning the user can act on"]
 
 
+def test_damaged_attack_checkpoint_is_one_line_with_a_way_on(pair, tmp_path, capsys):
+    out = tmp_path / "rec"
+    args = ["attack", str(pair[0]), "--out", str(out), "--iterations", "1", "--restarts", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    state = next((out / "checkpoint").glob("step-*")) / "state.json"
+    good = state.read_text()
+    state.write_text(good[: len(good) // 2])  # truncated
+    _one_line_error(main(args), capsys.readouterr().err, "damaged", "--no-resume")
+    state.write_text(json.dumps({**json.loads(good), "restarts": [{"history": {}}, {}]}))  # not the writer's layout
+    _one_line_error(main(args), capsys.readouterr().err, "damaged", "--no-resume")
+    assert main([*args, "--no-resume"]) == 0
+
+
 # 5. killed at random points, resumed to the uninterrupted result
 
 CLI = "import sys; from clipleak.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_sigint_to_a_running_attack_exits_130_and_the_rerun_finishes(pair, tmp_path):
+    out = tmp_path / "rec"
+    cmd = [*_attack_cmd(pair[0], out)[:-4], "--restarts", "50", "--seed", "3"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while not (out / "checkpoint" / "latest").is_file() and proc.poll() is None and time.perf_counter() - t0 < 300:
+        time.sleep(0.2)  # the first restart is in the checkpoint: the run is at work
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = " ".join(err.split())
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted:" in err and "rerun the same command to resume" in err
+    assert not (out / "reconstruction.json").exists()
 
 
 def _attack_cmd(obs: Path, out: Path) -> list[str]:

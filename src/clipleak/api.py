@@ -29,7 +29,7 @@ from .client import load_private, sample_batch, share
 from .data import DataSpec, ImageSet, check_same_split, load_validation, public_for_observation
 from .errors import ClipleakError, check_range
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
-from .models import build_model, read_card
+from .models import arch_config, build_model, read_card
 from .peft import PeftConfig, Victim, build_victim, rebuild_victim
 from .priors import check_prior, load_prior
 from .privacy import PER_EXAMPLE_METHODS, DpSetting
@@ -181,6 +181,9 @@ def attack_observation(
                             "tiny-mnist-decoder for tiny-mnist, or one trained with `clipleak prior train --kind "
                             "decoder --weights ...`)")
     victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress))
+    for named in (getattr(cfg, "decoder", None), str(getattr(cfg, "prior", "") or "").removeprefix("generative:"),
+                  getattr(cfg, "bn_prior", None)):
+        _check_named_prior(named, obs, victim)
     if "prior" in settings:
         settings["prior"] = _resolve_prior(str(settings["prior"]), progress)
     if settings.get("decoder"):
@@ -204,6 +207,27 @@ def _check_weights(obs: Observation, weights: str | None) -> str | None:
         raise ClipleakError(f"the observation was made with a random init ({sha}), not with weights {weights!r}; "
                             "leave out --weights")
     return weights
+
+
+def _check_named_prior(name: str | None, obs: Observation, victim: Victim) -> None:
+    """A registered prior artifact named for ``obs``, refused before it is built (minutes on first use) when it
+    cannot fit: it makes images of another size than the target takes, or it is a decoder for a trained target
+    and the observation was made with a random init."""
+    if not name or not artifacts.is_artifact(name):
+        return
+    recipe = artifacts.get(name).recipe
+    if not isinstance(recipe, artifacts.PriorRecipe):
+        return
+    size = victim.clip_info.image_size
+    cfg = arch_config(recipe.arch) or {}
+    made = (cfg.get("vision_cfg") or {}).get("image_size")
+    if made is not None and int(made) != size:
+        raise ClipleakError(f"{name} makes {made} px images but the observation's target ({obs.meta['arch']}) takes "
+                            f"{size} px; train a prior for it (`clipleak prior train --arch {obs.meta['arch']}`)")
+    sha = str(obs.meta.get("weights_sha256", ""))
+    if recipe.kind == "decoder" and sha.startswith("random-init:"):
+        raise ClipleakError(f"{name} decodes the features of target {recipe.target}, but the observation was made "
+                            f"with a random init ({sha}); train a decoder for that target or leave it out")
 
 
 def _check_priors(cfg: Any, obs: Observation, victim: Victim) -> None:

@@ -384,5 +384,9 @@ def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict
     key = _ckpt_key(cfg, tag)
     if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
         return []
-    meta = saved["restarts"]
-    return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], **m} for i, m in enumerate(meta)]
+    try:
+        return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], "history": dict(m["history"]),
+                 "selection_loss": float(m["selection_loss"])} for i, m in enumerate(saved["restarts"])]
+    except (KeyError, TypeError, ValueError) as e:  # valid JSON and tensors, but not this writer's layout
+        raise ClipleakError(f"checkpoint {path} is damaged (no {e} in it); delete it or rerun with --no-resume to "
+                            "start over") from e
