@@ -240,6 +240,8 @@ def test_engine_can_average_its_restarts(tmp_path):
     from safetensors.torch import load_file
 
     from clipleak.engine import PixelImages, Term, optimise
+    from clipleak.engine.optimise import RESTARTS
+    from clipleak.records import latest_checkpoint
 
     target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     terms = [Term("fit", lambda s: (s.images - target).pow(2).mean())]
@@ -247,7 +249,9 @@ def test_engine_can_average_its_restarts(tmp_path):
     cfg = EngineConfig(iterations=3, restarts=3, lr=0.01, signed=False, decay="none", combine="mean")
     res = optimise(param, terms, cfg, batch=2, num_classes=10, known_labels=torch.zeros(2, dtype=torch.long),
                    checkpoint=tmp_path / "ck")
-    saved = load_file(str(tmp_path / "ck.safetensors"))
+    folder = latest_checkpoint(tmp_path / "ck")
+    assert folder is not None
+    saved = load_file(str(folder / RESTARTS))
     each = torch.stack([saved[f"{i}/images"] for i in range(3)])
     assert not torch.allclose(each[0], each[1])  # the restarts differ ...
     assert torch.allclose(res.images, each.mean(0))  # ... and the result is their mean

@@ -38,7 +38,7 @@ def test_labels_read_off_the_gradient_where_zero_shot_is_wrong(short_run, method
         bound = 0.999 if method == "adapter" else 0.95
         assert float((est.features * _true_features(v, truth.images)).sum()) > bound
         feature_mode = recovered_features(obs, v, labels="feature")
-        assert int(feature_mode.labels[0]) != int(truth.labels[0])  # what the earlier versions reported
+        assert int(feature_mode.labels[0]) != int(truth.labels[0])  # the zero-shot class is not the label
 
 
 def test_known_labels_need_shared_labels(short_run):
@@ -92,8 +92,7 @@ def test_mip_needs_a_decoder(short_run):
 def test_class_specific_coop_batch_features(short_run):
     """Class-specific context, batch 4, on the weak 200-step fixture (zero-shot 67%): every label and most
     features. Measured on this draw (validation seed 1): cosines 0.856 / 0.99995 / 0.99997 / 0.99999, labels
-    4 of 4, relative residual 9e-7 (the fit before the rank-B dL/dT and its label roots: 0.48 / 0.67 / 0.988
-    / 0.992, labels 3 of 4; seeds 0 and 2 now: labels 4 of 4, two and three features above 0.99)."""
+    4 of 4, relative residual 9e-7."""
     from scipy.optimize import linear_sum_assignment
 
     from clipleak.evaluation import label_count_accuracy
@@ -112,9 +111,9 @@ def test_class_specific_coop_batch_features(short_run):
 def test_rank_b_dl_dt_holds_the_batch_features(short_run):
     """The rank-B completion of dL/dT (with its zero-sum equations) has rank B, rows summing to zero, and a
     row space holding the true features of the batch (class-specific context, batch 4). Measured on this
-    draw of the weak fixture: the true features lie 0.88-0.9997 inside the row space, dL/dT within 28%;
-    alternating projections without the zero-sum equations (the previous completion): 0.44-0.92 and 56%."""
-    from clipleak.recover.coop import CoopGradientModel, low_rank_dl_dt
+    draw of the weak fixture: the true features lie 0.88-0.9997 inside the row space, dL/dT within 28%."""
+    from clipleak.recover import CoopGradientModel
+    from clipleak.recover.coop_batch import low_rank_dl_dt
 
     obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=2,
                                   class_specific=True, part="validation")
@@ -134,7 +133,7 @@ def test_rank_b_dl_dt_holds_the_batch_features(short_run):
     # its per-image roots: the best B carry the batch's labels (measured: all four, best residuals first)
     from clipleak.data import public_for_observation
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import label_roots
+    from clipleak.recover.coop_batch import label_roots
 
     public = public_for_observation(obs.meta)[1]
     _, root_labels = label_roots(model, a, 4, public_features(v.clip_info, public), public.labels)
@@ -151,8 +150,8 @@ def test_class_specific_batch_prior_separates_same_label_images(short_run):
     from scipy.optimize import linear_sum_assignment
 
     from clipleak.data import public_for_observation
+    from clipleak.recover import CoopGradientModel, coop_features
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import CoopGradientModel, coop_features
 
     obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=0,
                                   class_specific=True, part="validation")
@@ -182,8 +181,8 @@ def test_shared_context_batch_is_square_with_the_right_labels(short_run):
     from scipy.optimize import linear_sum_assignment
 
     from clipleak.data import public_for_observation
+    from clipleak.recover import coop_features
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import coop_features
 
     obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=0,
                                   part="validation")
@@ -202,7 +201,7 @@ def test_shared_finish_ranks_multisets_by_their_finished_fits():
     """The finish of a shared-context batch fit goes on with the lowest-residual label multisets and takes the
     one that explains the gradient best afterwards, not the search's pick: here the right multiset (whose
     residual keeps falling) ranks second among the short fits."""
-    from clipleak.recover.coop import _finish_shared
+    from clipleak.recover.coop_batch import finish_shared
 
     right, wrong, other = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 4]), torch.tensor([5, 1, 2, 3])
 
@@ -217,14 +216,14 @@ def test_shared_finish_ranks_multisets_by_their_finished_fits():
         data = float(f.sum()) / (10.0 ** (steps / 100) if torch.equal(labs, right) else 1.05)
         return carrying(data), data
 
-    f, labs, data = _finish_shared(fits, fits[0], go_on, (2, 500, 1000))
+    f, labs, data = finish_shared(fits, fits[0], go_on, (2, 500, 1000))
     assert labs.tolist() == right.tolist() and data < 1e-15
     assert calls == [(wrong.tolist(), 500), (right.tolist(), 500), (right.tolist(), 1000)]  # the third never ran
-    assert _finish_shared(fits, fits[0], go_on, (1, 500, 1000))[1].tolist() == wrong.tolist()
-    assert _finish_shared(fits, fits[0], go_on, (0, 0, 0))[1] is wrong  # no finish: the search's pick
+    assert finish_shared(fits, fits[0], go_on, (1, 500, 1000))[1].tolist() == wrong.tolist()
+    assert finish_shared(fits, fits[0], go_on, (0, 0, 0))[1] is wrong  # no finish: the search's pick
     # a finish that does not beat the search's pick keeps the pick
     better = (carrying(1e-30), other, 1e-30)
-    assert _finish_shared(fits, better, go_on, (3, 500, 1000)) is better
+    assert finish_shared(fits, better, go_on, (3, 500, 1000)) is better
 
 
 def test_shared_context_label_sets_from_the_public_subspace(short_run):
@@ -232,8 +231,9 @@ def test_shared_context_label_sets_from_the_public_subspace(short_run):
     principal subspaces, then its label roots) hold the batch's multiset: weak fixture, validation seeds 4
     and 5, measured first of 1 and first of 3."""
     from clipleak.data import public_for_observation
+    from clipleak.recover import CoopGradientModel
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import CoopGradientModel, shared_label_sets
+    from clipleak.recover.coop_batch import shared_label_sets
 
     for seed in (4, 5):
         obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=seed,
@@ -255,8 +255,9 @@ def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
     feature of its new label, skips the multisets it was told were tried, and stops at the first fit that
     converges."""
     from clipleak.data import public_for_observation
+    from clipleak.recover import CoopGradientModel
     from clipleak.recover.bank import public_features
-    from clipleak.recover.coop import CoopGradientModel, one_label_changes
+    from clipleak.recover.coop_batch import one_label_changes
 
     obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=5,
                                   class_specific=True, part="validation")
@@ -297,7 +298,8 @@ def test_signed_labels_mark_only_classes_in_the_batch(short_run):
     class whose row of dL/dT points away from its text feature is in the batch, and the 8 lowest scores
     hold most of the batch's classes. Measured on validation draws 0-5 of the weak fixture: 4-6 classes
     marked, none wrong; the 8 lowest scores 6-8 of the 8 (6, 7, 8 on the draws below)."""
-    from clipleak.recover.coop import CoopGradientModel, low_rank_dl_dt, signed_labels
+    from clipleak.recover import CoopGradientModel
+    from clipleak.recover.coop_batch import low_rank_dl_dt, signed_labels
 
     for seed in (0, 1, 2):
         obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=8, seed=seed,

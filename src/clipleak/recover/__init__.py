@@ -1,21 +1,20 @@
 """What the update gives away before any image search: image features (the inverse gradient estimate)
 and labels. Exact for CLIP-Adapter; a Levenberg-Marquardt fit of ``J^T dL/dT`` for CoOp; for full fine-tuning of a ViT,
-the image in closed form at batch 1 (APRIL) and the features off the visual projection's gradient."""
+the image in closed form at batch 1 (APRIL) and the features off the visual projection's gradient.
+
+Modules: ``solvers`` (Levenberg-Marquardt, its batched form, the greedy pursuit, the public-feature
+whitening) serves all of them; ``coop_model`` (the ``J^T dL/dT`` model and its least-squares problem),
+``coop`` (the fit's entry and batch 1), ``coop_batch`` (batch label searches and the finish) and
+``coop_update`` (multi-step updates) are the CoOp read-out; ``adapter`` and ``vit`` the others."""
 
 from .adapter import AdapterFeatures, adapter_features
 from .bank import public_features
-from .coop import (
-    CoopFit,
-    CoopGradientModel,
-    CoopTrajectoryModel,
-    coop_features,
-    coop_update_features,
-    levenberg_marquardt,
-    step_batches,
-    text_jacobian,
-)
+from .coop import CoopFit, coop_features
+from .coop_model import CoopGradientModel, text_jacobian
+from .coop_update import CoopTrajectoryModel, coop_update_features, step_batches
 from .features import LABEL_MODES, FeatureEstimate, recovered_features
 from .labels import predict_labels
+from .solvers import levenberg_marquardt
 from .vit import (
     ClosedFormImages,
     ProjectionFeatures,

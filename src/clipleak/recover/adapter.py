@@ -25,16 +25,16 @@ from ..errors import ClipleakError
 from ..peft import Victim
 from ..privacy import clipped_sum
 from ..records import Observation
-from .coop import batched_levenberg_marquardt, levenberg_marquardt
 from .labels import predict_labels
 from .noise import NOISE_MARGIN
+from .solvers import batched_levenberg_marquardt, greedy_pursuit, levenberg_marquardt
 
 ROW_COSINE = 0.999
 """Gradient rows this parallel belong to one image."""
 DISTINCT_COSINE = 0.99
+"""Two recovered directions closer than this (in absolute cosine) are the same image."""
 SMOOTH_BETA = 200.0
 """Softplus sharpness of the smoothed pass of a batch fit (pre-activations are of order 0.1-1)."""
-"""Two recovered directions closer than this (in absolute cosine) are the same image."""
 
 
 @dataclass
@@ -223,7 +223,7 @@ def refine_adapter_batch(model: AdapterGradientModel, obs: Observation, feats: t
 
     # the ReLUs make the gradient piecewise smooth: a fit can stall at a kink next to the solution (a unit
     # inactive that should be active gives no signal to cross over). The exact model first; when it stalls,
-    # a softplus pass, then the exact model again (on validation batches of 4: residual 3e-2 -> 1e-5)
+    # a softplus pass, then the exact model again
     tol = max(1e-8, floor)
     c_exact, cost = levenberg_marquardt(resid, c0, iterations, tol=tol)
     if cost > max(1e-4, NOISE_MARGIN * floor):
@@ -252,8 +252,6 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
     candidates fills the rest; the clustered directions ``start`` are a second set. Each set is refined
     jointly inside the span (:func:`refine_adapter_batch`), then
     relabelled (:func:`adapter_labels`) and refined again, ``rounds`` times at most; the lower residual wins.
-    On validation batches of 8 the root search found 6-7 of 8 images exactly, and the joint fit the rest
-    (cosine 1.000 to every true feature, labels right, in 4 of 4 batches).
     Known ``labels`` (shared by the client) are kept as they are (only the candidates of those labels).
     ``floor``: the DP noise's relative residual (:func:`refine_adapter_batch`); ``clip``: the per-example
     clipping norm to model (:class:`AdapterGradientModel`).
@@ -281,28 +279,10 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
         roots = roots[:0]  # with known labels the pairing of roots to labels is unknown: pursue all
     root_labels = predict_labels(victim, roots.float())
 
-    def pursue(fixed: torch.Tensor, fixed_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = None if labels is None else torch.bincount(labels.long(), minlength=model.k)
-        chosen: list[int] = []
-        total = torch.zeros_like(target)
-        for i in range(fixed.shape[0]):
-            total = total + model.gradient(fixed[i:i + 1].double(), fixed_labels[i:i + 1])
-        for _ in range(b - fixed.shape[0]):
-            res = ((total[None] + cand) / b - target).norm(dim=1)
-            if chosen:
-                res[chosen] = float("inf")
-            if need is not None:
-                res[need[labs_c] == 0] = float("inf")
-            j = int(res.argmin())
-            chosen.append(j)
-            total = total + cand[j]
-            if need is not None:
-                need[labs_c[j]] -= 1
-        return torch.cat([fixed.double(), proj[chosen]]), torch.cat([fixed_labels, labs_c[chosen]])
-
-    start_sets: list[tuple[torch.Tensor, torch.Tensor | None]] = [pursue(roots, root_labels)]
+    start_sets: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+        _pursue(model, target, cand, proj, labs_c, b, roots, root_labels, labels)]
     if roots.shape[0]:
-        start_sets.append(pursue(roots[:0], root_labels[:0]))
+        start_sets.append(_pursue(model, target, cand, proj, labs_c, b, roots[:0], root_labels[:0], labels))
     start_sets.append((start.double(), labels))
     results = []
     for feats, labs in start_sets:
@@ -318,6 +298,20 @@ def fit_adapter_batch(victim: Victim, obs: Observation, public_feats: torch.Tens
         results.append((f, labs, cost))
     f, labs, cost = min(results, key=lambda t: t[2])
     return f, labs, cost
+
+
+def _pursue(model: AdapterGradientModel, target: torch.Tensor, cand: torch.Tensor, proj: torch.Tensor,
+            labs_c: torch.Tensor, b: int, fixed: torch.Tensor, fixed_labels: torch.Tensor,
+            labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A start set for a batch of ``b``: the ``fixed`` features (labels ``fixed_labels``) and a greedy pursuit
+    over the candidates (features ``proj``, labels ``labs_c``, gradients ``cand``) for the other slots; shared
+    ``labels`` are a multiset the pursued slots draw from."""
+    total = torch.zeros_like(target)
+    for i in range(fixed.shape[0]):
+        total = total + model.gradient(fixed[i:i + 1].double(), fixed_labels[i:i + 1])
+    chosen = greedy_pursuit(target, cand, b - fixed.shape[0], divisor=b, start=total, cand_labels=labs_c,
+                            label_counts=None if labels is None else torch.bincount(labels.long(), minlength=model.k))
+    return torch.cat([fixed.double(), proj[chosen]]), torch.cat([fixed_labels, labs_c[chosen]])
 
 
 def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol: float = 1e-3,

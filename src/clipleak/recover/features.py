@@ -14,7 +14,8 @@ from ..peft import Victim
 from ..records import Observation
 from .adapter import AdapterGradientModel, adapter_features, adapter_labels, adapter_target, fit_adapter_batch
 from .bank import public_features
-from .coop import coop_features, coop_update_features
+from .coop import coop_features
+from .coop_update import coop_update_features
 from .labels import predict_labels
 from .noise import NOISE_MARGIN, floor_note, modelled_clip, relative_noise_floor
 from .vit import FULL_METHODS, projection_features
@@ -58,7 +59,7 @@ def recovered_features(obs: Observation, victim: Victim, *, labels: str = "auto"
 
     ``labels``: ``known`` (the observation's shared labels; an error if it carries none), ``predicted``
     (read off the gradient before any image search: MIP's label prediction), ``feature`` (the victim's own
-    zero-shot class of each recovered feature; what earlier versions did for the adapter) or ``auto``
+    zero-shot class of each recovered feature, which is not read off the update) or ``auto``
     (known when shared, else predicted).
 
     adapter: batch 1 exact, from the rank-one ``W1`` gradient; a batch is fitted to both weight gradients

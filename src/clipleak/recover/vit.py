@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from ..errors import ClipleakError
 from ..models import ClipModel
 from ..peft import Victim
 from ..records import Observation
-from .coop import levenberg_marquardt
+from .solvers import greedy_pursuit, levenberg_marquardt
 
 FULL_METHODS = ("full-visual", "full")
 POSITIONAL = "clip.visual.positional_embedding"
@@ -189,35 +190,23 @@ def projection_features(
 
     Batch 1: exact (SVD, then the sign and label that reproduce the gradient). Batch B: needs the
     attacker's public images. Their pooled tokens, projected into the span of the gradient's B left
-    singular vectors, start a per-image root search: a (direction, label) whose ``dL/df`` lies in the
-    gradient's right singular space is one image (up to ``attempts * B`` starts, closest first). Slots
-    left over are filled by a greedy pursuit over the public starts, then all B directions are fitted
-    jointly to the gradient (Levenberg-Marquardt, ``iterations`` steps); if that fit stays off, each
-    slot's label is re-chosen. Shared ``labels`` restrict the choice. On tiny-mnist private digits all
-    features of batches of 4 and 8 came out exact (cosine 1.000), in 3-40 s on one thread.
+    singular vectors, start a per-image root search (:func:`projection_roots`): a (direction, label) whose
+    ``dL/df`` lies in the gradient's right singular space is one image (up to ``attempts * B`` starts, closest
+    first). Slots left over are filled by a greedy pursuit over the public starts, then all B directions are
+    fitted jointly to the gradient (Levenberg-Marquardt, ``iterations`` steps); if that fit stays off, each
+    slot's label is re-chosen (:func:`relabel_slots`). Shared ``labels`` restrict the choice.
     """
     _check_full(obs, victim, (PROJECTION,))
     model = ProjectionModel(victim)
     g = obs.gradients[PROJECTION].double()
     b = obs.batch_size
-    gnorm = g.norm().clamp_min(1e-30)
     if labels is not None and labels.numel() != b:
         raise ClipleakError(f"{labels.numel()} shared labels for a batch of {b}")
     u, s, _ = torch.linalg.svd(g, full_matrices=False)
     rank = int((s > s[0] * 1e-5).sum())
     notes: list[str] = []
     if b == 1:
-        allowed = range(model.k) if labels is None else [int(labels[0])]
-        best: tuple[float, torch.Tensor, int] | None = None
-        for sign in (1.0, -1.0):
-            pooled = sign * u[:, :1].t()
-            for y in allowed:
-                r = float((model.gradient(pooled, torch.tensor([y]), 1) - g).norm() / gnorm)
-                if best is None or r < best[0]:
-                    best = (r, pooled, y)
-        assert best is not None
-        r, pooled, y = best
-        return ProjectionFeatures(model.features(pooled).float(), torch.tensor([y]), 1, r, rank, notes)
+        return _single_projection(model, g, u, rank, labels)
     if public_images is None or public_labels is None:
         raise ClipleakError("separating a batch's features needs the attacker's public images (starts)")
     if rank < b:
@@ -227,80 +216,16 @@ def projection_features(
     cand = pooled_tokens(victim.clip_info, public_images) @ basis  # (N, B) public starts in the span
     cand = F.normalize(cand, dim=-1)
     pl = public_labels.long()
-    # 1. per-image roots: the true (direction, label) of every image puts its dL/df in the right singular
-    #    space of the gradient; refine the public starts that come closest until B distinct roots are found
-    _, _, vh = torch.linalg.svd(g, full_matrices=False)
-    right = vh[:b].t()  # (E, B)
-    ys_all = range(model.k) if labels is None else sorted({int(y) for y in labels})
-
-    def off_span(a: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        d = F.normalize(model.feature_gradients(F.normalize(a, dim=-1) @ basis.t(), ys, 1), dim=-1)
-        return d - (d @ right) @ right.t()
-
-    scores = torch.stack([off_span(cand, torch.full((cand.shape[0],), y)).norm(dim=-1) for y in ys_all], 1)
-    best_score, best_y = scores.min(1)
-    order = best_score.argsort()
-    roots: list[tuple[torch.Tensor, int]] = []
-    for j in order[: attempts * b].tolist():
-        if len(roots) == b:
-            break
-        y = ys_all[int(best_y[j])]
-        ytensor = torch.tensor([y])
-
-        def root_resid(v: torch.Tensor, yt: torch.Tensor = ytensor) -> torch.Tensor:
-            return off_span(v[None], yt).reshape(-1)
-
-        x, c = levenberg_marquardt(root_resid, cand[j], 30)
-        x = F.normalize(x, dim=0)
-        if c < ROOT_TOL and all(abs(float(x @ r)) < DISTINCT_COSINE for r, _ in roots):
-            roots.append((x, y))
-    # 2. slots the roots did not fill: greedy pursuit over the public starts
-    contrib = cand[:, :, None] * model.feature_gradients(cand @ basis.t(), pl, b)[:, None, :]
-    starts = [r for r, _ in roots]
-    labs_l = [y for _, y in roots]
-    total = torch.zeros_like(target)
-    for a0, y in roots:
-        total = total + a0[:, None] * model.feature_gradients((a0 @ basis.t())[None], torch.tensor([y]), b)
-    chosen: list[int] = []
-    for i in range(len(roots), b):
-        ok = torch.ones(cand.shape[0], dtype=torch.bool) if labels is None else pl == int(labels[i])
-        if chosen:
-            ok[chosen] = False
-        if not bool(ok.any()):
-            raise ClipleakError("no public image carries the shared label: cannot start the projection fit")
-        res = (total[None] + contrib - target[None]).flatten(1).norm(dim=1)
-        res[~ok] = float("inf")
-        j = int(res.argmin())
-        chosen.append(j)
-        total = total + contrib[j]
-        starts.append(cand[j])
-        labs_l.append(int(pl[j]))
+    span = ProjectionSpan(model, basis, torch.linalg.svd(g, full_matrices=False)[2][:b].t())
+    roots = projection_roots(span, cand, labels, attempts * b)
+    starts, labs_l = _pursue_slots(span, target, cand, pl, roots, labels)
     if len(roots) < b:
         notes.append(f"{len(roots)} of {b} images found as exact roots; the rest started from public images")
     labs = torch.tensor(labs_l)
     tnorm = target.norm().clamp_min(1e-30)
-
-    def fit(a0: torch.Tensor, ys: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-        def resid(v: torch.Tensor) -> torch.Tensor:
-            a = v.view(b, b)
-            return ((a.t() @ model.feature_gradients(a @ basis.t(), ys, b) - target) / tnorm).reshape(-1)
-
-        x, cost = levenberg_marquardt(resid, a0.reshape(-1), n)
-        return x.view(b, b), cost
-
-    a, cost = fit(torch.stack(starts), labs, iterations)
+    a, cost = fit_directions(span, target, tnorm, torch.stack(starts), labs, iterations)
     if labels is None and cost > 1e-4:  # re-choose each slot's label with the fitted directions
-        for i in range(b):
-            for y in range(model.k):
-                if y == int(labs[i]):
-                    continue
-                trial = labs.clone()
-                trial[i] = y
-                a2, c2 = fit(a, trial, 10)
-                if c2 < cost * 0.5:
-                    a2, c2 = fit(a2, trial, iterations)
-                    if c2 < cost:
-                        a, cost, labs = a2, c2, trial
+        a, cost, labs = relabel_slots(span, target, tnorm, a, cost, labs, iterations)
     feats = model.features(a @ basis.t()).float()
     separated = _count_distinct(feats)
     if separated < b:
@@ -308,6 +233,119 @@ def projection_features(
     if cost > 1e-3:
         notes.append(f"the projection fit left a relative residual of {cost:.2g}: features are approximate")
     return ProjectionFeatures(feats, labs, separated, cost, rank, notes)
+
+
+def _single_projection(model: ProjectionModel, g: torch.Tensor, u: torch.Tensor, rank: int,
+                       labels: torch.Tensor | None) -> ProjectionFeatures:
+    """Batch 1: the top left singular vector is the pooled token up to sign; the sign and label (or the shared
+    one) that reproduce the gradient best give the feature and the label."""
+    gnorm = g.norm().clamp_min(1e-30)
+    allowed = range(model.k) if labels is None else [int(labels[0])]
+    best: tuple[float, torch.Tensor, int] | None = None
+    for sign in (1.0, -1.0):
+        pooled = sign * u[:, :1].t()
+        for y in allowed:
+            r = float((model.gradient(pooled, torch.tensor([y]), 1) - g).norm() / gnorm)
+            if best is None or r < best[0]:
+                best = (r, pooled, y)
+    assert best is not None
+    r, pooled, y = best
+    return ProjectionFeatures(model.features(pooled).float(), torch.tensor([y]), 1, r, rank, [])
+
+
+@dataclass
+class ProjectionSpan:
+    """A batch's pooled tokens in coordinates of the projection gradient's ``B`` left singular vectors
+    (``basis``, ``(width, B)``), and its right singular space (``right``, ``(E, B)``), which holds every
+    image's ``dL/df``."""
+
+    model: ProjectionModel
+    basis: torch.Tensor
+    right: torch.Tensor
+
+    def off_span(self, a: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The part of each direction's normalised batch-1 ``dL/df`` outside the right singular space (``a``:
+        ``(N, B)`` coordinates, ``ys``: ``(N,)`` labels)."""
+        d = F.normalize(self.model.feature_gradients(F.normalize(a, dim=-1) @ self.basis.t(), ys, 1), dim=-1)
+        return d - (d @ self.right) @ self.right.t()
+
+    def root_residual(self, label: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`off_span` of one direction ``v`` ``(B,)`` with ``label`` ``(1,)``, flat."""
+        return self.off_span(v[None], label).reshape(-1)
+
+    def batch_residual(self, target: torch.Tensor, tnorm: torch.Tensor, ys: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """The relative misfit of ``B`` directions (flat ``v``) with labels ``ys`` to the gradient ``target``
+        (``(B, E)`` in this basis), flat."""
+        b = ys.numel()
+        a = v.view(b, b)
+        return ((a.t() @ self.model.feature_gradients(a @ self.basis.t(), ys, b) - target) / tnorm).reshape(-1)
+
+
+def projection_roots(span: ProjectionSpan, cand: torch.Tensor, labels: torch.Tensor | None,
+                     attempts: int) -> list[tuple[torch.Tensor, int]]:
+    """Per-image roots: the true (direction, label) of every image puts its ``dL/df`` in the right singular
+    space of the gradient. The public starts ``cand`` that come closest (each with its best label among
+    ``labels``, default all) are refined (Levenberg-Marquardt, up to ``attempts`` of them) until ``B`` distinct
+    roots are found."""
+    b = span.basis.shape[1]
+    ys_all = range(span.model.k) if labels is None else sorted({int(y) for y in labels})
+    scores = torch.stack([span.off_span(cand, torch.full((cand.shape[0],), y)).norm(dim=-1) for y in ys_all], 1)
+    best_score, best_y = scores.min(1)
+    order = best_score.argsort()
+    roots: list[tuple[torch.Tensor, int]] = []
+    for j in order[:attempts].tolist():
+        if len(roots) == b:
+            break
+        y = ys_all[int(best_y[j])]
+        x, c = levenberg_marquardt(partial(span.root_residual, torch.tensor([y])), cand[j], 30)
+        x = F.normalize(x, dim=0)
+        if c < ROOT_TOL and all(abs(float(x @ r)) < DISTINCT_COSINE for r, _ in roots):
+            roots.append((x, y))
+    return roots
+
+
+def _pursue_slots(span: ProjectionSpan, target: torch.Tensor, cand: torch.Tensor, pl: torch.Tensor,
+                  roots: list[tuple[torch.Tensor, int]], labels: torch.Tensor | None,
+                  ) -> tuple[list[torch.Tensor], list[int]]:
+    """The slots the roots did not fill, by a greedy pursuit over the public starts ``cand`` (labels ``pl``;
+    shared ``labels`` fix each slot's): the starts and labels of all ``B`` slots, roots first."""
+    model, basis, b = span.model, span.basis, span.basis.shape[1]
+    contrib = cand[:, :, None] * model.feature_gradients(cand @ basis.t(), pl, b)[:, None, :]
+    total = torch.zeros_like(target)
+    for a0, y in roots:
+        total = total + a0[:, None] * model.feature_gradients((a0 @ basis.t())[None], torch.tensor([y]), b)
+    chosen = greedy_pursuit(target.reshape(-1), contrib.flatten(1), b - len(roots), start=total.reshape(-1),
+                            cand_labels=pl, slot_labels=None if labels is None else labels[len(roots):],
+                            empty="no public image carries the shared label: cannot start the projection fit")
+    return [r for r, _ in roots] + [cand[j] for j in chosen], [y for _, y in roots] + [int(pl[j]) for j in chosen]
+
+
+def fit_directions(span: ProjectionSpan, target: torch.Tensor, tnorm: torch.Tensor, a0: torch.Tensor,
+                   ys: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """``n`` Levenberg-Marquardt steps of the ``B`` directions ``a0`` ``(B, B)`` with labels ``ys`` against the
+    gradient: the directions and the relative residual."""
+    b = ys.numel()
+    x, cost = levenberg_marquardt(partial(span.batch_residual, target, tnorm, ys), a0.reshape(-1), n)
+    return x.view(b, b), cost
+
+
+def relabel_slots(span: ProjectionSpan, target: torch.Tensor, tnorm: torch.Tensor, a: torch.Tensor, cost: float,
+                  labs: torch.Tensor, iterations: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Each slot's label re-chosen with the fitted directions: a label whose 10-step fit halves the residual
+    is fitted fully and kept if it lowers it. Returns the directions, the residual and the labels."""
+    for i in range(labs.numel()):
+        for y in range(span.model.k):
+            if y == int(labs[i]):
+                continue
+            trial = labs.clone()
+            trial[i] = y
+            a2, c2 = fit_directions(span, target, tnorm, a, trial, 10)
+            if c2 < cost * 0.5:
+                a2, c2 = fit_directions(span, target, tnorm, a2, trial, iterations)
+                if c2 < cost:
+                    a, cost, labs = a2, c2, trial
+    return a, cost, labs
 
 
 def _count_distinct(feats: torch.Tensor) -> int:
