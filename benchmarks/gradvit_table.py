@@ -85,7 +85,12 @@ def main() -> None:
     most = max(d for _, _, d in cells)
     prov = provenance(split=args.part, draw_seeds=range(args.draw_seed, args.draw_seed + most),
                       images=max(b * d for b, _, d in cells), threads=args.threads)
-    out = []
+    notes = ("Full fine-tuning of the visual tower of tiny-mnist; labels never shared. One-to-one "
+             "re-identification among K = 10 candidates per image (chance 10%); intervals 95% (Wilson over the "
+             f"images for rates, bootstrap for means). Optimisation rows: {args.iterations} steps x "
+             f"{args.restarts} restarts.")
+    title = f"Full fine-tuning: analytic read-outs and GradViT ({args.part} digits)"
+    out: list[dict] = []
     for batch, row_names, draws in cells:
         acc = {row: Cell.new() for row in row_names}
         for draw in range(args.draw_seed, args.draw_seed + draws):
@@ -113,12 +118,7 @@ def main() -> None:
             case = f"{HEADLINE.get(row, row)}, batch {batch}"
             out.append(acc[row].row(case=case, batch=batch, attack=row,
                                     headline=bool(args.headline and row in HEADLINE)))
-    notes = ("Full fine-tuning of the visual tower of tiny-mnist; labels never shared. One-to-one "
-             "re-identification among K = 10 candidates per image (chance 10%); intervals 95% (Wilson over the "
-             f"images for rates, bootstrap for means). Optimisation rows: {args.iterations} steps x "
-             f"{args.restarts} restarts.")
-    title = f"Full fine-tuning: analytic read-outs and GradViT ({args.part} digits)"
-    path = write_results(args.name, out, prov, title=title, columns=COLUMNS, notes=notes)
+        path = write_results(args.name, out, prov, title=title, columns=COLUMNS, notes=notes)  # kept per cell
     print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in out]))
     print(f"wrote {path}")
 

@@ -75,7 +75,12 @@ def main() -> None:
     draws = {b: max(1, args.images // b) for _, b in cells}
     prov = provenance(split=args.split, draw_seeds=range(args.draw_seed, args.draw_seed + max(draws.values())),
                       images=args.images, threads=args.threads)
-    rows = []
+    title = "MIP on CLIP PEFT gradients (tiny-mnist, " + args.split + " digits)"
+    notes = ("One-to-one re-identification among K = 10 candidates per image (chance 10%); labels: the label "
+             "multiset; feature cos: the recovered features' cosine to the true ones (paired). Intervals: 95%, "
+             "Wilson over the images for rates, bootstrap over the images for means. Baselines are scored on "
+             "the same batches: the class prototype of the attack's labels and the public nearest neighbour.")
+    rows: list[dict] = []
     scratch = tempfile.mkdtemp(prefix="mip-table-")
     for kind, b in cells:
         acc = {a: Cell.new() for a in attacks}
@@ -99,12 +104,7 @@ def main() -> None:
             rows.append(acc[a].row(case=f"MIP, {KIND_NAMES[kind]}, batch {b}" if a == "mip" else f"{a}, {kind}, "
                                    f"batch {b}", peft=KIND_NAMES[kind], batch=b, attack=a,
                                    headline=bool(args.headline and i == 0)))
-    title = "MIP on CLIP PEFT gradients (tiny-mnist, " + args.split + " digits)"
-    notes = ("One-to-one re-identification among K = 10 candidates per image (chance 10%); labels: the label "
-             "multiset; feature cos: the recovered features' cosine to the true ones (paired). Intervals: 95%, "
-             "Wilson over the images for rates, bootstrap over the images for means. Baselines are scored on "
-             "the same batches: the class prototype of the attack's labels and the public nearest neighbour.")
-    path = write_results(args.name, rows, prov, title=title, columns=COLUMNS, notes=notes)
+        path = write_results(args.name, rows, prov, title=title, columns=COLUMNS, notes=notes)  # kept per cell
     print()
     print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
     print(f"\nwrote {path}")
