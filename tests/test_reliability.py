@@ -224,6 +224,13 @@ def test_evaluate_reid_k_is_checked(pair, tmp_path, k, capsys):
                     "--reid-k")
 
 
+def test_reconstruction_without_its_observation_is_one_line(pair, tmp_path, capsys):
+    d = Reconstruction(images=torch.rand(2, 3, 32, 32), labels=torch.tensor([1, 2]), label_source="x",
+                       attack="ig").save(tmp_path / "rec")
+    _one_line_error(main(["evaluate", str(d), "--truth", str(pair[1])]), capsys.readouterr().err,
+                    "meta.observation")
+
+
 def test_training_options_are_checked_first(tmp_path, capsys):
     _one_line_error(main(["train", "--out", str(tmp_path / "ft"), "--threads", "0"]), capsys.readouterr().err,
                     "--threads")

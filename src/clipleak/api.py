@@ -271,7 +271,12 @@ def evaluate_reconstruction(
         raise ClipleakError(
             f"reconstruction {tuple(rec.images.shape)} and ground truth {tuple(tru.images.shape)} differ in shape"
         )
-    meta = rec.meta.get("observation", {})
+    meta = rec.meta.get("observation")
+    lacking = [k for k in ("arch", "weights_sha256", "peft", "classnames", "image_size")
+               if not isinstance(meta, dict) or k not in meta]
+    if lacking:
+        raise ClipleakError(f"the reconstruction does not record the observation it attacked (meta.observation lacks "
+                            f"{', '.join(lacking)}); rerun `clipleak attack` on the observation")
     spec, public = public_for_observation(meta)
     private = load_private(spec, int(meta["image_size"]), str(tru.meta.get("part", "private")))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)

@@ -30,8 +30,12 @@ def check_range(name: str, value: float | None, *, low: float | None = None, hig
     if bad:
         rules = ["a whole number" if integer else "a finite number"]
         if low is not None:
-            rules.append(f"> {low:g}" if low_open else f">= {low:g}")
+            rules.append(f"> {_num(low)}" if low_open else f">= {_num(low)}")
         if high is not None:
-            rules.append(f"<= {high:g}")
+            rules.append(f"<= {_num(high)}")
         raise ClipleakError(f"{name} must be {' '.join(rules[:1])} {' and '.join(rules[1:])}".rstrip()
                             + f", got {value!r}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
