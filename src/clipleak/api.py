@@ -271,9 +271,9 @@ def evaluate_reconstruction(
         raise ClipleakError(
             f"reconstruction {tuple(rec.images.shape)} and ground truth {tuple(tru.images.shape)} differ in shape"
         )
-    meta = rec.meta.get("observation")
-    lacking = [k for k in ("arch", "weights_sha256", "peft", "classnames", "image_size")
-               if not isinstance(meta, dict) or k not in meta]
+    found = rec.meta.get("observation")
+    meta: dict[str, Any] = found if isinstance(found, dict) else {}
+    lacking = [k for k in ("arch", "weights_sha256", "peft", "classnames", "image_size") if k not in meta]
     if lacking:
         raise ClipleakError(f"the reconstruction does not record the observation it attacked (meta.observation lacks "
                             f"{', '.join(lacking)}); rerun `clipleak attack` on the observation")
