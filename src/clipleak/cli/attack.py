@@ -24,7 +24,11 @@ def share(
     out: Annotated[Path, typer.Option(help="where to write the observation (.safetensors + .json)")],
     arch: Annotated[str, typer.Option(help="open_clip architecture")] = "tiny-32",
     weights: Annotated[str | None, typer.Option(
-        help="weights file or artifact name (tiny-mnist); none or random (the default) = random init")] = None,
+        help="weights: a file (.safetensors, .pt/.pth/.bin state dict, open_clip training checkpoint), an "
+             "artifact name (tiny-mnist), a pretrained tag open_clip knows for --arch (openai, laion2b_s34b_b79k) or "
+             "hf-hub:ORG/NAME (read from the Hugging Face cache; downloaded when online; with HF_HUB_OFFLINE=1 or "
+             "the hub unreachable, a missing file is an error naming how to fetch it); none or random (the "
+             "default) = random init")] = None,
     init_seed: Annotated[int, typer.Option(help="seed of a random init")] = 0,
     data: Annotated[str, typer.Option(
         help="mnist | digits | sklearn-photos | skimage-photos | folder:PATH")] = "mnist",
@@ -140,7 +144,9 @@ def attack(
                                              "prototype (public mean image of the read label) | neighbours "
                                              "(mean of the public images of that label nearest the read "
                                              "feature) | decoder (with --decoder)")] = None,
-    weights: Annotated[str | None, typer.Option(help="weights file, if not where the observation says")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="weights file, if not where the observation says (a pretrained tag or hf-hub:ORG/NAME is "
+             "recorded in the observation and read from the Hugging Face cache)")] = None,
     iterations: Annotated[int | None, typer.Option(help="optimisation steps per restart")] = None,
     restarts: Annotated[int | None, typer.Option(help="seeded restarts; the best by gradient loss is kept")]
     = None,

@@ -1,9 +1,11 @@
-"""CLIP models from open_clip: architecture by name, random init or a local weights file.
+"""CLIP models from open_clip: architecture by name; random init, a local weights file, or pretrained weights
+named as open_clip names them.
 
-Nothing is downloaded: a pretrained *tag* (``openai``, ``laion2b_...``) is refused with a message that
-says how to point at a local file instead. Weight files are read with ``weights_only=True`` (or as
-safetensors) and identified by their SHA-256, which observations record so that an attacker can check
-that it rebuilt exactly the model the client used.
+Pretrained tags (``openai``, ``laion2b_s34b_b79k``) and ``hf-hub:ORG/NAME`` come from the Hugging Face hub
+cache through open_clip's pretrained table (:mod:`.pretrained`: downloaded when online, one line saying how
+to fetch them when not). Local files are read with ``weights_only=True`` (or as safetensors). Weights are
+identified by the SHA-256 of their file (prefixed by the tag for pretrained weights), which observations
+record so that an attacker can check that it rebuilt exactly the model the client used.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ClipleakError
+from .pretrained import is_pretrained_name, resolve_pretrained, unknown_tag_error
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_ARCHS = ("tiny-32", "tiny-64")
@@ -73,8 +76,8 @@ class ClipModel:
     model: OpenClipModel
     tokenizer: Callable[..., torch.Tensor]  # class names / captions -> token ids (N, L)
     arch: str
-    weights: str | None  # path of the weights file, or None for random init
-    weights_sha256: str  # "random-init:<seed>" for random init
+    weights: str | None  # path of the weights file, a pretrained tag / hf-hub:ORG/NAME, or None for random init
+    weights_sha256: str  # the file's SHA-256; "<tag>:<sha256>" for a tag; "random-init:<seed>" for random init
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -104,10 +107,15 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, safely (``weights_only=True``).
 
-    Accepts plain state dicts, open_clip training checkpoints (``{"state_dict": ...}``) and
-    ``module.``-prefixed keys from DataParallel/DDP runs.
+    Accepts what open_clip writes: plain state dicts (``.pt``, ``.pth``, ``.bin``, such as a hub
+    repository's ``open_clip_pytorch_model.bin``), ``.safetensors``, and training checkpoints
+    (``{"epoch", "state_dict", "optimizer", ...}``) with the ``module.`` prefixes of DataParallel/DDP runs
+    (and ``_orig_mod.`` of ``torch.compile``). TorchScript archives (OpenAI's original ``.pt``) and other
+    pickled objects are refused: loading them runs code from the file.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ClipleakError(f"{p} is a folder; pass the weights file in it (.safetensors, .bin or .pt)")
     if not p.is_file():
         raise ClipleakError(f"weights file not found: {p}")
     if p.suffix == ".safetensors":
@@ -120,9 +128,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise ClipleakError(
-                f"cannot read {p} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
-                "TorchScript archives (the original OpenAI .pt files) and pickled objects are not "
-                "loaded; convert to a state dict or .safetensors."
+                f"cannot read {p} as a weights-only torch checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). TorchScript archives (the original OpenAI .pt "
+                "files) and pickled objects are not loaded; use the pretrained tag (--weights openai) or convert "
+                "to a state dict or .safetensors."
             ) from e
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
@@ -142,6 +151,7 @@ def save_weights(model: nn.Module, path: str | Path) -> str:
 
 
 def _looks_like_tag(weights: str) -> bool:
+    """A word without path characters that is not a file: meant as a tag, not as a file name."""
     return not any(ch in weights for ch in "/\\.") and not Path(weights).exists()
 
 
@@ -172,15 +182,20 @@ def build_model(
     *,
     init_seed: int = 0,
     device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> ClipModel:
     """Build an open_clip model by architecture name.
 
     Args:
         arch: any open_clip architecture (``ViT-B-32``, ``RN50``, ...) or ``tiny-32`` / ``tiny-64``.
-        weights: path to a local weights file (``.safetensors``, open_clip/OpenAI state dict, open_clip
-            training checkpoint), or ``None`` for a random init seeded by ``init_seed``. Names such as
-            ``tiny-mnist`` are turned into files above this layer (:func:`clipleak.artifacts.resolve`).
+        weights: ``None`` for a random init seeded by ``init_seed``; a local weights file (see
+            :func:`load_state_dict_file`); a pretrained tag open_clip knows for ``arch`` (``openai``,
+            ``laion2b_s34b_b79k``: ``open_clip.list_pretrained_tags_by_model(arch)``) or ``hf-hub:ORG/NAME``,
+            read from the Hugging Face hub cache and downloaded there when online (:mod:`.pretrained`).
+            Names such as ``tiny-mnist`` are turned into files above this layer
+            (:func:`clipleak.artifacts.resolve`).
         init_seed: seed of the random init (ignored when weights are given).
+        cache_dir: the hub cache for pretrained weights (default: huggingface_hub's, from the environment).
     """
     register_configs()
     if arch not in open_clip.list_models():
@@ -188,36 +203,52 @@ def build_model(
             f"unknown architecture {arch!r}; try one of: {', '.join(TINY_ARCHS)}, ViT-B-32, RN50 "
             "(`clipleak models` lists all)"
         )
-    if weights is not None and _looks_like_tag(str(weights)):
-        raise ClipleakError(
-            f"{weights!r} looks like a pretrained tag; clipleak never downloads weights. Download the "
-            f"checkpoint yourself and pass its path (--weights /path/to/{arch}.safetensors or .pt), "
-            "or train a target with `clipleak pretrain`."
-        )
-    with _quiet_open_clip():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = open_clip.create_model(arch, pretrained=None, device="cpu")
-    sha = f"random-init:{init_seed}"
-    if weights is not None:
-        sd = load_state_dict_file(weights)
-        _load_into(model, sd, str(weights))
-        sha = file_sha256(weights)
+    text = None if weights is None else str(weights)
+    local = text is not None and Path(text).exists()
+    if text is not None and not local and is_pretrained_name(arch, text):
+        model, sha, text, pcfg = _pretrained_model(arch, text, cache_dir)
+    else:
+        if text is not None and not local and _looks_like_tag(text):
+            raise unknown_tag_error(arch, text)
+        with _quiet_open_clip():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        sha = f"random-init:{init_seed}"
+        if text is not None:
+            sd = load_state_dict_file(text)
+            _load_into(model, sd, text)
+            sha = file_sha256(text)
+        pcfg = open_clip.get_model_preprocess_cfg(model)
     model.eval().requires_grad_(False)
     model.to(device)
-    pcfg = open_clip.get_model_preprocess_cfg(model)
     size = pcfg.get("size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     return ClipModel(
         model=model,
         tokenizer=open_clip.get_tokenizer(arch),
         arch=arch,
-        weights=str(weights) if weights is not None else None,
+        weights=text,
         weights_sha256=sha,
         image_size=size,
         mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
     )
+
+
+def _pretrained_model(arch: str, name: str, cache_dir: str | Path | None) -> tuple[Any, str, str, dict[str, Any]]:
+    """``(model, identity, canonical name, preprocess config)`` for a pretrained tag or hub repository, built
+    by open_clip from the cached file with the activation (QuickGELU) and preprocessing published with it."""
+    pre = resolve_pretrained(arch, name, cache_dir)
+    try:
+        with _quiet_open_clip():
+            model = open_clip.create_model(arch, pretrained=str(pre.path), device="cpu", weights_only=True,
+                                           force_quick_gelu=pre.quick_gelu, force_preprocess_cfg=pre.preprocess)
+    except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError / ValueError / safetensors errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipleakError(f"pretrained weights {pre.name!r} ({pre.path}) do not load into {arch}: "
+                            f"{first[:300]}") from e
+    return model, f"{pre.name}:{file_sha256(pre.path)}", pre.name, dict(open_clip.get_model_preprocess_cfg(model))
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
