@@ -193,23 +193,8 @@ def evaluate(
                                 (rates None and the reason in "note" when the pool is too small)
             verdict             {"beat_blank", "beat_prototype", "text"}
     """
-    r_img, t_img = recon.images.detach().cpu().float(), truth.images.detach().cpu().float()
-    if r_img.shape != t_img.shape:
-        raise ClipleakError(
-            f"reconstruction {tuple(r_img.shape)} and ground truth {tuple(t_img.shape)} differ in shape"
-        )
+    r_img, t_img, r_lab, t_lab, protos = _checked_inputs(recon, truth, prototypes)
     b = t_img.shape[0]
-    r_lab = torch.as_tensor(recon.labels).reshape(-1).long().cpu()
-    t_lab = torch.as_tensor(truth.labels).reshape(-1).long().cpu()
-    if r_lab.numel() != b or t_lab.numel() != b:
-        raise ClipleakError(f"need one label per image: {b} images, {r_lab.numel()} reconstructed labels, "
-                            f"{t_lab.numel()} true labels")
-    protos = prototypes.detach().cpu().float()
-    if protos.dim() != 4 or protos.shape[1:] != t_img.shape[1:]:
-        raise ClipleakError(f"prototypes {tuple(protos.shape)} do not match images {tuple(t_img.shape)}")
-    if int(r_lab.min()) < 0 or int(r_lab.max()) >= protos.shape[0]:
-        raise ClipleakError(f"reconstructed labels must be in [0, {protos.shape[0] - 1}]")
-
     perm = pair_by_psnr(r_img, t_img)
     r_img, r_lab = r_img[perm], r_lab[perm]
     images = {
@@ -221,28 +206,14 @@ def evaluate(
         if imgs.shape != t_img.shape:
             raise ClipleakError(f"baseline {name!r} has shape {tuple(imgs.shape)}, expected {tuple(t_img.shape)}")
         images[name] = imgs.detach().cpu().float()[perm]
-    all_methods = tuple(images)
 
     lp_ok, lp_note = lpips_status()
     if not with_lpips:
         lp_ok, lp_note = False, "LPIPS not computed (disabled for this evaluation)"
-    methods = {m: _score(images[m], t_img, lp_ok) for m in all_methods}
-
-    reid: dict[str, Any] | None = None
-    if reid_pool is not None:
-        reid = {"k": int(reid_k), "draws": int(reid_draws), "seed": int(reid_seed),
-                "chance": 1.0 / int(reid_k), "note": ""}
-        try:
-            for m in (*REID_METHODS, *(extra_baselines or {})):
-                reid[m] = reid_rate(images[m], t_img, t_lab, reid_pool, k=reid_k, draws=reid_draws,
-                                    seed=reid_seed)
-            reid["interval"] = {m: rate_interval(reid[m], b).to_dict()
-                                for m in (*REID_METHODS, *(extra_baselines or {}))}
-            reid["note"] = (f"share of {b * reid_draws} trials in which the image picks the client's true "
-                            f"image out of {reid_k} same-class candidates by PSNR (chance {1 / reid_k:.0%})")
-        except ClipleakError as e:
-            reid.update({m: None for m in (*REID_METHODS, *(extra_baselines or {}))})
-            reid["note"] = f"re-identification not computed: {e}"
+    methods = {m: _score(images[m], t_img, lp_ok) for m in images}
+    reid = None if reid_pool is None else _reidentification(
+        {m: images[m] for m in (*REID_METHODS, *(extra_baselines or {}))}, t_img, t_lab, reid_pool,
+        k=reid_k, draws=reid_draws, seed=reid_seed)
 
     means = {m: methods[m]["psnr_mean"] for m in METHODS}
     if any(v is None for v in means.values()):
@@ -278,3 +249,44 @@ def _full_verdict(means: dict[str, float], methods: dict[str, Any], reid: dict[s
             f"at chance (its 95% interval reaches chance, {chance:.0%})." if v["reid_at_chance"] else
             f"above chance (its 95% interval excludes chance, {chance:.0%})."))
     return v
+
+
+def _checked_inputs(recon: Reconstruction, truth: Truth, prototypes: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, labels and prototypes on the CPU, with one line for anything that does not fit together."""
+    r_img, t_img = recon.images.detach().cpu().float(), truth.images.detach().cpu().float()
+    if r_img.shape != t_img.shape:
+        raise ClipleakError(
+            f"reconstruction {tuple(r_img.shape)} and ground truth {tuple(t_img.shape)} differ in shape"
+        )
+    b = t_img.shape[0]
+    r_lab = torch.as_tensor(recon.labels).reshape(-1).long().cpu()
+    t_lab = torch.as_tensor(truth.labels).reshape(-1).long().cpu()
+    if r_lab.numel() != b or t_lab.numel() != b:
+        raise ClipleakError(f"need one label per image: {b} images, {r_lab.numel()} reconstructed labels, "
+                            f"{t_lab.numel()} true labels")
+    protos = prototypes.detach().cpu().float()
+    if protos.dim() != 4 or protos.shape[1:] != t_img.shape[1:]:
+        raise ClipleakError(f"prototypes {tuple(protos.shape)} do not match images {tuple(t_img.shape)}")
+    if int(r_lab.min()) < 0 or int(r_lab.max()) >= protos.shape[0]:
+        raise ClipleakError(f"reconstructed labels must be in [0, {protos.shape[0] - 1}]")
+    return r_img, t_img, r_lab, t_lab, protos
+
+
+def _reidentification(images: dict[str, torch.Tensor], truth: torch.Tensor, labels: torch.Tensor,
+                      pool: LabelledImages, *, k: int, draws: int, seed: int) -> dict[str, Any]:
+    """One-to-one re-identification of every method's images, each rate with its interval over the images
+    (the rates None and the reason in ``note`` when the pool is too small)."""
+    b = truth.shape[0]
+    reid: dict[str, Any] = {"k": int(k), "draws": int(draws), "seed": int(seed), "chance": 1.0 / int(k), "note": ""}
+    try:
+        for m, imgs in images.items():
+            reid[m] = reid_rate(imgs, truth, labels, pool, k=k, draws=draws, seed=seed)
+    except ClipleakError as e:
+        reid.update({m: None for m in images})
+        reid["note"] = f"re-identification not computed: {e}"
+        return reid
+    reid["interval"] = {m: rate_interval(reid[m], b).to_dict() for m in images}
+    reid["note"] = (f"share of {b * draws} trials in which the image picks the client's true image out of {k} "
+                    f"same-class candidates by PSNR (chance {1 / k:.0%})")
+    return reid
