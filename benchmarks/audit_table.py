@@ -12,6 +12,7 @@ rate carries its 95% Wilson interval over the point's images; "at chance" means 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -28,12 +29,21 @@ COLUMNS = [("peft", "PEFT"), ("batch_size", "batch"), ("epsilon", "epsilon"), ("
            ("accuracy", "accuracy (validation)"), ("verdict", "at chance?")]
 
 
-def rows_from(summary: dict, headline: set[str]) -> list[dict]:
+def eps_label(eps: str) -> str:
+    """``1e+06`` -> ``1e6``, ``100000`` -> ``1e5``; other values as they are."""
+    if eps == "inf":
+        return eps
+    v = float(eps)
+    exp = round(math.log10(v))
+    return f"1e{exp}" if v >= 1e4 and v == 10.0 ** exp else f"{v:g}"
+
+
+def rows_from(summary: dict, headline: set[float]) -> list[dict]:
     out = []
     for r in summary["rows"]:
         if r.get("reid_interval") is None:
             continue
-        eps = r["epsilon"]
+        eps = eps_label(r["epsilon"])
         out.append({
             "case": f"audit: {r['peft']}, batch {r['batch_size']}, "
             + ("no DP" if eps == "inf" else f"DP epsilon {eps}"),
@@ -48,7 +58,7 @@ def rows_from(summary: dict, headline: set[str]) -> list[dict]:
             "prototype_psnr": r.get("prototype_true_psnr"), "prototype_true_psnr": r.get("prototype_true_psnr"),
             "accuracy": r.get("accuracy"),
             "verdict": "at chance" if r.get("at_chance") else "above chance",
-            "headline": eps in headline,
+            "headline": float(r["epsilon"]) in headline,
         })
     return out
 
@@ -75,7 +85,7 @@ def main() -> None:
     prov = provenance(split="private", draw_seeds=cfg.draw_seeds(), images=args.images, threads=args.threads)
     out = Path(args.out or f"runs/bench-{args.name}")
     summary = audit(cfg, out, threads=args.threads)
-    rows = rows_from(summary, {e.strip() for e in args.headline.split(",") if e.strip()})
+    rows = rows_from(summary, {float(e) for e in args.headline.split(",") if e.strip()})
     notes = ("Defended observations of private digits attacked with `" + args.attack + "` and scored one-to-one "
              f"among K = {cfg.reid_k} same-class candidates (chance {cfg.chance:.0%}); the noise multiplier of each "
              "epsilon is calibrated for the client's DP fine-tuning schedule (200 DP-SGD steps, Poisson sampling "

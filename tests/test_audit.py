@@ -247,7 +247,7 @@ def test_audit_verdict_from_known_counts():
     assert "smallest epsilon whose 95% interval excludes chance is 100000 (38% [14-69%] (n=8))" in text
     assert "the largest epsilon whose 95% interval of re-identification reaches chance is 3 (12% [2-47%] (n=8))" in text
     assert "intervals overlap" in text and "554 images per point (now 8)" in text
-    assert "50.0% vs 90.0% without DP (+40.0 points paid)" in text
+    assert "50.0% vs 90.0% without DP (-40.0 points)" in text
     md = markdown_table(summary)
     assert "38% [14-69%] (n=8)" in md and "12% [2-47%] (n=8)" in md and "re-id [95%]" in md
 

@@ -104,7 +104,7 @@ def _paid(at: dict[str, Any], base: dict[str, Any] | None) -> str:
     if acc is None or base_acc is None:
         return ""
     return (f" Validation accuracy at epsilon {at['epsilon']}: {acc:.1%} vs {base_acc:.1%} without DP "
-            f"({(base_acc - acc) * 100:+.1f} points paid).")
+            f"({(acc - base_acc) * 100:+.1f} points).")
 
 
 def _separation(at: dict[str, Any], chance: float) -> str:
