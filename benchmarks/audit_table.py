@@ -56,7 +56,7 @@ def rows_from(summary: dict, headline: set[float]) -> list[dict]:
             "prototype_true_reid": None if r.get("prototype_true_reid_interval") is None else
             {**r["prototype_true_reid_interval"], "kind": "rate"},
             "prototype_psnr": r.get("prototype_true_psnr"), "prototype_true_psnr": r.get("prototype_true_psnr"),
-            "accuracy": r.get("accuracy"),
+            "accuracy": None if r.get("accuracy") is None else f"{r['accuracy']:.1%}",
             "verdict": "at chance" if r.get("at_chance") else "above chance",
             "headline": float(r["epsilon"]) in headline,
         })
