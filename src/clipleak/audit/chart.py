@@ -108,8 +108,8 @@ def chart_figure(summary: dict[str, Any]) -> plt.Figure:
     ax.set_xticklabels([f"{t:g}" for t in finite] + ["∞ (no DP)"])
     ax.set_xlabel("epsilon (delta and schedule in the table)")
     cfg = summary["config"]
-    what = "batch" if len(batches) == 1 else "batches of " + ", ".join(str(b) for b in batches) + " digits"
-    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private digit {what} per point\n"
+    sizes = " / ".join(str(b) for b in batches)
+    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private batches of {sizes} digit(s) per point\n"
                  "bars: 95% intervals over the images of each point")
     fig.tight_layout()
     return fig
