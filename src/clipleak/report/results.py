@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ def provenance(*, split: str, draw_seeds: Sequence[int], images: int, threads: i
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
-        "command": " ".join(command if command is not None else ["python", *sys.argv]),
+        "command": shlex.join(command if command is not None else ["python", *sys.argv]),
     }
 
 
@@ -132,7 +133,9 @@ def fmt_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dict) and {"value", "low", "high"} <= value.keys():
-        return fmt_rate(value) if value.get("kind", "rate") == "rate" else fmt_mean(value)
+        if value.get("kind", "rate") == "rate":
+            return fmt_rate(value)
+        return fmt_mean(value, 2 if abs(value["value"]) <= 1.0 else 1)  # SSIM, cosines: 2 digits; dB, s: 1
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
     return str(value).replace("|", "\\|")
@@ -172,13 +175,17 @@ def render_doc(rf: ResultsFile) -> str:
 
 
 HeadlineRow = Callable[[dict[str, ResultsFile]], list[list[str]]]
-HEADLINE_HEADERS = ["case", "n (split)", "re-identified [95% CI]", "PSNR dB (prototype)", "labels", "reproduce"]
+HEADLINE_HEADERS = ["case", "n (split)", "re-identified [95% CI]", "PSNR dB (prototype)", "labels",
+                    "command and provenance"]
+HEADLINE_ORDER = ("mip", "mip-coop", "mip_shared_b4", "gradvit", "audit-adapter")
+"""Results files in the order their headline rows appear; files not named here follow in name order."""
 
 
 def headline_rows(results: dict[str, ResultsFile]) -> list[list[str]]:
     """The README's headline rows: every results row marked ``headline: true``, in file order."""
     out: list[list[str]] = []
-    for rf in results.values():
+    rank = {name: i for i, name in enumerate(HEADLINE_ORDER)}
+    for rf in sorted(results.values(), key=lambda f: (rank.get(f.name, len(rank)), f.name)):
         for r in rf.rows:
             if not r.get("headline"):
                 continue
