@@ -380,3 +380,34 @@ def test_attack_killed_and_resumed_gives_the_uninterrupted_result(pair, tmp_path
 @pytest.mark.slow
 def test_attack_killed_20_times_resumes_to_the_same_result(pair, tmp_path):
     _kill_and_resume(pair, tmp_path, 20)
+
+
+def test_audit_and_fl_refuse_bad_input_before_any_work(tmp_path: Path) -> None:
+    """An absurd --images, negative --canaries, an unknown --attack, an --out that is a file, and a damaged
+    cells.json are each one line and exit 2, before a cell is computed or a round is trained."""
+    import time
+
+    from clipleak.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        ["audit", "--out", str(tmp_path / "a1"), "--images", "1000000000", "--methods", "adapter", "--epsilons",
+         "inf", "--canaries", "0"],
+        ["audit", "--out", str(tmp_path / "a2"), "--canaries", "-1", "--methods", "adapter", "--epsilons", "inf"],
+        ["audit", "--out", str(tmp_path / "a3"), "--attack", "foo", "--methods", "adapter", "--epsilons", "inf"],
+        ["audit", "--out", str(afile), "--methods", "adapter", "--epsilons", "inf"],
+        ["fl", "run", "--out", str(tmp_path / "f1"), "--attack", "foo", "--clients", "2", "--rounds", "1"],
+        ["fl", "run", "--out", str(afile), "--clients", "2", "--rounds", "1"],
+    ]
+    for argv in cases:
+        t0 = time.perf_counter()
+        assert main(argv) == 2, argv
+        assert time.perf_counter() - t0 < 5, argv
+        assert not (tmp_path / "a1" / "cells.json").exists()
+    damaged = tmp_path / "a4"
+    damaged.mkdir()
+    for text in ("{\"config\": {", "[]"):
+        (damaged / "cells.json").write_text(text)
+        assert main(["audit", "--out", str(damaged), "--methods", "adapter", "--epsilons", "inf", "--images", "1",
+                     "--canaries", "0"]) == 2

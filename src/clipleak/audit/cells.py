@@ -10,8 +10,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ClipleakError
+from ..attacks import attack_spec
+from ..errors import ClipleakError, check_range
 from ..training import FinetuneConfig
+
+MAX_IMAGES = 10_000
+"""Observations per point at most: a larger audit is refused before any cell list is built."""
+MAX_CANARIES = 100_000
 
 
 @dataclass
@@ -41,6 +46,10 @@ class AuditConfig:
     draw_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_range("--images", self.images, low=1, high=MAX_IMAGES, integer=True)
+        check_range("--canaries", self.canaries, low=0, high=MAX_CANARIES, integer=True)
+        check_range("--iterations", self.iterations, low=0, high=100_000, integer=True)
+        attack_spec(self.attack)  # an unknown attack is refused here, before any cell is computed
         if not self.epsilons or any(not (e > 0) for e in self.epsilons):
             raise ClipleakError("epsilons must be positive numbers (inf for no defense)")
         if int(self.images) < 1 or not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):

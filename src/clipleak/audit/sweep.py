@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from ..models import build_model, read_card
 from ..peft import PeftConfig, build_victim, rebuild_victim
 from ..privacy import DpSetting
 from ..records import ProgressEvent, ProgressFn, Truth
+from ..records.files import write_json_atomic
 from ..training import derive_seed, dp_setting, finetune
 from .canary import canary_audit
 from .cells import AuditConfig, cell_keys, eps_text, key_text, saved_config
@@ -63,7 +63,13 @@ class _Store:
         self.path = path
         self.cells: dict[str, Any] = {}
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+                if not isinstance(saved, dict) or not isinstance(saved.get("cells", {}), dict):
+                    raise ValueError("not an audit's cells file")
+            except ValueError as e:
+                raise ClipleakError(f"{path} is damaged ({e}); rerun with --restart to start this audit over "
+                                    "(its finished cells are lost), or use another --out") from None
             old = saved_config(saved.get("config") or {})
             if old.get("draw_seed") != config.get("draw_seed"):
                 raise ClipleakError(f"{path} holds an audit of draw seed {old.get('draw_seed')}, not "
@@ -76,9 +82,7 @@ class _Store:
 
     def put(self, key: str, value: Any) -> None:
         self.cells[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": self.config, "cells": self.cells}, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"config": self.config, "cells": self.cells})
 
 
 class AuditContext:

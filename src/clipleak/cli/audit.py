@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console, parse_ints, progress_bar
+from ..errors import check_range
+from .common import check_writable, command, console, parse_ints, progress_bar
 
 
 def audit(
@@ -43,6 +44,8 @@ def audit(
              "DRAW_SEED, DRAW_SEED+1, ..., DRAW_SEED+IMAGES-1 (the same digits at every epsilon); a folder "
              "holds one draw seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="delete OUT/cells.json first and start the audit over (e.g. when it is damaged)")] = False,
 ) -> None:
     """Sweep epsilon x PEFT method x batch size: defended observations of private digits attacked and scored
     (re-identification, PSNR) beside the class prototype and chance; validation accuracy of DP fine-tuning on
@@ -62,6 +65,8 @@ def audit(
     from .. import api
     from ..audit import AuditConfig, parse_epsilons
 
+    check_writable(out, folder=True)
+    check_range("--threads", threads, low=1, high=256, integer=True)
     ft: dict[str, object] = {"steps": steps, "batch_size": batch_size, "clip": clip, "lr": lr, "sampling": "poisson"}
     if class_specific:  # only when set: audits run before these options existed stay resumable
         ft["class_specific"] = True
@@ -71,6 +76,8 @@ def audit(
                       batch_sizes=parse_ints(batch_sizes) or [1], attack=attack, images=images,
                       decoder=decoder or None, iterations=iterations, weights=weights, delta=delta,
                       finetune=ft, canaries=canaries, seed=seed, draw_seed=draw_seed)
+    if restart:
+        (out / "cells.json").unlink(missing_ok=True)
     with progress_bar() as cb:
         summary = api.audit(cfg, out, progress=cb, threads=threads)
     console.print(f"{summary['computed']} cell(s) computed ({summary['seconds_this_run']:.0f} s), the rest resumed")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..records import ProgressEvent, ProgressFn
-from .common import command, console, helptext, progress_bar
+from .common import check_writable, command, console, helptext, progress_bar
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -70,14 +70,18 @@ def run(
 
     Example: clipleak fl run --clients 2 --rounds 2 --local-steps 5 --method coop --partition dirichlet:0.5 --dp per-example --clip 1 --noise-multiplier 1 --out runs/fl-dp
     """  # noqa: E501
+    from ..attacks import make_config
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
 
+    check_writable(out, folder=True)
     recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
     settings: dict[str, Any] = {"iterations": iterations}
     if attack == "featmatch" and decoder:
         settings["decoder"] = decoder
+    if attack != "none":
+        make_config(attack, **settings)  # an unknown attack or setting is refused before round 1
     spec = RunSpec(out=str(out), clients=clients, rounds=rounds, recipe=recipe,
                    attack=None if attack == "none" else attack, attack_settings=settings,
                    attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy)
