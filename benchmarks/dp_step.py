@@ -17,14 +17,16 @@ trainer trains (every parameter, the token embedding only in the rows the public
 
 Timings are interleaved (plain, DP, plain, DP, ...) so that load from other processes hits both alike;
 the median and the minimum over the repeats are reported, with the ratio of each to plain's (on a
-shared machine the minima are the steadier estimate of the cost).
-Run:  python benchmarks/dp_step.py [--batch 32] [--repeats 15] [--only peft,contrastive] [--json out.json]
+shared machine the minima are the steadier estimate of the cost). Rows (one per group and variant) and
+the run's provenance go to benchmarks/results/<name>.json.
+
+    python benchmarks/dp_step.py                                     # every group, batch 32, 15 repeats
+    python benchmarks/dp_step.py --batch 8 --repeats 5 --only peft,train --name dp_step-b8
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -38,9 +40,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from clipleak.models import TextTower, build_model
 from clipleak.peft import PeftConfig, build_victim
 from clipleak.privacy import DpSetting, dp_clip, gaussian_noise, privatise
+from clipleak.report.results import markdown_table, provenance, write_results
 from clipleak.training.pretrain import DEFAULT_TEMPLATES
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLUMNS = [("group", "group"), ("variant", "variant"), ("median_ms", "median ms"), ("min_ms", "min ms"),
+           ("ratio_text", "/ plain (medians)"), ("ratio_min_text", "/ plain (minima)"), ("gflop", "GFLOP"),
+           ("flop_ratio_text", "FLOPs / plain")]
+"""Ratios are shown with two decimals (the numbers stay in ``ratio``, ``ratio_min``, ``flop_ratio``)."""
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -189,32 +196,34 @@ def main() -> None:
     ap.add_argument("--only", default="peft,train,contrastive,contrastive-all-rows",
                     help="comma-separated rows: peft, train (clipleak train's CoOp step), contrastive, "
                          "contrastive-all-rows")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--name", default="dp_step", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     only = {t.strip() for t in args.only.split(",")}
-    res: dict[str, object] = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__}
-    rows: list[tuple[str, dict[str, dict[str, float]]]] = []
+    prov = provenance(split="none (timing)", draw_seeds=[], images=0, threads=args.threads)
+    groups: list[tuple[str, dict[str, dict[str, float]]]] = []
     if "peft" in only:
-        peft = peft_rows(args.batch, args.repeats)
-        res["peft"] = peft
-        rows += list(peft.items())
+        groups += list(peft_rows(args.batch, args.repeats).items())
     if "train" in only:
-        res["train-coop"] = train_rows(args.batch, args.repeats)
-        rows.append(("train-coop", res["train-coop"]))  # type: ignore[arg-type]
+        groups.append(("train-coop", train_rows(args.batch, args.repeats)))
     for name, vocab in (("contrastive", "captions"), ("contrastive-all-rows", "all")):
         if name in only:
-            res[name] = contrastive_row(args.batch, args.repeats, vocab)
-            rows.append((name, res[name]))  # type: ignore[arg-type]
-    for name, row in rows:
-        for k, s in row.items():
+            groups.append((name, contrastive_row(args.batch, args.repeats, vocab)))
+    rows = []
+    for group, variants in groups:
+        count = variants.get("parameters", {}).get("count")
+        for variant, s in variants.items():
             if "median_ms" in s:
-                flops = f"  FLOPs {s['flop_ratio']:.2f}x" if "flop_ratio" in s else ""
-                print(f"{name:20s} {k:26s} median {s['median_ms']:7.1f} ms  min {s['min_ms']:7.1f} ms  "
-                      f"{s['ratio']:.2f}x plain (medians), {s['ratio_min']:.2f}x (minima){flops}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+                texts = {f"{k}_text": f"{s[k]:.2f}x" for k in ("ratio", "ratio_min", "flop_ratio") if k in s}
+                rows.append({"group": group, "variant": variant, "batch": args.batch, "repeats": args.repeats,
+                             **({"parameters": int(count)} if count is not None else {}), **s, **texts})
+    notes = (f"tiny-32, random init, batch {args.batch}, {args.repeats} interleaved repeats in shuffled order per "
+             "variant; median and minimum per step, each as a ratio to the plain step of its group; FLOPs from "
+             "torch's FlopCounterMode (machine-independent).")
+    path = write_results(args.name, rows, prov, title="DP step against the plain step", columns=COLUMNS,
+                         notes=notes)
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
