@@ -1,22 +1,24 @@
 """Zero-shot accuracy of a pretrained target CLIP against wall time of training.
 
 For each time budget it runs :func:`clipleak.training.pretrain` with the learning-rate schedule fitted to
-that budget (``steps=None, time_budget_s=B``) and measures zero-shot accuracy on the private split every
-``--every`` seconds of training (evaluation time is not counted), then prints one table row per
-measurement and a summary per budget (final accuracy with the prompt "a photo of a {}." and with the
-template ensemble). ``--steps N`` instead runs one fixed-length schedule (the artifact recipe).
+that budget (``steps=None, time_budget_s=B``) and measures zero-shot accuracy on the validation split every
+``--every`` seconds of training (evaluation time is not counted), then prints the curve of each run and a
+table with one row per run (final accuracy with the prompt "a photo of a {}." and with the template
+ensemble, each with its 95% Wilson interval over the validation images). ``--steps N`` instead runs one
+fixed-length schedule (the artifact recipe).
 
-The machine's load average is printed at the start and end of every run: on a 2-core machine shared with
-other busy processes, timings (and a 2-thread run in particular) can be several times slower.
+Each row records the machine's load average at the start and end of its run: on a 2-core machine shared
+with other busy processes, timings (and a 2-thread run in particular) can be several times slower.
+Rows (one per run, with its accuracy curve) and the run's provenance go to benchmarks/results/<name>.json.
 
-Run:  PYTHONPATH=src python benchmarks/pretrain.py [--budgets 60,120,240] [--every 15] [--threads 2]
-                                                   [--steps 400] [--json out.json]
+    python benchmarks/pretrain.py                                   # budgets 60, 120, 240 s
+    python benchmarks/pretrain.py --budgets 60,120 --every 15 --threads 2 --name pretrain-budgets
+    python benchmarks/pretrain.py --steps 400 --name pretrain-recipe  # the artifact recipe's schedule
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -25,7 +27,19 @@ from typing import Any
 
 import torch
 
+from clipleak.evaluation import rate_interval
+from clipleak.report.results import markdown_table, provenance, write_results
 from clipleak.training.pretrain import PretrainConfig, pretrain
+
+COLUMNS = [("run", "run"), ("steps_done", "steps"), ("train_seconds", "train s"),
+           ("seconds_per_step", "s / step"), ("n_images", "n (validation)"), ("accuracy", "zero-shot accuracy"),
+           ("ensemble_accuracy", "ensemble accuracy"), ("random_init_accuracy", "random init"),
+           ("load", "load average")]
+CURVE_COLUMNS = [("train_seconds", "train s"), ("step", "step"), ("accuracy", "zero-shot accuracy")]
+
+
+def _rate(value: float | None, n: int) -> dict[str, Any] | None:
+    return None if value is None else {**rate_interval(value, n).to_dict(), "kind": "rate"}
 
 
 def run_one(cfg: PretrainConfig, every: float, threads: int | None, label: str) -> dict[str, Any]:
@@ -36,21 +50,25 @@ def run_one(cfg: PretrainConfig, every: float, threads: int | None, label: str) 
         card = pretrain(cfg, Path(tmp) / "model.safetensors", eval_every_s=every, threads=threads)
         wall = time.perf_counter() - t0
     zs = card["zero_shot"] or {}
+    n = int(zs.get("n_images", 0))
+    load1 = round(os.getloadavg()[0], 2)
     return {
         "run": label,
         "config": cfg.to_dict(),
         "threads": card["torch_threads"],
         "load_avg_start": round(load0, 2),
-        "load_avg_end": round(os.getloadavg()[0], 2),
+        "load_avg_end": load1,
+        "load": f"{round(load0, 2)} -> {load1}",
         "steps_done": card["steps_done"],
         "steps_planned": card["steps_planned"],
         "train_seconds": card["train_seconds"],
         "seconds_per_step": card["seconds_per_step"],
         "wall_seconds": round(wall, 1),
         "final_loss": card["final_loss"],
-        "accuracy": zs.get("accuracy"),
-        "ensemble_accuracy": zs.get("ensemble_accuracy"),
-        "random_init_accuracy": zs.get("random_init_accuracy"),
+        "n_images": n,
+        "accuracy": _rate(zs.get("accuracy"), n),
+        "ensemble_accuracy": _rate(zs.get("ensemble_accuracy"), n),
+        "random_init_accuracy": _rate(zs.get("random_init_accuracy"), n),
         "curve": card["curve"],
     }
 
@@ -69,7 +87,7 @@ def main() -> None:
     ap.add_argument("--patch-dropout", type=float, default=PretrainConfig.patch_dropout)
     ap.add_argument("--no-augment", action="store_true", help="no random affine augmentation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--name", default="pretrain", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
 
     base = dict(arch=args.arch, data=args.data, batch_size=args.batch_size, lr=args.lr,
@@ -81,29 +99,28 @@ def main() -> None:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
         plans = [(f"budget {b:g} s", PretrainConfig(steps=None, time_budget_s=b, **base)) for b in budgets]
 
-    results = []
+    threads = args.threads or torch.get_num_threads()
+    prov = provenance(split="validation", draw_seeds=[], images=0, threads=threads)
+    notes = (f"Contrastive pretraining of {args.arch} on {args.data}'s public split (batch {args.batch_size}, "
+             f"lr {args.lr:g}, warmup {args.warmup}, patch dropout {args.patch_dropout:g}, augment "
+             f"{not args.no_augment}, seed {args.seed}); zero-shot accuracy with the prompt \"a photo of a {{}}.\" "
+             "and with the template ensemble on the validation split, each with its 95% Wilson interval over "
+             "those images; seconds are training time only (evaluation not counted).")
+    rows = []
     for label, cfg in plans:
         print(f"== {label}: {args.arch} on {args.data}, batch {args.batch_size}, lr {args.lr:g}, "
               f"warmup {args.warmup} (<= 10% of the steps), patch dropout {args.patch_dropout:g}, "
-              f"augment {not args.no_augment}, threads {args.threads or torch.get_num_threads()}", flush=True)
+              f"augment {not args.no_augment}, threads {threads}", flush=True)
         r = run_one(cfg, args.every, args.threads, label)
-        results.append(r)
-        print(f"{'train s':>8} {'step':>6} {'zero-shot acc':>14}")
-        for pt in r["curve"]:
-            print(f"{pt['train_seconds']:8.1f} {pt['step']:6d} {pt['accuracy']:14.3f}")
-        print(f"{r['train_seconds']:8.1f} {r['steps_done']:6d} {r['accuracy']:14.3f}  (final; ensemble "
-              f"{r['ensemble_accuracy']:.3f}; random init {r['random_init_accuracy']:.3f})")
-        print(f"   {r['seconds_per_step']:.3f} s/step, load average {r['load_avg_start']} -> "
-              f"{r['load_avg_end']}\n", flush=True)
-
-    print(f"{'run':>16} {'steps':>6} {'train s':>8} {'s/step':>7} {'acc':>6} {'ens acc':>8} {'load':>10}")
-    for r in results:
-        print(f"{r['run']:>16} {r['steps_done']:6d} {r['train_seconds']:8.1f} {r['seconds_per_step']:7.3f} "
-              f"{r['accuracy']:6.3f} {r['ensemble_accuracy']:8.3f} "
-              f"{r['load_avg_start']:>4}->{r['load_avg_end']:<4}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results}, indent=2))
-        print(f"wrote {args.json}")
+        rows.append(r)
+        prov["images"] = max(int(prov["images"]), r["n_images"])
+        if r["curve"]:
+            print(markdown_table([h for _, h in CURVE_COLUMNS], [[pt.get(k) for k, _ in CURVE_COLUMNS]
+                                                                   for pt in r["curve"]]), flush=True)
+        path = write_results(args.name, rows, prov, title="Zero-shot accuracy of the pretrained target against "
+                             "training time", columns=COLUMNS, notes=notes)  # kept after every run
+    print(markdown_table([h for _, h in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
