@@ -19,7 +19,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,6 @@ def render_doc(rf: ResultsFile) -> str:
     return "\n".join(parts)
 
 
-HeadlineRow = Callable[[dict[str, ResultsFile]], list[list[str]]]
 HEADLINE_HEADERS = ["case", "n (split)", "re-identified [95% CI]", "PSNR dB (prototype)", "labels",
                     "command and provenance"]
 HEADLINE_ORDER = ("mip", "mip-coop", "mip_shared_b4", "gradvit", "audit-adapter")
