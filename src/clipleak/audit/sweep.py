@@ -48,7 +48,7 @@ from ..peft import PeftConfig, build_victim, rebuild_victim
 from ..privacy import DpSetting
 from ..records import ProgressEvent, ProgressFn, Truth
 from ..records.files import write_json_atomic
-from ..training import derive_seed, dp_setting, finetune
+from ..training import derive_seed, finetune
 from .canary import canary_audit
 from .cells import AuditConfig, cell_keys, eps_text, key_text, saved_config
 from .chart import write_outputs
@@ -105,7 +105,7 @@ class AuditContext:
         self.data_meta = {**self.spec.to_dict(), "grayscale": self.private.grayscale}
 
     def setting(self, method: str, eps: float) -> DpSetting | None:
-        return dp_setting(self.cfg.ft(method, eps), len(self.private))
+        return self.cfg.ft(method, eps).dp_setting(len(self.private))
 
 
 def _arch(path: str) -> str:

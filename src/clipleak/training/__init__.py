@@ -8,7 +8,6 @@ from .finetune import (
     FinetuneRun,
     accuracy_from_raw,
     contrastive_finetune,
-    dp_setting,
     finetune,
 )
 from .loop import Budget, LoopState, train_loop
@@ -28,6 +27,6 @@ from .priors import (
 __all__ = [
     "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "ContrastiveConfig",
     "FinetuneConfig", "FinetuneRun", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior",
-    "checkpoint_dir", "cnn_quality", "contrastive_finetune", "derive_seed", "dp_setting", "finetune",
+    "checkpoint_dir", "cnn_quality", "contrastive_finetune", "derive_seed", "finetune",
     "load_caption_csv", "lr_at", "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

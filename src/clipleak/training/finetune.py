@@ -174,11 +174,6 @@ class FinetuneConfig:
         return d
 
 
-def dp_setting(cfg: FinetuneConfig, n_images: int) -> DpSetting | None:
-    """``cfg.dp_setting(n_images)``."""
-    return cfg.dp_setting(n_images)
-
-
 def sample_rate(cfg: FinetuneConfig, n_images: int) -> float:
     if cfg.batch_size > n_images:
         raise ClipleakError(f"batch size {cfg.batch_size} is larger than the {n_images} training images")
