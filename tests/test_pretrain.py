@@ -274,3 +274,38 @@ def test_cli_pretrain_defaults_are_the_config_defaults():
         assert params[name].default == getattr(cfg, name), name
     hints = typing.get_type_hints(cli.pretrain, include_extras=True)
     assert f"default {PretrainConfig.steps} " in hints["steps"].__metadata__[0].help
+
+
+def test_shipped_decoder_is_installed_for_its_own_target_only(tmp_path, monkeypatch):
+    """The package ships tiny-mnist-decoder exactly as its recipe builds it from tiny-mnist: a cache holding that
+    target gets the shipped file instead of a build; a shipped card made for another target is not used."""
+    import shutil
+
+    target = artifacts.resolve("tiny-mnist")  # the suite's trained target (built once, cached)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for f in (target, card_path(target)):
+        shutil.copyfile(f, cache / f.name)
+    monkeypatch.setenv("CLIPLEAK_CACHE", str(cache))
+
+    def boom(*a, **k):
+        raise AssertionError("built although a current copy is shipped")
+
+    monkeypatch.setattr(artifacts, "build_prior", boom)
+    shipped = artifacts.SHIPPED / "tiny-mnist-decoder.safetensors"
+    expected = json.loads(card_path(shipped).read_text())["artifact"]["expected"]
+    assert expected["recipe"] == artifacts.get("tiny-mnist-decoder").recipe.to_dict()
+    path = artifacts.resolve("tiny-mnist-decoder")
+    assert path.read_bytes() == shipped.read_bytes() and artifacts.is_current("tiny-mnist-decoder")
+
+    # a shipped copy whose card names another target is not current here: the recipe is built instead
+    other = tmp_path / "shipped"
+    other.mkdir()
+    shutil.copyfile(shipped, other / shipped.name)
+    card = json.loads(card_path(shipped).read_text())
+    card["artifact"]["expected"]["target_sha256"] = "0" * 64
+    card_path(other / shipped.name).write_text(json.dumps(card))
+    monkeypatch.setattr(artifacts, "SHIPPED", other)
+    path.unlink()
+    with pytest.raises(AssertionError, match="built although"):
+        artifacts.resolve("tiny-mnist-decoder")

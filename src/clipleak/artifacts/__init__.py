@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -205,6 +206,25 @@ def _stamp(path: Path, name: str, expected: dict[str, Any]) -> None:
     cp.write_text(json.dumps(c, indent=2, default=str))
 
 
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+"""Artifacts shipped with the package, exactly as their recipe builds them (small ones only): installed into
+the cache instead of rebuilt when they are current there, i.e. when the local target they were trained for has
+the same SHA-256 (a target is bitwise reproducible on one CPU instruction set); otherwise built as usual."""
+
+
+def _install_shipped(name: str, path: Path) -> bool:
+    """Copy the shipped file and card of ``name`` to ``path`` (atomically); False when none is shipped."""
+    src = SHIPPED / f"{name}.safetensors"
+    if not src.is_file() or not card_path(src).is_file():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, path), (card_path(src), card_path(path))):
+        tmp = b.with_name(f".{b.name}.tmp{os.getpid()}")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+    return True
+
+
 def resolve(name: str, progress: ProgressFn | None = None, *, rebuild: bool = False) -> Path:
     """Path of artifact ``name``, built first if needed (one time only; a decoder builds its target first).
 
@@ -220,6 +240,8 @@ def resolve(name: str, progress: ProgressFn | None = None, *, rebuild: bool = Fa
         return path
     with build_lock(path):
         if not rebuild and _is_current(path, expected):  # built by another process meanwhile
+            return path
+        if not rebuild and _install_shipped(name, path) and _is_current(path, expected):
             return path
         print(f"[clipleak] {art.kind} {name!r} is not in {cache_dir()} yet: one-time training "
               f"({art.description}); later uses load the file.", file=sys.stderr, flush=True)
