@@ -265,7 +265,8 @@ def demo(
     one private digit; the attacker fits the image feature and the label to the prompt gradient and
     turns the feature into a digit with a decoder trained on the public split (the best prior measured
     on this target; add --iterations 150 to refine it by a VAE latent search). The first run trains
-    the target and the priors once (minutes; cached); later runs are much faster.
+    the target once (about 1.5 minutes on 2 cores; cached; the decoder ships with the package); later runs
+    take under a minute.
 
     Example: clipleak demo --out runs/demo
 
