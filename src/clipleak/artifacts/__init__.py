@@ -18,13 +18,14 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClipleakError
 from ..models import arch_config, card_path, file_sha256, read_card
 from ..priors import save_prior
-from ..records import ProgressFn
+from ..records import ProgressFn, write_atomic
 from ..training import (
     DEFAULT_CNN_STEPS,
     DEFAULT_DECODER_STEPS,
@@ -218,10 +219,8 @@ def _install_shipped(name: str, path: Path) -> bool:
     if not src.is_file() or not card_path(src).is_file():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    for a, b in ((src, path), (card_path(src), card_path(path))):
-        tmp = b.with_name(f".{b.name}.tmp{os.getpid()}")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
+    for shipped, installed in ((src, path), (card_path(src), card_path(path))):
+        write_atomic(installed, partial(shutil.copyfile, shipped))
     return True
 
 

@@ -14,12 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..report.page import Section, bullets, image, links, paragraph, pre, table, write_page  # noqa: E402
-from .summary import COLUMNS, markdown_table, table_rows  # noqa: E402
-
-
-def _mean(xs: list[float | None]) -> float | None:
-    vals = [float(x) for x in xs if x is not None]
-    return float(np.mean(vals)) if vals else None
+from .summary import COLUMNS, markdown_table, mean_of, table_rows  # noqa: E402
 
 
 def _x(eps: str, finite: list[float]) -> float:
@@ -59,7 +54,7 @@ def _method_curves(ax: Any, acc_ax: Any, rows: list[dict[str, Any]], method: str
         ax.plot(xs, [np.nan if r[metric] is None else r[metric] for r in mine], marker=marker, ls=ls, color=colour,
                 label=f"{name}, batch {b}: attack")
         _interval_bars(ax, xs, [r.get(f"{metric}_interval") for r in mine], colour, f"interval-{metric}")
-        proto = _mean([r[f"prototype_true_{metric}"] for r in mine])
+        proto = mean_of([r[f"prototype_true_{metric}"] for r in mine])
         if proto is not None:
             which = f"{name}, batch {b}" if len(batches) > 1 else name
             ax.axhline(proto, color=colour, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")

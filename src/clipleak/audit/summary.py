@@ -18,7 +18,8 @@ from ..report.page import interval_text
 from .cells import AuditConfig, eps_text, key_text
 
 
-def _mean(xs: list[float | None]) -> float | None:
+def mean_of(xs: list[float | None]) -> float | None:
+    """The mean of the values that are not None (None when there are none)."""
     vals = [float(x) for x in xs if x is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -52,14 +53,14 @@ def _row(cfg: AuditConfig, cells: dict[str, Any], method: str, b: int, eps: floa
         "noise_multiplier": done[0]["noise_multiplier"] if done else acc.get("noise_multiplier"),
         "reid": None if reid is None else reid["value"], "reid_interval": reid,
         "psnr": None if psnr is None else psnr["value"], "psnr_interval": psnr,
-        "ssim": _mean([o["ssim"] for o in done]),
+        "ssim": mean_of([o["ssim"] for o in done]),
         "label_accuracy_interval": _pooled(done, "label_accuracy", b),
-        "prototype_reid": _mean([o["prototype_reid"] for o in done]),
-        "prototype_psnr": _mean([o["prototype_psnr"] for o in done]),
+        "prototype_reid": mean_of([o["prototype_reid"] for o in done]),
+        "prototype_psnr": mean_of([o["prototype_psnr"] for o in done]),
         "prototype_true_reid_interval": _pooled(done, "prototype_true_reid", b),
-        "prototype_true_psnr": _mean([o["prototype_true_psnr"] for o in done]),
+        "prototype_true_psnr": mean_of([o["prototype_true_psnr"] for o in done]),
         "chance": cfg.chance,
-        "attack_seconds_per_image": _mean([o["attack_seconds"] for o in done]),
+        "attack_seconds_per_image": mean_of([o["attack_seconds"] for o in done]),
         "accuracy": acc.get("accuracy"), "accuracy_epsilon_spent": acc.get("epsilon"),
         "canary_epsilon_lower_bound": can.get("epsilon_lower_bound"),
         "canary_guess_accuracy": can.get("accuracy"),

@@ -46,8 +46,7 @@ from ..evaluation import evaluate
 from ..models import build_model, read_card
 from ..peft import PeftConfig, build_victim, rebuild_victim
 from ..privacy import DpSetting
-from ..records import ProgressEvent, ProgressFn, Truth
-from ..records.files import write_json_atomic
+from ..records import ProgressEvent, ProgressFn, Truth, write_json_atomic
 from ..training import derive_seed, finetune
 from .canary import canary_audit
 from .cells import AuditConfig, cell_keys, eps_text, key_text, saved_config

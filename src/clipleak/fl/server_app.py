@@ -10,7 +10,6 @@ starts after the last finished round (a finished round is never recomputed) and 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from ..data import DataSpec, load_validation
 from ..errors import ClipleakError
 from ..models import build_model
 from ..peft import Victim, build_victim, rebuild_victim
-from ..records import Observation, Reconstruction, gradient_view
+from ..records import Observation, Reconstruction, gradient_view, write_text_atomic
 from .settings import CONFIG_KEY, Recipe
 from .strategy import STRATEGIES, AttackFn, AttackingStrategy, make_strategy
 
@@ -91,9 +90,7 @@ class RunSpec:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def global_path(out: str | Path, rnd: int) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClipleakError
+from ..records import write_text_atomic
 
 SCHEMA = 1
 README_START = ("<!-- headline:start (rendered from benchmarks/results/ by `python benchmarks/render.py`; "
@@ -68,16 +69,6 @@ def provenance(*, split: str, draw_seeds: Sequence[int], images: int, threads: i
     }
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file in the same folder, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_results(name: str, rows: list[dict[str, Any]], prov: dict[str, Any], *, title: str,
                   columns: Sequence[tuple[str, str]], notes: str = "",
                   root: str | Path = "benchmarks/results") -> Path:
@@ -87,7 +78,7 @@ def write_results(name: str, rows: list[dict[str, Any]], prov: dict[str, Any], *
         raise ClipleakError(f"results {name!r}: no rows to write")
     doc = {"schema": SCHEMA, "name": name, "title": title, "notes": notes,
            "columns": [list(c) for c in columns], "provenance": prov, "rows": rows}
-    return write_json_atomic(Path(root) / f"{name}.json", doc)
+    return write_text_atomic(Path(root) / f"{name}.json", json.dumps(doc, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
