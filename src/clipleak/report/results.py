@@ -172,7 +172,7 @@ HEADLINE_ORDER = ("mip", "mip-coop", "mip_shared_b4", "gradvit", "audit-adapter"
 
 
 def headline_rows(results: dict[str, ResultsFile]) -> list[list[str]]:
-    """The README's headline rows: every results row marked ``headline: true``, in file order."""
+    """The README's headline rows: every results row marked ``headline: true``, files in ``HEADLINE_ORDER``."""
     out: list[list[str]] = []
     rank = {name: i for i, name in enumerate(HEADLINE_ORDER)}
     for rf in sorted(results.values(), key=lambda f: (rank.get(f.name, len(rank)), f.name)):
