@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,10 +26,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..devices import DEVICE_HELP, check_device_spec
 from ..errors import ClipleakError
 from ..records import ProgressEvent, ProgressFn
 
 console = Console(stderr=True)
+
+#: ``--device`` on every command that computes: ``device: DeviceOpt = "auto"``. The spelling is checked at
+#: parse time (before torch is imported); availability when the command resolves it.
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP, callback=lambda v: check_device_spec(v))]
 
 
 def helptext(doc: str | None) -> str:
