@@ -19,19 +19,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from ..evaluation import METHOD_LABELS, Interval, at_chance, rate_interval
+from ..records import Reconstruction, Truth
+from .page import Section, esc, image, interval_text, links, paragraph, pre, pyplot, table, write_page
 
-from ..evaluation import METHOD_LABELS, Interval, at_chance, rate_interval  # noqa: E402
-from ..records import Reconstruction, Truth  # noqa: E402
-from .page import Section, esc, image, interval_text, links, paragraph, pre, table, write_page  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MIN_TILE = 128
 """Each image in a grid is upscaled (nearest) to at least this many pixels on its shorter side."""
@@ -84,6 +83,7 @@ def save_comparison(
     cols = max(1, min(cols, n))
     blocks = math.ceil(n / cols)
     nrows = blocks * len(rows)
+    plt = pyplot()
     fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols + 0.9, 2.15 * nrows), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -145,7 +145,7 @@ def schedule_switches(meta: dict[str, Any] | None) -> list[tuple[int, str]]:
 
 
 def loss_figure(history: dict[str, list[float]],
-                switches: list[tuple[int, str]] | None = None) -> plt.Figure | None:
+                switches: list[tuple[int, str]] | None = None) -> Figure | None:
     """The loss-curve figure :func:`save_loss` writes; None when there is no history.
 
     A term logged for fewer iterations than the longest one (a scheduled term is not evaluated while its
@@ -156,6 +156,7 @@ def loss_figure(history: dict[str, list[float]],
     if not series:
         return None
     n = max(len(v) for v in series.values())
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     positive = False
     for name, vals in series.items():
@@ -185,7 +186,7 @@ def save_loss(history: dict[str, list[float]], path: str | Path,
         return None
     p = Path(path)
     fig.savefig(p)
-    plt.close(fig)
+    pyplot().close(fig)
     return p
 
 
@@ -284,12 +285,15 @@ def defense_text(defense: dict[str, Any] | None) -> str:
     """One line on the observation's DP defense (``meta["defense"]``), or that there was none."""
     if not defense:
         return "Defense: none (the observation is the plain gradient)."
+    update = f" Update defense: {defense['applied']}." if defense.get("kind") else ""
+    if defense.get("mechanism") is None:
+        return update.strip()
     eps = defense.get("epsilon")
     spent = (f"epsilon {eps:.3g} at delta {defense.get('delta'):g} ({defense.get('accountant')}, "
              f"{defense.get('steps')} steps at sample rate {defense.get('sample_rate'):g})") if eps is not None \
         else "no epsilon (no schedule given)"
     return (f"Defense: {defense.get('mechanism')} DP, clipping norm C {defense.get('clip'):g} "
-            f"({defense.get('clipping')}), noise multiplier {defense.get('noise_multiplier'):.4g}, {spent}.")
+            f"({defense.get('clipping')}), noise multiplier {defense.get('noise_multiplier'):.4g}, {spent}.{update}")
 
 
 @dataclass

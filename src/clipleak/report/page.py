@@ -103,3 +103,14 @@ def interval_text(iv: dict[str, Any] | None, kind: str = "pct") -> str:
         return "n/a"
     v = Interval(float(iv["value"]), float(iv["low"]), float(iv["high"]), int(iv["n"]))
     return v.db() if kind == "db" else v.pct()
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (it takes about a second, which a
+    command stopped by a bad input should not pay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
