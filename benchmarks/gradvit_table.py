@@ -85,7 +85,7 @@ def main() -> None:
     most = max(d for _, _, d in cells)
     prov = provenance(split=args.part, draw_seeds=range(args.draw_seed, args.draw_seed + most),
                       images=max(b * d for b, _, d in cells), threads=args.threads)
-    notes = ("Full fine-tuning of the visual tower of tiny-mnist; labels never shared. One-to-one "
+    notes = (f"Full fine-tuning of the visual tower of {args.weights}; labels never shared. One-to-one "
              "re-identification among K = 10 candidates per image (chance 10%); intervals 95% (Wilson over the "
              f"images for rates, bootstrap for means). Optimisation rows: {args.iterations} steps x "
              f"{args.restarts} restarts.")

@@ -1,10 +1,11 @@
 """MIP on CLIP PEFT gradients: the adapter, CoOp with shared context and CoOp with class-specific context, at
-several batch sizes, on private digits of the trained target `tiny-mnist`, scored one-to-one beside the class
-prototype and the public nearest neighbour. Writes benchmarks/results/<name>.json (rows + provenance).
+several batch sizes, on private digits of a trained target (`tiny-mnist` unless --weights), scored one-to-one
+beside the class prototype and the public nearest neighbour. Writes benchmarks/results/<name>.json (rows + provenance).
 
     python benchmarks/mip_table.py                                        # the default cells, private split
     python benchmarks/mip_table.py --cells "adapter:1,8;coop:1" --images 40 --name mip
     python benchmarks/mip_table.py --split validation --draw-seed 20 ...  # where settings are tuned
+    python benchmarks/mip_table.py --weights tiny-mnist-224 --cells "adapter:1;coop:1" --name mip224  # 224 px
 
 A cell is PEFT:batch; it draws images // batch batches with draw seeds draw-seed, draw-seed + 1, ...
 Every rate carries its 95% Wilson interval over the cell's images; PSNR a bootstrap interval over the images.
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from clipleak import artifacts
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
 from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
@@ -58,7 +60,9 @@ def main() -> None:
                     help="images per cell (at least one batch); 40 keeps a rate's interval within about "
                          "+-15 points")
     ap.add_argument("--attacks", default="mip", help=f"attacks separated by ';' (any of: {'; '.join(ATTACKS)})")
-    ap.add_argument("--decoder", help="the decoder of the MIP rows (default tiny-mnist-decoder)")
+    ap.add_argument("--weights", default="tiny-mnist", help="the target: an artifact name or a weights file")
+    ap.add_argument("--arch", help="the target's architecture (default: the artifact's, else tiny-32)")
+    ap.add_argument("--decoder", help="the decoder of the MIP rows (default: the artifact WEIGHTS-decoder)")
     ap.add_argument("--split", default="private", choices=["private", "validation"])
     ap.add_argument("--draw-seed", type=int, default=200, help="first draw seed: batch j draws with seed D + j")
     ap.add_argument("--distinct-classes", action="store_true", help="every batch has distinct labels")
@@ -67,6 +71,9 @@ def main() -> None:
     ap.add_argument("--headline", action="store_true", help="mark the first attack's rows for the README table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    arch = args.arch or (str(getattr(artifacts.get(args.weights).recipe, "arch", "tiny-32"))
+                         if artifacts.is_artifact(args.weights) else "tiny-32")
+    decoder = args.decoder or f"{args.weights}-decoder"
     attacks = [a.strip() for a in args.attacks.split(";") if a.strip()]
     bad = [a for a in attacks if a not in ATTACKS]
     if bad:
@@ -75,7 +82,7 @@ def main() -> None:
     draws = {b: max(1, args.images // b) for _, b in cells}
     prov = provenance(split=args.split, draw_seeds=range(args.draw_seed, args.draw_seed + max(draws.values())),
                       images=args.images, threads=args.threads)
-    title = "MIP on CLIP PEFT gradients (tiny-mnist, " + args.split + " digits)"
+    title = f"MIP on CLIP PEFT gradients ({args.weights}, {args.split} digits)"
     notes = ("One-to-one re-identification among K = 10 candidates per image (chance 10%); labels: the label "
              "multiset; feature cos: the recovered features' cosine to the true ones (paired). Intervals: 95%, "
              "Wilson over the images for rates, bootstrap over the images for means. Baselines are scored on "
@@ -85,15 +92,15 @@ def main() -> None:
     for kind, b in cells:
         acc = {a: Cell.new() for a in attacks}
         for j in range(draws[b]):
-            obs, truth = make_observation(weights="tiny-mnist", batch_size=b, seed=args.draw_seed + j,
+            obs, truth = make_observation(arch=arch, weights=args.weights, batch_size=b, seed=args.draw_seed + j,
                                           part=args.split, distinct_classes=args.distinct_classes, **KINDS[kind])
             for a in attacks:
                 kw = dict(ATTACKS[a])
                 name = kw.pop("name")
-                if args.decoder and "decoder" in kw:
-                    kw["decoder"] = args.decoder
+                if "decoder" in kw:
+                    kw["decoder"] = decoder
                 t0 = time.perf_counter()
-                rec = attack_observation(obs, name=name, **kw)
+                rec = attack_observation(obs, name=name, weights=args.weights, **kw)
                 sec = time.perf_counter() - t0
                 _, ev = evaluate_reconstruction(rec, truth, f"{scratch}/{kind}-{b}-{j}-{name}", with_lpips=False)
                 acc[a].add_evaluation(ev, SCORED, seconds=sec)

@@ -51,6 +51,7 @@ class PriorRecipe:
     latent: int = 32
     augment_copies: int = 0  # decoder: small random affine copies of every public image
     base: int = 64  # decoder: widest channel count
+    work_size: int | None = None  # decoder: the side its convolutions work at (None: the image size)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -59,6 +60,8 @@ class PriorRecipe:
             del out["augment_copies"]
         if self.base == 64:
             del out["base"]
+        if self.work_size is None:
+            del out["work_size"]
         return out
 
 
@@ -90,6 +93,13 @@ def _tiny_mnist_64() -> PretrainConfig:
     return replace(_tiny_mnist(), arch="tiny-64")
 
 
+def _tiny_mnist_224() -> PretrainConfig:
+    # tiny-mnist's recipe on the tiny-224 architecture: ViT-B-32's geometry (224 px, patch 32: 7 x 7 tokens and a
+    # class token), narrow and shallow (width 128, 4 layers) so that it trains on one CPU thread; the real-size
+    # path's trained target (issue 27)
+    return replace(_tiny_mnist(), arch="tiny-224")
+
+
 REGISTRY: dict[str, Callable[[], Artifact]] = {
     "tiny-mnist": lambda: Artifact("tiny-mnist", "tiny-32 CLIP pretrained on the public MNIST split (4,000 digits, "
                                    "12 caption templates)", _tiny_mnist()),
@@ -117,6 +127,15 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
     "tiny-mnist-64-cnn": lambda: Artifact("tiny-mnist-64-cnn", "GradViT's prior network for 64 px: tiny-mnist-cnn's "
                                           "recipe at 64 px", PriorRecipe("cnn", "tiny-mnist-64", "tiny-64",
                                                                          steps=DEFAULT_CNN_STEPS)),
+    "tiny-mnist-224": lambda: Artifact("tiny-mnist-224", "tiny-224 CLIP (ViT-B-32's geometry: 224 px, patch 32, "
+                                       "49 tokens + class token; width 128, 4 layers) pretrained on the public "
+                                       "MNIST split at 224 px with tiny-mnist's recipe", _tiny_mnist_224()),
+    "tiny-mnist-224-decoder": lambda: Artifact("tiny-mnist-224-decoder", "feature-to-image decoder for "
+                                               "tiny-mnist-224 (224 px): tiny-mnist-decoder's recipe with its "
+                                               "convolutions at MNIST's own 28 px (resized to 224) and 1,500 "
+                                               "steps, trained on the public MNIST split",
+                                               PriorRecipe("decoder", "tiny-mnist-224", "tiny-224",
+                                                           steps=1500, work_size=28)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 
@@ -260,7 +279,8 @@ def resolve(name: str, progress: ProgressFn | None = None, *, rebuild: bool = Fa
             prior = build_prior(recipe.kind, data=recipe.data, arch=recipe.arch,
                                 weights=str(target) if target else None, split_seed=recipe.split_seed,
                                 steps=recipe.steps, seed=recipe.seed, latent=recipe.latent,
-                                augment_copies=recipe.augment_copies, base=recipe.base, progress=progress,
+                                augment_copies=recipe.augment_copies, base=recipe.base,
+                                work_size=recipe.work_size, progress=progress,
                                 task=task)
             save_prior(prior, path)
         _stamp(path, name, expected)

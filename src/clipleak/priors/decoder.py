@@ -21,7 +21,8 @@ class FeatureDecoder(nn.Module):
 
     ``Linear(E -> start x start x 64)``, then one block per doubling (2x nearest upsample, 3x3 conv,
     BatchNorm, ReLU; 64, 32, 16, 16, ... channels), a 3x3 conv to the image channels and a sigmoid.
-    0.19M parameters for E = 128 at 32 px (three blocks); 64 px adds one block.
+    0.19M parameters for E = 128 at 32 px (three blocks); 64 px adds one block. With ``work_size`` the stack
+    works at that side and its output (before the sigmoid) is resized bilinearly to ``image_size``.
     """
 
     kind = "decoder"
@@ -30,13 +31,18 @@ class FeatureDecoder(nn.Module):
     in_proj: torch.Tensor
 
     def __init__(self, embed_dim: int = 128, image_size: int = 32, channels: int = 1, base: int = 64,
-                 whiten: bool = False):
+                 whiten: bool = False, work_size: int | None = None):
         super().__init__()
         if channels not in (1, 3):
             raise ClipleakError(f"channels must be 1 (grayscale) or 3, got {channels!r}")
         if embed_dim < 1 or base < 4:
             raise ClipleakError("embed_dim must be positive and base at least 4")
-        start, n = layout(image_size)
+        if work_size is not None and not 8 <= int(work_size) <= int(image_size):
+            raise ClipleakError(f"work_size must be between 8 and the image size {image_size}, got {work_size!r}")
+        # the side the convolution stack works at; the output is resized to image_size (bilinear). A 224 px
+        # target's MNIST digits are 28 px ones upsampled: decoding at 28 px loses nothing and costs ~1/64.
+        self.work_size = None if work_size is None or int(work_size) == int(image_size) else int(work_size)
+        start, n = layout(self.work_size or image_size)
         self.embed_dim, self.image_size = int(embed_dim), int(image_size)
         self.channels, self.base = int(channels), int(base)
         self.start = start
@@ -58,8 +64,11 @@ class FeatureDecoder(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """Constructor arguments (stored in the card so :func:`load_prior` can rebuild the module)."""
-        return {"embed_dim": self.embed_dim, "image_size": self.image_size, "channels": self.channels,
-                "base": self.base, "whiten": self.whiten}
+        out = {"embed_dim": self.embed_dim, "image_size": self.image_size, "channels": self.channels,
+               "base": self.base, "whiten": self.whiten}
+        if self.work_size is not None:
+            out["work_size"] = self.work_size
+        return out
 
     def fit_whitening(self, features: torch.Tensor, rel_eps: float = 1e-3) -> None:
         """ZCA-whiten the input with the mean and covariance of ``features`` (the public ones). A trained
@@ -86,7 +95,10 @@ class FeatureDecoder(nn.Module):
         if self.whiten:
             features = (features - self.in_mean) @ self.in_proj
         h = self.fc(features).view(features.shape[0], self.base, self.start, self.start)
-        return expand_gray(torch.sigmoid(self.head(self.blocks(h))))
+        out = self.head(self.blocks(h))
+        if self.work_size is not None:
+            out = F.interpolate(out, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return expand_gray(torch.sigmoid(out))
 
 
 def decoder_images(decoder: FeatureDecoder, features: torch.Tensor, batch: int = 512) -> torch.Tensor:
