@@ -29,12 +29,12 @@ from ..errors import ClipleakError
 from .pretrained import is_pretrained_name, resolve_pretrained, unknown_tag_error
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TINY_ARCHS = ("tiny-32", "tiny-64")
+TINY_ARCHS = ("tiny-32", "tiny-64", "tiny-224")
 _registered = False
 
 
 def register_configs() -> None:
-    """Register clipleak's tiny model configs (``tiny-32``, ``tiny-64``) with open_clip (idempotent)."""
+    """Register clipleak's tiny model configs (:data:`TINY_ARCHS`) with open_clip (idempotent)."""
     global _registered
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)

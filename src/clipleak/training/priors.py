@@ -129,6 +129,7 @@ def train_decoder(
     augment_copies: int = 0,
     base: int = 64,
     whiten: bool = True,
+    work_size: int | None = None,
     progress: ProgressFn | None = None,
     task: str = "train decoder",
 ) -> FeatureDecoder:
@@ -141,7 +142,8 @@ def train_decoder(
     ``augment_copies`` adds that many random small affine copies of every public image (shift, rotation,
     scale, as in pretraining; seeded), their features computed once by the frozen target.
     ``base`` is the decoder's widest channel count; ``whiten`` whitens its input with the public
-    features' statistics (:meth:`FeatureDecoder.fit_whitening`).
+    features' statistics (:meth:`FeatureDecoder.fit_whitening`). ``work_size`` is the side its convolution
+    stack works at (resized to the image size; default: the image size).
     """
     if public.images.shape[-1] != clip.image_size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
@@ -164,7 +166,8 @@ def train_decoder(
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_DECODER_STEPS, seconds)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base, whiten=whiten)
+        dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base, whiten=whiten,
+                             work_size=work_size)
     if whiten:
         dec.fit_whitening(feats)
 
@@ -184,7 +187,8 @@ def train_decoder(
     dec.card = {
         "training": {"recipe": {"loss": "L1 + MSE", "optimizer": "Adam", "lr": lr, "decay": "cosine", "batch": batch,
                                 "seed": seed, "feature_noise": feature_noise, "augment_copies": augment_copies,
-                                "base": base, "whiten": whiten, "steps": steps, "seconds": seconds},
+                                "base": base, "whiten": whiten, "steps": steps, "seconds": seconds,
+                                **({"work_size": work_size} if work_size is not None else {})},
                      "data": public.source, "n_images": len(public), "feature_seconds": round(feat_seconds, 3),
                      **info},
         "target": {"arch": clip.arch, "weights": clip.weights, "weights_sha256": clip.weights_sha256},
@@ -286,6 +290,7 @@ def build_prior(
     feature_noise: float = 0.0,
     augment_copies: int = 0,
     base: int = 64,
+    work_size: int | None = None,
     progress: ProgressFn | None = None,
     quality: bool = True,
     task: str | None = None,
@@ -297,7 +302,7 @@ def build_prior(
     baseline (:func:`prior_quality`). ``feature_noise`` (decoder only) trains on noisy features, for
     features that are fitted rather than exact (CoOp). ``augment_copies`` (decoder only) adds that many
     small random affine copies of every public image and ``base`` (decoder only) is its widest channel
-    count (:func:`train_decoder`).
+    count and ``work_size`` (decoder only) the side its convolutions work at (:func:`train_decoder`).
     """
     if kind not in KINDS:
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae, decoder or cnn")
@@ -309,6 +314,8 @@ def build_prior(
                             f"for a {kind}")
     if base != 64 and kind != "decoder":
         raise ClipleakError(f"base (the channel width) only applies to a decoder, got {base} for a {kind}")
+    if work_size is not None and kind != "decoder":
+        raise ClipleakError(f"work_size only applies to a decoder, got {work_size} for a {kind}")
     if kind == "decoder" and weights is None:
         raise ClipleakError("a feature decoder needs the target's trained weights (--weights PATH or tiny-mnist): "
                             "a random-init CLIP gives every image nearly the same feature")
@@ -323,7 +330,8 @@ def build_prior(
                                  task=name)
     else:
         prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
-                              augment_copies=augment_copies, base=base, progress=progress, task=name)
+                              augment_copies=augment_copies, base=base, work_size=work_size, progress=progress,
+                              task=name)
     prior.card["data_spec"] = spec.to_dict()
     prior.card["for_arch"] = arch
     if quality:
