@@ -1,0 +1,123 @@
+"""The malicious server's imprint weights for CLIP-Adapter (recover.malicious, fl.malicious): one update of a
+batch of 32 gives back most of its features exactly, which the same read-out of an honest update does not;
+the weights keep the task's architecture; the client-side check flags them and not honest ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from clipleak.client import load_private, sample_batch, share
+from clipleak.data import DataSpec, load_public
+from clipleak.errors import ClipleakError
+from clipleak.fl.malicious import MaliciousServer
+from clipleak.models import build_model
+from clipleak.peft import PeftConfig, build_victim
+from clipleak.recover import adapter_features, public_features
+from clipleak.recover.malicious import check_weights, craft_imprint, imprint_features
+
+EXACT = 0.99
+"""A recovered feature counts when its cosine to its true feature (one-to-one pairing) exceeds this. Stricter
+than 0.9 on purpose: a trained CLIP's features of one class have cosines near 0.98, so a mixture of two
+same-class images would pass 0.9."""
+
+
+@pytest.fixture(scope="module")
+def world(short_run):
+    clip = build_model("tiny-32", short_run[0])
+    spec = DataSpec()
+    public = load_public(spec, 32)
+    val = load_private(spec, 32, "validation")  # the client's images (validation split: tests tune nothing)
+    return clip, public, val, public_features(clip, public)
+
+
+def exact_share(recovered: torch.Tensor, victim, images: torch.Tensor) -> float:
+    """Share of the true features with a recovered one (paired one-to-one) of cosine above EXACT."""
+    with torch.no_grad():
+        true = F.normalize(victim.raw_image_features(images), dim=-1)
+    cos = (F.normalize(recovered.float(), dim=-1) @ true.t()).numpy()
+    r, c = linear_sum_assignment(-cos)
+    return float((cos[r, c] > EXACT).mean())
+
+
+def setup(world, reduction: int, groups: int, seed: int = 0):
+    clip, public, val, feats = world
+    honest = build_victim(clip, list(val.classnames), PeftConfig(method="adapter", adapter_reduction=reduction))
+    malicious = build_victim(clip, list(val.classnames), PeftConfig(method="adapter", adapter_reduction=reduction))
+    server = MaliciousServer.craft(malicious, public, groups=groups, seed=seed)
+    malicious.load_peft_state(server.payload())
+    return honest, malicious, server
+
+
+def test_crafted_weights_keep_the_task_architecture(world):
+    honest, malicious, server = setup(world, 4, 2)
+    assert {k: v.shape for k, v in server.payload().items()} == {k: v.shape for k, v in honest.peft_state().items()}
+    assert malicious.adapter is not None and malicious.adapter.fc1.weight.shape == (32, 128)  # the task's width
+    with pytest.raises(ClipleakError):
+        craft_imprint(world[3], 4, groups=5)
+
+
+def test_one_image_comes_back_exactly(world):
+    _, _, val, _ = world
+    _, malicious, server = setup(world, 4, 1)
+    x, y, _ = sample_batch(val, 1, seed=5)
+    est = imprint_features(share(malicious, x, y), server.plan)
+    assert exact_share(est.features, malicious, x) == 1.0
+
+
+def test_batch_of_32_comes_back_from_crafted_weights_and_not_from_honest_ones(world):
+    """Width 128 (reduction 1), 8 groups: at least 80% of a batch of 32 come back with cosine > 0.99 from one
+    update, confirmed as single images; the honest init's update of the same batch gives at most 25% through
+    the same read-out and through the honest-but-curious clustering."""
+    _, _, val, _ = world
+    honest, malicious, server = setup(world, 1, 8)
+    shares, honest_shares, clustered = [], [], []
+    for seed in (11, 12):
+        x, y, _ = sample_batch(val, 32, seed=seed)
+        est = imprint_features(share(malicious, x, y), server.plan)
+        shares.append(exact_share(est.features, malicious, x))
+        assert est.separated >= 0.8 * 32
+        obs_h = share(honest, x, y)
+        honest_shares.append(exact_share(imprint_features(obs_h, server.plan).features, honest, x))
+        clustered.append(exact_share(adapter_features(obs_h, honest).features, honest, x))
+    assert min(shares) >= 0.8, shares
+    assert max(honest_shares) <= 0.25, honest_shares
+    assert max(clustered) <= 0.25, clustered
+
+
+def test_task_width_gives_back_part_of_a_batch_of_32(world):
+    """At the task's width (32 units for 32 images, one group) a share of the batch still comes back exactly,
+    far above the honest update's."""
+    _, _, val, _ = world
+    honest, malicious, server = setup(world, 4, 1)
+    x, y, _ = sample_batch(val, 32, seed=13)
+    got = exact_share(imprint_features(share(malicious, x, y), server.plan).features, malicious, x)
+    base = exact_share(adapter_features(share(honest, x, y), honest).features, honest, x)
+    assert got >= 0.25 and got >= base + 0.15, (got, base)
+
+
+def test_attack_decodes_one_image_per_slot(world):
+    _, _, val, _ = world
+    _, malicious, server = setup(world, 1, 8)
+    x, y, _ = sample_batch(val, 16, seed=3)
+    obs = share(malicious, x, y)
+    rec = server.attack(obs, malicious)
+    assert rec.images.shape == x.shape and rec.labels.shape == y.shape
+    assert rec.meta["observation_digest"] == obs.digest()
+    assert exact_share(rec.features, malicious, x) >= 0.8
+
+
+def test_client_check_flags_crafted_weights_and_not_honest_ones(world):
+    clip, public, val, _ = world
+    x, _, _ = sample_batch(val, 32, seed=1)
+    for reduction in (4, 1):
+        for seed in range(5):
+            honest = build_victim(clip, list(val.classnames),
+                                  PeftConfig(method="adapter", adapter_reduction=reduction, init_seed=seed))
+            own = F.normalize(honest.raw_image_features(x).detach(), dim=-1)
+            assert not check_weights(honest.peft_state(), own).flagged
+        for groups in (1, 4):
+            _, _, server = setup(world, reduction, groups, seed=seed)
+            assert check_weights(server.payload(), own).flagged
