@@ -119,13 +119,14 @@ def image_parametrization(
     size = victim.clip_info.image_size
     if cfg.prior in ("none", "tv"):
         param: Parametrization = PixelImages(size, grayscale=grayscale, init=cfg.init, start=start_images,
-                                                    start_noise=start_noise)
+                                                    start_noise=start_noise, device=victim.device)
         terms = [Term("tv", lambda s: total_variation(s.images), weight=cfg.tv_weight)] \
             if cfg.prior == "tv" and cfg.tv_weight > 0 else []
         return param, terms
     vae = load_prior(cfg.prior.split(":", 1)[1])
     check_prior(vae, size, kind="vae", data=obs.meta.get("data"))
     assert isinstance(vae, ConvVAE)
+    vae.to(victim.device)
     starts = vae_codes(vae, start_images) if start_images is not None else None
     lat = LatentImages(vae, starts=starts)
     return lat, [lat.prior_term(cfg.latent_weight)]
@@ -139,4 +140,4 @@ def load_decoder(path: str | None, obs: Observation, victim: Victim) -> FeatureD
     check_prior(dec, victim.clip_info.image_size, weights_sha256=victim.clip_info.weights_sha256, kind="decoder",
                 data=obs.meta.get("data"))
     assert isinstance(dec, FeatureDecoder)
-    return dec
+    return dec.to(victim.device)

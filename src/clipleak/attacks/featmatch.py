@@ -66,7 +66,8 @@ def feature_matching(obs: Observation, victim: Victim, cfg: FeatMatchConfig,
     ecfg = engine_config(cfg, "known", signed=False, decay="cosine")
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
                    known_labels=labels, selection="feature", progress=progress, checkpoint=cfg.checkpoint,
-                   checkpoint_tag=run_tag(cfg, obs), task="attack featmatch")
+                   checkpoint_tag=run_tag(cfg, obs), task="attack featmatch",
+                   device=victim.device)
     res.seconds = time.perf_counter() - t0
     return Reconstruction(
         images=res.images, labels=labels, label_source=est.label_source, attack="featmatch", history=res.history,

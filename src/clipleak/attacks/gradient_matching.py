@@ -206,6 +206,7 @@ def objective(obs: Observation, victim: Victim, cfg: GradientMatchingConfig,
         net = load_prior(cfg.bn_prior)
         check_prior(net, victim.clip_info.image_size, kind="cnn", data=obs.meta.get("data"))
         assert isinstance(net, PriorCNN)
+        net.to(victim.device)
         extra.append(bn_prior_term(net, cfg.bn_weight))
     if cfg.patch_weight > 0:
         p = _patch_size(victim)
@@ -240,15 +241,15 @@ def start_images(obs: Observation, victim: Victim, cfg: GradientMatchingConfig, 
     if public.images.shape[-1] != size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px, the target takes {size}")
     if cfg.start == "prototype":
-        return public.prototypes()[labels.long()]
+        return public.prototypes()[labels.long().cpu()]
     assert features is not None
     out = []
     for b in range(labels.shape[0]):
-        pool = torch.nonzero(public.labels == labels[b]).flatten()
+        pool = torch.nonzero(public.labels == int(labels[b])).flatten()
         bank = public_features(victim.clip_info, public, pool)
         sims = F.normalize(features[b:b + 1].float(), dim=-1) @ bank.t()
         top = sims.flatten().topk(min(cfg.start_k, pool.numel())).indices
-        out.append(public.images[pool[top]].float().mean(0))
+        out.append(public.images[pool[top.cpu()]].float().mean(0))
     return torch.stack(out)
 
 
@@ -293,7 +294,8 @@ def gradient_matching(obs: Observation, victim: Victim, cfg: GradientMatchingCon
                          combine=cfg.combine)
     res = optimise(param, terms, ecfg, batch=obs.batch_size, num_classes=len(obs.classnames),
                    known_labels=labels, selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
-                   checkpoint_tag=run_tag(cfg, obs), task=f"attack {cfg.preset}")
+                   checkpoint_tag=run_tag(cfg, obs), task=f"attack {cfg.preset}",
+                   device=victim.device)
     schedule = {t.name: {"weight": t.weight,
                          "switch_iteration": None if cfg.switch is None else _switch_iteration(cfg),
                          # the weight multipliers either side of the switch (the report labels the switch)

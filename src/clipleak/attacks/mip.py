@@ -95,18 +95,18 @@ def mip(obs: Observation, victim: Victim, cfg: MIPConfig, progress: ProgressFn |
         terms = [Term("feature", lambda s: feature_loss(victim, s.images, target)), *prior_terms]
         res = optimise(param, terms, engine_config(search, "known", signed=False, decay="cosine"),
                        batch=obs.batch_size, num_classes=len(obs.classnames), known_labels=est.labels,
-                       selection="feature", progress=progress, task="mip latent search")
+                       selection="feature", progress=progress, task="mip latent search", device=victim.device)
         images, history, extra = res.images, res.history, res.extra
     if cfg.refine > 0:
         grayscale = bool((obs.meta.get("data") or {}).get("grayscale", False))
-        param_px = PixelImages(victim.clip_info.image_size, grayscale=grayscale, start=images)
+        param_px = PixelImages(victim.clip_info.image_size, grayscale=grayscale, start=images, device=victim.device)
         terms = [gradient_matching_term(victim, obs),
                  Term("tv", lambda s: total_variation(s.images), weight=cfg.tv_weight)]
         refine_cfg = ImageSearchConfig(iterations=cfg.refine, restarts=1, lr=cfg.lr, seed=cfg.seed, labels="known")
         res = optimise(param_px, terms, engine_config(refine_cfg, "known", signed=False, decay="cosine"),
                        batch=obs.batch_size, num_classes=len(obs.classnames), known_labels=est.labels,
                        selection="gradient", progress=progress, checkpoint=cfg.checkpoint,
-                       checkpoint_tag=run_tag(cfg, obs), task="mip gradient refinement")
+                       checkpoint_tag=run_tag(cfg, obs), task="mip gradient refinement", device=victim.device)
         images = res.images
         history = {**history, **{f"refine {k}": v for k, v in res.history.items()}}
         extra = {**extra, "refine": res.extra}

@@ -6,9 +6,12 @@ an error.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
+
+import torch
 
 from ..errors import ClipleakError
 from ..peft import Victim
@@ -64,10 +67,26 @@ def run_attack(name: str, obs: Observation, victim: Victim, cfg: Any = None,
     """Run attack ``name`` on an observation against the rebuilt victim.
 
     A federated update (``meta["kind"] == "update"``) is attacked through its gradient view
-    (:func:`clipleak.records.gradient_view`: ``-delta / (eta E)``, batch = the distinct images touched)."""
+    (:func:`clipleak.records.gradient_view`: ``-delta / (eta E)``, batch = the distinct images touched).
+
+    The attack runs where the victim is: the observation's tensors are moved there, and the reconstruction
+    comes back with CPU tensors (what its file holds)."""
     spec = attack_spec(name)
-    obs = gradient_view(obs)
+    obs = _on_device(gradient_view(obs), victim.device)
     cfg = cfg if cfg is not None else spec.config()
     if not isinstance(cfg, spec.config):
         raise ClipleakError(f"attack {name!r} takes a {spec.config.__name__}, not a {type(cfg).__name__}")
-    return spec.run(obs, victim, cfg, progress)
+    rec = spec.run(obs, victim, cfg, progress)
+    return dataclasses.replace(rec, images=rec.images.detach().cpu(), labels=rec.labels.cpu(),
+                               features=None if rec.features is None else rec.features.detach().cpu())
+
+
+def _on_device(obs: Observation, device: torch.device) -> Observation:
+    """``obs`` with its tensors on ``device`` (the same object when they are there already)."""
+    tensors = [*obs.gradients.values(), *obs.peft_state.values(), *([] if obs.labels is None else [obs.labels])]
+    if all(t.device == device for t in tensors):
+        return obs
+    return dataclasses.replace(
+        obs, gradients={k: v.to(device) for k, v in obs.gradients.items()},
+        peft_state={k: v.to(device) for k, v in obs.peft_state.items()},
+        labels=None if obs.labels is None else obs.labels.to(device))

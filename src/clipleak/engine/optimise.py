@@ -54,7 +54,7 @@ class PixelImages:
     """Free pixels in [0, 1]; one channel repeated three times when the data are grayscale."""
 
     def __init__(self, size: int, grayscale: bool = False, init: str = "randn", start: torch.Tensor | None = None,
-                 start_noise: float = 0.0):
+                 start_noise: float = 0.0, device: str | torch.device | None = None):
         if init not in ("randn", "rand", "gray"):
             raise ClipleakError(f"unknown pixel init {init!r} (randn, rand, gray)")
         if start_noise < 0:
@@ -63,7 +63,10 @@ class PixelImages:
         self.start_noise = start_noise  # restarts after the first start from start + N(0, start_noise^2)
         self.channels = 1 if grayscale else 3
         self.init_kind = init if start is None else "given images"
-        self.start = None if start is None else start.detach().float().clone()
+        self.start = None if start is None else start.detach().float().cpu().clone()
+        # where the pixels live (the victim's device); seeded draws happen on the CPU first, so a restart
+        # starts from the same images on every device
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.x: torch.Tensor | None = None
 
     def init(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -82,7 +85,7 @@ class PixelImages:
             x = torch.rand(shape, generator=generator)
         else:
             x = torch.full(shape, 0.5)
-        self.x = x.requires_grad_(True)
+        self.x = x.to(self.device).requires_grad_(True)
         return [self.x]
 
     def render(self) -> torch.Tensor:
@@ -197,6 +200,7 @@ def optimise(
     checkpoint: str | Path | None = None,
     checkpoint_tag: str = "",
     task: str = "attack",
+    device: str | torch.device | None = None,
 ) -> RunResult:
     """Minimise ``sum_t weight_t * schedule_t(it) * term_t(state)`` over the parametrisation.
 
@@ -208,9 +212,12 @@ def optimise(
             the same path resumes after the last finished restart. ``checkpoint_tag`` identifies the run
             (attack settings, observation): a checkpoint with another tag or engine config is ignored and
             overwritten, never mixed in.
+        device: where the restarts' tensors live (the victim's; default the CPU); checkpoints hold CPU
+            tensors and are loaded back onto it.
     """
     selection = _check_run(terms, cfg, selection, known_labels)
-    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag)[: cfg.restarts] if checkpoint else []
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    done = _load_checkpoint(checkpoint, cfg, checkpoint_tag, dev)[: cfg.restarts] if checkpoint else []
     results: list[dict[str, Any]] = list(done)
     run = _Restarts(param, terms, cfg, selection, known_labels, num_classes, batch, progress, task)
     t0 = time.perf_counter()
@@ -258,7 +265,8 @@ class _Restarts:
         leaves = self.param.init(self.batch, g)
         label_logits = None
         if cfg.labels == "infer":
-            label_logits = (0.01 * torch.randn(self.batch, self.num_classes, generator=g)).requires_grad_(True)
+            label_logits = (0.01 * torch.randn(self.batch, self.num_classes, generator=g)).to(leaves[0].device)
+            label_logits.requires_grad_(True)
             leaves = [*leaves, label_logits]
         opt: torch.optim.Optimizer = (torch.optim.LBFGS(leaves, lr=cfg.lr, max_iter=1, history_size=100)
                                       if cfg.optimizer == "lbfgs" else torch.optim.Adam(leaves, lr=cfg.lr))
@@ -366,15 +374,16 @@ def _save_checkpoint(path: str | Path, results: list[dict[str, Any]], cfg: Engin
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict[str, Any]] = []
     for i, r in enumerate(results):
-        tensors[f"{i}/images"] = r["images"].contiguous()
-        tensors[f"{i}/labels"] = r["labels"].contiguous()
+        tensors[f"{i}/images"] = r["images"].cpu().contiguous()
+        tensors[f"{i}/labels"] = r["labels"].cpu().contiguous()
         meta.append({"history": r["history"], "selection_loss": r["selection_loss"]})
 
     write_checkpoint(path, len(results), {**_ckpt_key(cfg, tag), "restarts": meta},
                      lambda d: save_file(tensors, str(d / RESTARTS)))
 
 
-def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict[str, Any]]:
+def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str,
+                     device: torch.device | None = None) -> list[dict[str, Any]]:
     """The finished restarts of a run with this config and tag; none for another run's checkpoint."""
     found = load_checkpoint(path, lambda d: load_file(str(d / RESTARTS)),
                             hint="delete it or rerun with --no-resume to start over")
@@ -385,7 +394,8 @@ def _load_checkpoint(path: str | Path, cfg: EngineConfig, tag: str) -> list[dict
     if saved.get("config") != key["config"] or saved.get("tag") != key["tag"]:
         return []
     try:
-        return [{"images": t[f"{i}/images"], "labels": t[f"{i}/labels"], "history": dict(m["history"]),
+        return [{"images": t[f"{i}/images"].to(device or "cpu"), "labels": t[f"{i}/labels"].to(device or "cpu"),
+                 "history": dict(m["history"]),
                  "selection_loss": float(m["selection_loss"])} for i, m in enumerate(saved["restarts"])]
     except (KeyError, TypeError, ValueError) as e:  # valid JSON and tensors, but not this writer's layout
         raise ClipleakError(f"checkpoint {path} is damaged (no {e} in it); delete it or rerun with --no-resume to "

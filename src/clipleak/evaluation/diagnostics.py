@@ -32,7 +32,7 @@ def same_class_gradient_cosine(
             continue
         for _ in range(pairs):
             i, j = idx[torch.randperm(idx.numel(), generator=g)[:2]].tolist()
-            y = torch.tensor([k])
+            y = torch.tensor([k], device=victim.device)
             gi = victim.gradient(public.images[i:i + 1], y)
             gj = victim.gradient(public.images[j:j + 1], y)
             a = torch.cat([t.reshape(-1) for t in gi.values()])
@@ -56,7 +56,7 @@ def public_nearest_neighbour(
         if pool.numel() == 0:
             pool = torch.arange(len(public))
         bank = public_features(victim.clip_info, public, pool)
-        j = int((F.normalize(features[b:b + 1].float(), dim=-1) @ bank.t()).argmax())
+        j = int((F.normalize(features[b:b + 1].float().to(bank.device), dim=-1) @ bank.t()).argmax())
         idx.append(int(pool[j]))
     t = torch.tensor(idx)
     return public.images[t], t

@@ -53,9 +53,9 @@ class TextTower:
         if self.pool_type == "eos":
             return (tokens == self.eos_id).int().argmax(dim=-1)
         if self.pool_type == "last":
-            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
         if self.pool_type == "first":
-            return torch.zeros(tokens.shape[0], dtype=torch.long)
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         raise ClipleakError(f"unsupported text pool type {self.pool_type!r}")
 
     def encode_embeddings(self, x: torch.Tensor, pool_idx: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def class_text_features(clip: ClipModel, classnames: list[str], templates: list[
     try:
         feats = []
         for t in templates:
-            tokens = clip.tokenizer([t.format(n) for n in classnames])
+            tokens = clip.tokenizer([t.format(n) for n in classnames]).to(model.logit_scale.device)
             feats.append(F.normalize(model.encode_text(tokens), dim=-1))
     finally:
         model.train(was_training)

@@ -24,13 +24,14 @@ class PromptLearner(nn.Module):
         super().__init__()
         m = cfg.n_ctx
         placeholder = " ".join(["X"] * m)
-        tokens = tokenizer([f"{placeholder} {name}." for name in classnames])
+        device = tower.t.token_embedding.weight.device
+        tokens = tokenizer([f"{placeholder} {name}." for name in classnames]).to(device)
         with torch.no_grad():
             emb = tower.embed_tokens(tokens)
         dim = emb.shape[-1]
         g = torch.Generator().manual_seed(cfg.init_seed)
         shape = (len(classnames), m, dim) if cfg.class_specific else (m, dim)
-        self.ctx = nn.Parameter(torch.randn(shape, generator=g) * cfg.ctx_init_std)
+        self.ctx = nn.Parameter((torch.randn(shape, generator=g) * cfg.ctx_init_std).to(device))  # seeded on the CPU
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", emb[:, 1 + m:].clone(), persistent=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..data import DataSpec, check_same_split
 from ..errors import ClipleakError
 from ..models import build_model, read_card
@@ -12,12 +14,14 @@ from .config import PeftConfig
 from .victim import Victim, build_victim
 
 
-def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check_gradients: bool = True) -> Victim:
+def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check_gradients: bool = True,
+                   device: str | torch.device | None = None) -> Victim:
     """The attacker's copy of the victim, checked against the observation.
 
     ``weights`` overrides the path recorded in the observation (the file must still hash the same).
     When the weights have a card that records the data split they were trained on, the observation's
     split must be the same one (else the "private" images include the target's training images).
+    ``device``: where the victim computes (default: the CPU, where the model is built).
     """
     meta = obs.meta
     w = weights if weights is not None else meta.get("weights")
@@ -39,7 +43,7 @@ def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check
         )
     if w is not None and meta.get("data"):
         check_same_split(DataSpec.from_dict(meta["data"]), read_card(w), f"the target {Path(w).name}")
-    victim = build_victim(clip, list(meta["classnames"]), PeftConfig.from_dict(meta["peft"]))
+    victim = build_victim(clip, list(meta["classnames"]), PeftConfig.from_dict(meta["peft"]), device=device)
     params = victim.trainable()
     if check_gradients:
         if set(params) != set(obs.gradients):

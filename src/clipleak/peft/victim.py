@@ -58,22 +58,27 @@ class Victim(nn.Module):
             self.prompt = PromptLearner(self.tower, clip.tokenizer, self.classnames, cfg)
         elif cfg.method == "adapter":
             dim = self._embed_dim()
-            self.adapter = ClipAdapter(dim, cfg.adapter_reduction, cfg.init_seed)
+            self.adapter = ClipAdapter(dim, cfg.adapter_reduction, cfg.init_seed).to(self.device)
         elif cfg.method == "full-visual":
             self.clip.visual.requires_grad_(True)
         elif cfg.method == "full":
             self.clip.requires_grad_(True)
         self._lean = lean_supported(clip)  # the attack path's lean image-tower forward applies
-        tokens = clip.tokenizer([cfg.template.format(n) for n in self.classnames])
+        tokens = clip.tokenizer([cfg.template.format(n) for n in self.classnames]).to(self.device)
         self.register_buffer("class_tokens", tokens, persistent=False)
         if cfg.method in ("adapter", "full-visual"):
             with torch.no_grad():
                 fixed = self.clip.encode_text(tokens)
             self.register_buffer("fixed_text", F.normalize(fixed, dim=-1), persistent=False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (the frozen CLIP's; the PEFT module follows it)."""
+        return next(self.clip.parameters()).device
+
     def _embed_dim(self) -> int:
         with torch.no_grad():
-            x = torch.zeros(1, 3, self.clip_info.image_size, self.clip_info.image_size)
+            x = torch.zeros(1, 3, self.clip_info.image_size, self.clip_info.image_size, device=self.device)
             return int(self.clip.encode_image(x).shape[-1])
 
     # -- pieces an attacker re-uses ---------------------------------------------------------------
@@ -82,9 +87,10 @@ class Victim(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def peft_state(self) -> dict[str, torch.Tensor]:
-        """Current values of the PEFT parameters (empty for the full fine-tune modes)."""
+        """Current values of the PEFT parameters (empty for the full fine-tune modes), on the CPU (what files
+        and messages hold)."""
         if self.cfg.method in ("coop", "adapter"):
-            return {n: p.detach().clone() for n, p in self.trainable().items()}
+            return {n: p.detach().cpu().clone() for n, p in self.trainable().items()}
         return {}
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -93,7 +99,7 @@ class Victim(nn.Module):
             if n not in params or params[n].shape != v.shape:
                 raise ClipleakError(f"PEFT state {n!r} does not match this model's trainable parameters")
             with torch.no_grad():
-                params[n].copy_(v)
+                params[n].copy_(v.to(params[n].device))
 
     def raw_image_features(self, images01: torch.Tensor) -> torch.Tensor:
         """Image-encoder output (before the adapter, not normalised)."""
@@ -146,7 +152,9 @@ class Victim(nn.Module):
 
         ``lean``: the image tower runs :func:`~clipleak.models.lean_encode_image` (the same function, equal
         up to float rounding, with fewer operations: what gradient-matching attacks differentiate twice)
-        when the architecture allows it, else the model's own forward."""
+        when the architecture allows it, else the model's own forward. Images and labels elsewhere than the
+        victim are moved to its device."""
+        labels = labels.to(self.device)
         if lean and self._lean:
             logits = self.logits_from_raw(lean_encode_image(self.clip_info, images01))
         else:
@@ -156,6 +164,11 @@ class Victim(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def build_victim(clip: ClipModel, classnames: list[str], cfg: PeftConfig | None = None) -> Victim:
-    """Attach the configured PEFT module (default: CoOp, 4 shared context vectors) to a CLIP model."""
-    return Victim(clip, classnames, cfg or PeftConfig())
+def build_victim(clip: ClipModel, classnames: list[str], cfg: PeftConfig | None = None, *,
+                 device: str | torch.device | None = None) -> Victim:
+    """Attach the configured PEFT module (default: CoOp, 4 shared context vectors) to a CLIP model.
+
+    ``device``: where the victim computes (the CLIP model is moved there too, in place); ``None`` keeps the
+    model's own device. The PEFT module's seeded init is drawn on the CPU first, so it is the same everywhere."""
+    victim = Victim(clip, classnames, cfg or PeftConfig())
+    return victim if device is None else victim.to(device)

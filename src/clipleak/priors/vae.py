@@ -91,7 +91,9 @@ class ConvVAE(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
         """``(logits, mu, logvar)`` with a reparametrised sample (noise from ``generator``)."""
         mu, logvar = self.encode(images)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        # drawn where the generator is (a CPU generator keeps training runs identical across devices)
+        gen_device = generator.device if generator is not None else mu.device
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=gen_device).to(mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         return self.decode_logits(z), mu, logvar
 
@@ -131,7 +133,7 @@ class LatentImages:
             for s in starts:
                 if s.dim() != 2 or s.shape[1] != self.latent:
                     raise ClipleakError(f"starting codes must be (B, {self.latent}), got {tuple(s.shape)}")
-        self.starts = [s.detach().float().clone() for s in starts] if starts is not None else None
+        self.starts = [s.detach().float().cpu().clone() for s in starts] if starts is not None else None
         if jitter < 0:
             raise ClipleakError(f"jitter must be >= 0, got {jitter}")
         self.jitter = float(jitter)
@@ -150,7 +152,8 @@ class LatentImages:
             z = s.clone()
             if self.jitter > 0:
                 z = z + self.jitter * torch.randn(z.shape, generator=generator)
-        self.z = z.requires_grad_(True)
+        # drawn on the CPU (the same codes on every device), then put where the VAE is
+        self.z = z.to(next(self.vae.parameters()).device).requires_grad_(True)
         return [self.z]
 
     def render(self) -> torch.Tensor:

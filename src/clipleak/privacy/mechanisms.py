@@ -84,8 +84,10 @@ def clip_per_example(per_example: Grads, clip: float, clipping: str = "flat") ->
 
 
 def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads:
-    """Independent N(0, std^2) per coordinate, shaped like ``like``, drawn in ``like``'s key order."""
-    return {k: torch.empty(g.shape, dtype=g.dtype).normal_(0.0, std, generator=generator) for k, g in like.items()}
+    """Independent N(0, std^2) per coordinate, shaped like ``like``, drawn in ``like``'s key order on the
+    generator's device (a seeded CUDA generator draws there) and returned on ``like``'s."""
+    return {k: torch.empty(g.shape, dtype=g.dtype, device=generator.device).normal_(0.0, std, generator=generator)
+            .to(g.device) for k, g in like.items()}
 
 
 def _add_noise(base: Grads, std: float, generator: torch.Generator) -> Grads:

@@ -142,10 +142,11 @@ def _finite(x: object) -> bool:
 
 def privatise(victim: Victim, images01: torch.Tensor, labels: torch.Tensor, setting: DpSetting,
               seed: int) -> dict[str, torch.Tensor]:
-    """The DP gradient of the victim's cross-entropy on this batch under ``setting``; noise seeded by ``seed``."""
+    """The DP gradient of the victim's cross-entropy on this batch under ``setting``; noise seeded by ``seed``,
+    drawn on the images' device (on the CPU the numbers are the same as ever; a GPU's generator draws others)."""
     s = setting.resolve()
     assert s.noise_multiplier is not None
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator(device=images01.device).manual_seed(int(seed))
     if s.site == "text-features":
         return coop_text_feature_dp(victim, images01, labels, s.clip, s.noise_multiplier, gen)
     if s.mechanism == "per-example":

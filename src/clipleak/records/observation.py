@@ -65,9 +65,9 @@ class Observation:
         for prefix, tensors in (("grad/", self.gradients), ("state/", self.peft_state)):
             for k in sorted(tensors):
                 h.update((prefix + k).encode())
-                h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
+                h.update(tensors[k].detach().float().cpu().contiguous().numpy().tobytes())
         if self.labels is not None:
-            h.update(b"labels" + self.labels.detach().long().numpy().tobytes())
+            h.update(b"labels" + self.labels.detach().long().cpu().numpy().tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:

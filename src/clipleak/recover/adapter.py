@@ -65,7 +65,7 @@ def adapter_features(obs: Observation, victim: Victim, tol: float = ROW_COSINE,
         _, _, vh = torch.linalg.svd(g, full_matrices=False)
         return AdapterFeatures(F.normalize(_orient(vh[0], w1, live_idx)[None].float(), dim=-1), 1)
     feats: list[torch.Tensor] = []
-    remaining = torch.ones(rows.shape[0], dtype=torch.bool)
+    remaining = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     cos = (rows @ rows.t()).abs()
     while len(feats) < b and bool(remaining.any()):
         adj = (cos > tol) & remaining[None, :] & remaining[:, None]
@@ -79,7 +79,8 @@ def adapter_features(obs: Observation, victim: Victim, tol: float = ROW_COSINE,
     separated = len(feats)
     if separated < b:
         # what the separated features do not explain: rows projected off their span
-        basis = torch.linalg.qr(torch.stack(feats).t())[0] if feats else torch.zeros(g.shape[1], 0, dtype=g.dtype)
+        basis = (torch.linalg.qr(torch.stack(feats).t())[0] if feats
+                 else torch.zeros(g.shape[1], 0, dtype=g.dtype, device=g.device))
         resid = g - (g @ basis) @ basis.t()
         _, _, vh = torch.linalg.svd(resid, full_matrices=False)
         for v in vh:
@@ -136,6 +137,7 @@ class AdapterGradientModel:
         """The flat ``(fc1, fc2)`` weight gradient of the mean cross-entropy (each image's term clipped to
         ``clip`` first, when set)."""
         params = {"w1": self.w1, "w2": self.w2}
+        labels = labels.to(self.w1.device)
         if self.clip is None:
             g = torch.func.grad(self._loss)(params, feats.double(), labels)
             return torch.cat([g["w1"].reshape(-1), g["w2"].reshape(-1)])
@@ -335,7 +337,7 @@ def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol
     basis = torch.linalg.svd(g1, full_matrices=False)[2][:b]  # (B, E)
     q = torch.linalg.svd(g2, full_matrices=False)[2][:b].t()  # (h, B)
     if q.shape[0] <= b:
-        return torch.zeros(0, g1.shape[1])
+        return torch.zeros(0, g1.shape[1], device=g1.device)
     wb = w1 @ basis.t()  # (h, B)
 
     def resid(c: torch.Tensor) -> torch.Tensor:
@@ -353,4 +355,4 @@ def adapter_roots(victim: Victim, obs: Observation, starts: torch.Tensor, *, tol
         if all(abs(float(f @ g)) < DISTINCT_COSINE for _, g in roots):
             roots.append((float(costs[i]), f))
     roots.sort(key=lambda t: t[0])
-    return torch.stack([f for _, f in roots]).float() if roots else torch.zeros(0, g1.shape[1])
+    return torch.stack([f for _, f in roots]).float() if roots else torch.zeros(0, g1.shape[1], device=g1.device)

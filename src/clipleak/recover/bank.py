@@ -25,6 +25,7 @@ def public_features(clip: ClipModel, public: ImageSet, pool: torch.Tensor | None
 
     The key is the target's weights hash and a digest of the selected images themselves, so two clients
     or two splits in one process (a federated simulation) are never served each other's features.
+    Returned on the model's device (the memo holds them where the public images are, the CPU).
     """
     sel = public if pool is None else public.subset(pool)
     key = (clip.weights_sha256, clip.arch, _images_digest(sel))
@@ -32,4 +33,4 @@ def public_features(clip: ClipModel, public: ImageSet, pool: torch.Tensor | None
         if len(_BANK) >= _MAX_ENTRIES:
             _BANK.pop(next(iter(_BANK)))
         _BANK[key] = image_features(clip, sel.images)
-    return _BANK[key]
+    return _BANK[key].to(clip.model.logit_scale.device)

@@ -76,13 +76,14 @@ def low_rank_dl_dt(model: CoopGradientModel, z: torch.Tensor, b: int, iterations
     k = model.k
     e = model.e if basis is None else basis.shape[0]
     zn = z.norm().clamp_min(1e-30)
-    zero_sum = torch.eye(e, dtype=torch.float64).repeat(1, k)  # (E, K*E): sum over classes of A's rows
+    zero_sum = torch.eye(e, dtype=torch.float64, device=z.device).repeat(1, k)  # (E, K*E): sum over classes of A's rows
     r = model.R if basis is None else (model.R.view(-1, k, model.e) @ basis.t()).reshape(model.rank, -1)
     m = torch.cat([r / zn, zero_sum])
-    rhs = torch.cat([z / zn, torch.zeros(e, dtype=torch.float64)])
+    rhs = torch.cat([z / zn, torch.zeros(e, dtype=torch.float64, device=z.device)])
     gram = m.t() @ m  # the minimum-norm start, with a ridge in place of a pseudo-inverse's cut-off
     ridge = 1e-12 * float(gram.diagonal().max())
-    a0 = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), m.t() @ rhs).view(k, e)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    a0 = torch.linalg.solve(gram + ridge * eye, m.t() @ rhs).view(k, e)
     u, sv, vh = torch.linalg.svd(a0, full_matrices=False)
     x0 = torch.cat([(u[:, :b] * sv[:b]).reshape(-1), vh[:b].reshape(-1)])
     x, _ = levenberg_marquardt(partial(_factor_residual, m, rhs, k, b, e), x0, iterations, tol=0.0,
@@ -110,7 +111,7 @@ def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Ten
     are only close are finished by the joint fit."""
     u, _, vh = torch.linalg.svd(a, full_matrices=False)
     cols, rows = u[:, :b], vh[:b]
-    outside = torch.eye(model.k, dtype=torch.float64) - cols @ cols.t()
+    outside = torch.eye(model.k, dtype=torch.float64, device=a.device) - cols @ cols.t()
     coords = F.normalize(pf.double(), dim=-1) @ rows.t()
     feats, labs, rels = [], [], []
     for y in range(model.k):
@@ -123,10 +124,11 @@ def label_roots(model: CoopGradientModel, a: torch.Tensor, b: int, pf: torch.Ten
         f = F.normalize(x @ rows, dim=-1)
         w = model.weights(f, yt.expand(f.shape[0]))
         feats.append(f)
-        labs.append(torch.full((f.shape[0],), y, dtype=torch.long))
+        labs.append(torch.full((f.shape[0],), y, dtype=torch.long, device=f.device))
         rels.append(cost / w.norm(dim=1).clamp_min(1e-30))
     if not feats:
-        return torch.zeros(0, model.e, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return (torch.zeros(0, model.e, dtype=torch.float64, device=a.device),
+                torch.zeros(0, dtype=torch.long, device=a.device))
     f_all, y_all, r_all = torch.cat(feats), torch.cat(labs), torch.cat(rels)
     chosen: list[int] = []
     for j in torch.argsort(r_all).tolist():

@@ -83,11 +83,11 @@ class CoopGradientModel:
                 u, sv, vh = torch.linalg.svd(jd[i * self.e:(i + 1) * self.e, i * block:(i + 1) * block],
                                              full_matrices=False)
                 keep = sv > 1e-7 * float(sv.max())
-                r = torch.zeros(int(keep.sum()), self.k * self.e, dtype=torch.float64)
+                r = torch.zeros(int(keep.sum()), self.k * self.e, dtype=torch.float64, device=jd.device)
                 r[:, i * self.e:(i + 1) * self.e] = sv[keep, None] * u[:, keep].t()
                 rows.append(r)
                 self.blocks.append(r[:, i * self.e:(i + 1) * self.e])
-                v = torch.zeros(jd.shape[1], int(keep.sum()), dtype=torch.float64)
+                v = torch.zeros(jd.shape[1], int(keep.sum()), dtype=torch.float64, device=jd.device)
                 v[i * block:(i + 1) * block] = vh[keep].t()
                 bases.append(v)
         else:
@@ -101,7 +101,7 @@ class CoopGradientModel:
 
     def weights(self, fn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``softmax(tau T f) - e_y`` per image ``(B, K)``: dL/dlogits of the cross-entropy."""
-        return F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels, self.k).to(fn.dtype)
+        return F.softmax(self.scale * fn @ self.text.t(), -1) - F.one_hot(labels.to(fn.device), self.k).to(fn.dtype)
 
     def a_matrix(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``A = dL/dT`` ``(K, E)`` of a batch of features ``(B, E)`` (normalised here) and labels."""

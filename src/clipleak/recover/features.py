@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,9 +70,20 @@ def recovered_features(obs: Observation, victim: Victim, *, labels: str = "auto"
     visual-projection gradient (:func:`clipleak.recover.vit.projection_features`). Fits are memoised per
     observation (its gradients, PEFT state, data split, target weights and the label mode), so several
     attacks on one observation fit it once and different clients never share a fit.
+
+    The read-outs run where the victim is; their solvers work in float64, which Apple's MPS lacks, so for an
+    MPS victim they run on a CPU copy of it, deliberately, and the estimate goes back to the MPS device.
     """
     if labels not in LABEL_MODES:
         raise ClipleakError(f"labels must be one of {', '.join(LABEL_MODES)}, not {labels!r}")
+    if victim.device.type == "mps":
+        cpu = torch.device("cpu")
+        on_cpu = dataclasses.replace(obs, gradients={k: v.to(cpu) for k, v in obs.gradients.items()},
+                                     peft_state={k: v.to(cpu) for k, v in obs.peft_state.items()},
+                                     labels=None if obs.labels is None else obs.labels.to(cpu))
+        est = recovered_features(on_cpu, copy.deepcopy(victim).to(cpu), labels=labels)
+        est.features, est.labels = est.features.to(victim.device), est.labels.to(victim.device)
+        return est
     if labels == "known" and obs.labels is None:
         raise ClipleakError("the observation carries no labels: use labels 'predicted' or 'feature'")
     mode = labels if labels != "auto" else ("known" if obs.labels is not None else "predicted")

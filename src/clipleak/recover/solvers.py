@@ -51,7 +51,7 @@ def batched_levenberg_marquardt(resid: Callable[[torch.Tensor], torch.Tensor], x
     jac = torch.func.vmap(torch.func.jacfwd(resid))
     r = batched(x)
     cost = r.norm(dim=1)
-    lam = torch.full((x.shape[0],), 1e-2, dtype=x.dtype)
+    lam = torch.full((x.shape[0],), 1e-2, dtype=x.dtype, device=x.device)
     for _ in range(iterations):
         jm = jac(x)  # (S, R, P)
         h = jm.transpose(1, 2) @ jm
@@ -84,11 +84,11 @@ def greedy_pursuit(
     total = torch.zeros_like(target) if start is None else start
     need = None if label_counts is None else label_counts.clone()
     for i in range(picks):
-        ok = torch.ones(cand.shape[0], dtype=torch.bool)
+        ok = torch.ones(cand.shape[0], dtype=torch.bool, device=cand.device)
         if slot_labels is not None and cand_labels is not None:
-            ok = cand_labels == int(slot_labels[i])
+            ok = (cand_labels == int(slot_labels[i])).to(cand.device)
         if need is not None and cand_labels is not None:
-            ok = ok & (need[cand_labels] != 0)  # labels whose count is used up
+            ok = ok & (need[cand_labels] != 0).to(cand.device)  # labels whose count is used up
         if chosen:
             ok[chosen] = False
         if empty is not None and not bool(ok.any()):

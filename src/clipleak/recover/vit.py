@@ -93,8 +93,8 @@ def closed_form_images(obs: Observation, victim: Victim) -> ClosedFormImages:
     sv = torch.linalg.svdvals(a)
     rank = int((sv > sv[0] * 1e-10).sum())
     img = sol.view(grid, grid, c, p, p).permute(2, 0, 3, 1, 4).reshape(1, c, size, size)
-    mean = torch.tensor(victim.clip_info.mean, dtype=img.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(victim.clip_info.std, dtype=img.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(victim.clip_info.mean, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    std = torch.tensor(victim.clip_info.std, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
     return ClosedFormImages((img * std + mean).float(), resid, rank, n)
 
 
@@ -122,7 +122,7 @@ class ProjectionModel:
         norm = f.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         fh = f / norm
         p = F.softmax(self.scale * fh @ self.text.t(), dim=-1)
-        d = self.scale * (p - F.one_hot(labels, self.k).to(p.dtype)) @ self.text
+        d = self.scale * (p - F.one_hot(labels.to(p.device), self.k).to(p.dtype)) @ self.text
         return (d - (d * fh).sum(-1, keepdim=True) * fh) / norm / batch
 
     def gradient(self, pooled: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
@@ -151,10 +151,11 @@ def pooled_tokens(clip: ClipModel, images01: torch.Tensor, batch_size: int = 500
         raise ClipleakError("pooled tokens need an open_clip VisionTransformer")
     was = visual.training
     visual.eval()
+    device = clip.model.logit_scale.device  # the images go where the model is
     try:
         out = []
         for i in range(0, images01.shape[0], batch_size):
-            x = visual._embeds(clip.normalize(images01[i:i + batch_size].contiguous()))
+            x = visual._embeds(clip.normalize(images01[i:i + batch_size].contiguous().to(device)))
             pooled, _ = visual._pool(visual.transformer(x))
             out.append(pooled.double())
     finally:

@@ -379,9 +379,9 @@ def _zero_shot_report(clip: ClipModel, ev: ImageSet, templates: list[str]) -> di
         ensemble = class_text_features(clip, ev.classnames, templates)
     finally:
         clip.model.train(was_training)
-    feats = image_features(clip, ev.images)  # one pass over the images for both numbers
-    return {"accuracy": accuracy(feats, single, ev.labels),
-            "ensemble_accuracy": accuracy(feats, ensemble, ev.labels)}
+    feats = image_features(clip, ev.images)  # one pass over the images for both numbers (back on their device)
+    return {"accuracy": accuracy(feats, single.to(feats.device), ev.labels),
+            "ensemble_accuracy": accuracy(feats, ensemble.to(feats.device), ev.labels)}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -403,7 +403,8 @@ class _Trainer:
         self.tower = TextTower(self.model)
         emb = self.tower.t.token_embedding
         emb.weight.requires_grad_(False)
-        tokens = clip.tokenizer(data.captions)
+        self.device = emb.weight.device  # the model's; batches are drawn on the CPU and moved there
+        tokens = clip.tokenizer(data.captions).to(self.device)
         self.pool_idx = self.tower.pool_index(tokens)
         self.used = torch.unique(tokens)
         self.local_tokens = torch.searchsorted(self.used, tokens)
@@ -451,6 +452,7 @@ class _Trainer:
         x = self.data.images[idx]
         if self.cfg.augment:
             x = random_affine(x, _affine(self.cfg), g, self.data.grayscale)
+        x, cap = x.to(self.device), cap.to(self.device)
         uniq, inverse = torch.unique(cap, return_inverse=True)
         with torch.random.fork_rng(devices=[]):  # patch dropout draws from the global RNG
             torch.manual_seed(derive_seed(self.cfg.seed, "patches", s))
@@ -474,7 +476,7 @@ class _Trainer:
         assert self.dp is not None and self.dp.noise_multiplier is not None
         params = [p for group in self.opt.param_groups for p in group["params"]]
         grads = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
-        gen = torch.Generator().manual_seed(derive_seed(self.dp_seed, "dp-noise", s))
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.dp_seed, "dp-noise", s))
         noisy = dp_clip(grads, self.dp.clip, self.dp.noise_multiplier, gen, self.dp.clipping)
         for i, p in enumerate(params):
             p.grad = noisy[str(i)]
@@ -490,7 +492,7 @@ def _save_checkpoint(root: Path, tr: _Trainer, state: dict[str, Any]) -> None:
     tr.write_back()
 
     def write(d: Path) -> None:
-        save_file({k: v.detach().contiguous().clone() for k, v in tr.model.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tr.model.state_dict().items()},
                   str(d / "model.safetensors"))
         torch.save(tr.opt.state_dict(), d / "optimizer.pt")
         save_file({"torch_cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
@@ -545,6 +547,7 @@ def pretrain(
     train_description: dict[str, Any] | None = None,
     dp: DpSetting | None = None,
     dp_seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train ``cfg.arch`` contrastively on the public split of ``cfg.data``; write weights and a card.
 
@@ -571,6 +574,8 @@ def pretrain(
             private split itself); ``train_description`` says in the card what they are.
         dp: a per-batch :class:`~clipleak.privacy.DpSetting` (Dp-CLIP): each step's gradient is clipped
             to C as a whole and noised; ``dp_seed`` seeds the noise. Recorded in the card (``privacy``).
+        device: where the model trains (batches are drawn and augmented on the CPU, as ever, then moved
+            there; the weights file holds CPU tensors). The same numbers as before on the CPU only.
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -579,7 +584,7 @@ def pretrain(
         torch.set_num_threads(int(threads))
     try:
         extra = _Extra(init_weights, train_set, train_description, dp.resolve() if dp is not None else None,
-                       int(dp_seed))
+                       int(dp_seed), torch.device(device))
         return _pretrain(cfg, Path(out_path), resume, progress, eval_every_s, stop_after, keep_checkpoints,
                          evaluate, task, extra)
     finally:
@@ -595,6 +600,7 @@ class _Extra:
     train_description: dict[str, Any] | None = None
     dp: DpSetting | None = None
     dp_seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def key(self) -> dict[str, Any]:
         """Entries a resumed run must share with its checkpoint (none for plain pretraining)."""
@@ -629,7 +635,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: ProgressFn
     if progress is not None:
         progress(ProgressEvent(task, 0, cfg.steps, phase="load", note="loading data"))
 
-    clip = build_model(cfg.arch, ext.init_weights, init_seed=cfg.seed)
+    clip = build_model(cfg.arch, ext.init_weights, init_seed=cfg.seed, device=ext.device)
     data = _load_train_data(cfg, clip.image_size) if ext.train_set is None else \
         _set_data(cfg, ext.train_set, ext.train_description)
     ev = _eval_set(cfg, clip.image_size) if evaluate else None
