@@ -121,3 +121,33 @@ def test_client_check_flags_crafted_weights_and_not_honest_ones(world):
         for groups in (1, 4):
             _, _, server = setup(world, reduction, groups, seed=seed)
             assert check_weights(server.payload(), own).flagged
+
+
+def test_strategy_sends_the_crafted_weights_and_attacks_the_replies(world):
+    """The Flower strategy option: the wrapped strategy configures the round with the crafted weights (and the
+    round's recorded start is them), and the strategy's attack reads a reply's batch back."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from clipleak.fl.malicious import MaliciousStrategy
+    from clipleak.fl.settings import Recipe
+
+    class Capture(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            self.sent = arrays.to_torch_state_dict()
+            return []
+
+    _, _, val, _ = world
+    honest, malicious, server = setup(world, 4, 8)
+    inner = Capture(fraction_evaluate=0.0)
+    strategy = MaliciousStrategy(server, malicious, Recipe(method="adapter", batch_size=8), {}, inner)
+    strategy.configure_train(1, ArrayRecord(honest.peft_state()), ConfigRecord({}), grid=None)
+    for k, v in server.payload().items():
+        assert torch.equal(inner.sent[k], v) and torch.equal(strategy.global_states[1][k], v)
+        assert not torch.equal(v, honest.peft_state()[k])
+    assert strategy.attack is not None
+    x, y, _ = sample_batch(val, 8, seed=4)
+    rec = strategy.attack(share(malicious, x, y))
+    assert exact_share(rec.features, malicious, x) >= 0.75
+    with pytest.raises(ClipleakError):
+        MaliciousStrategy(server, malicious, Recipe(method="coop"), {}, Capture())

@@ -1,6 +1,9 @@
 """The malicious server: it sends crafted CLIP-Adapter weights instead of the global model's and reads the
 batch's features off each reply (:mod:`clipleak.recover.malicious`), then decodes them to images.
 
+:class:`MaliciousStrategy` is the Flower side: an :class:`~clipleak.fl.strategy.AttackingStrategy` that sends
+the crafted weights in place of the global state every round and attacks each reply with the imprint read-out.
+
 The architecture the task defines is unchanged (same adapter, same width, same ratio); only the values of
 ``adapter.fc1.weight`` and ``adapter.fc2.weight`` that the server sends differ. Crafting uses the public split
 alone. :class:`MaliciousServer` is what a Flower strategy or a benchmark calls: :meth:`MaliciousServer.craft`
@@ -10,10 +13,15 @@ once per round, :meth:`MaliciousServer.attack` per reply.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from ..data import ImageSet
 from ..errors import ClipleakError
@@ -22,6 +30,8 @@ from ..priors import FeatureDecoder, decoder_images
 from ..records import Observation, Reconstruction, gradient_view
 from ..recover import public_features
 from ..recover.malicious import ImprintPlan, craft_imprint, imprint_features
+from .settings import Recipe
+from .strategy import AttackingStrategy
 
 ATTACK_NAME = "malicious-imprint"
 
@@ -78,3 +88,28 @@ class MaliciousServer:
                   "feature_recovery": {"separated": est.separated, "batch": obs.batch_size},
                   "observation_digest": digest},
         )
+
+
+class MaliciousStrategy(AttackingStrategy):
+    """The attacking strategy of a malicious server: every round it sends ``server``'s crafted adapter weights
+    instead of the global state (the wrapped strategy configures the round with them, so the clients start
+    from them and every update is recorded against them) and attacks each reply with
+    :meth:`MaliciousServer.attack` on ``victim`` (the attacker's copy of the task's model). The model the
+    federation trains is sacrificed: the server only wants the replies. Other arguments: those of
+    :class:`~clipleak.fl.strategy.AttackingStrategy`."""
+
+    def __init__(self, server: MaliciousServer, victim: Victim, recipe: Recipe, base_meta: dict[str, Any],
+                 inner: Strategy | None = None, **kwargs: Any) -> None:
+        if recipe.method != "adapter":
+            raise ClipleakError("the malicious server crafts CLIP-Adapter weights: run the federation with "
+                                "--method adapter")
+        super().__init__(recipe, base_meta, inner, attack=lambda obs: server.attack(obs, victim), **kwargs)
+        self.server = server
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        crafted = self.server.payload()
+        current = arrays.to_torch_state_dict()
+        if set(crafted) != set(current) or any(crafted[k].shape != current[k].shape for k in crafted):
+            raise ClipleakError("the crafted weights do not match the federation's adapter parameters")
+        return super().configure_train(server_round, ArrayRecord(crafted), config, grid)
