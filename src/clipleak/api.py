@@ -8,6 +8,10 @@
 
 Names of registered artifacts (``tiny-mnist``, ``tiny-mnist-decoder``, ``generative:tiny-mnist-vae``)
 are accepted wherever a weights or prior file is, and built on first use (:mod:`clipleak.artifacts`).
+
+Every stage that computes takes ``device`` (``auto``: CUDA, then MPS, then the CPU; ``cpu``, ``cuda``,
+``cuda:N``, ``mps`` or a ``torch.device``), resolved once by :func:`clipleak.devices.resolve_device`; the
+records it returns and the files it writes hold CPU tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .attacks import ATTACKS, make_config, run_attack
 from .audit import AuditConfig, run_audit
 from .client import load_private, sample_batch, share
 from .data import DataSpec, ImageSet, check_same_split, load_validation, public_for_observation
+from .devices import resolve_device
 from .errors import ClipleakError, check_range
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import arch_config, build_model, read_card
@@ -78,6 +83,7 @@ def make_observation(
     dp: DpSetting | dict[str, Any] | None = None,
     dp_seed: int | None = None,
     progress: ProgressFn | None = None,
+    device: str | torch.device = "auto",
 ) -> tuple[Observation, Truth]:
     """Client side: build the victim, draw a private batch, compute the shared gradient.
 
@@ -97,6 +103,7 @@ def make_observation(
     ``dp_seed`` (default: a fresh secret one) goes to the truth file only.
     """
     check_range("batch size", batch_size, low=1, high=4096, integer=True)
+    dev = resolve_device(device)
     weights = _weights_name(weights)
     cfg = _peft_config(peft, method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
@@ -118,7 +125,7 @@ def make_observation(
         raise ClipleakError(
             f"{len(names)} class names given but the data set has {len(private.classnames)} classes"
         )
-    victim = build_victim(clip, names, cfg)
+    victim = build_victim(clip, names, cfg, device=dev)
     images, labels, idx = sample_batch(private, batch_size, seed=seed, classes=classes,
                                      distinct_classes=distinct_classes)
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
@@ -155,6 +162,7 @@ def attack_observation(
     name: str = "ig",
     weights: str | None = None,
     progress: ProgressFn | None = None,
+    device: str | torch.device = "auto",
     **settings: Any,
 ) -> Reconstruction:
     """Attacker side: rebuild the victim from the observation and run attack ``name``.
@@ -171,6 +179,7 @@ def attack_observation(
     """
     if name not in ATTACKS:
         raise ClipleakError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+    dev = resolve_device(device)
     for key, (option, low, high, low_open, whole) in ATTACK_BOUNDS.items():
         check_range(option, settings.get(key), low=low, high=high, low_open=low_open, integer=whole)
     obs = observation if isinstance(observation, Observation) else Observation.load(observation)
@@ -180,7 +189,7 @@ def attack_observation(
         raise ClipleakError("MIP's image stage needs a feature-to-image decoder for this target (--decoder: "
                             "tiny-mnist-decoder for tiny-mnist, or one trained with `clipleak prior train --kind "
                             "decoder --weights ...`)")
-    victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress))
+    victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress), device=dev)
     for named in (getattr(cfg, "decoder", None), str(getattr(cfg, "prior", "") or "").removeprefix("generative:"),
                   getattr(cfg, "bn_prior", None)):
         _check_named_prior(named, obs, victim)
@@ -255,6 +264,7 @@ def evaluate_reconstruction(
     reid_k: int = 10,
     with_lpips: bool = True,
     weights: str | None = None,
+    device: str | torch.device = "auto",
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluator side: score against the truth and the baselines, write the report folder.
 
@@ -264,6 +274,7 @@ def evaluate_reconstruction(
     ``ev["truth_matches_observation"]`` None (unchecked) instead of True.
     """
     check_range("--reid-k", reid_k, low=2, high=1000, integer=True)
+    dev = resolve_device(device)
     rec = reconstruction if isinstance(reconstruction, Reconstruction) else Reconstruction.load(reconstruction)
     tru = truth if isinstance(truth, Truth) else Truth.load(truth)
     matched = truth_matches(rec, tru)
@@ -280,7 +291,7 @@ def evaluate_reconstruction(
     spec, public = public_for_observation(meta)
     private = load_private(spec, int(meta["image_size"]), str(tru.meta.get("part", "private")))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
-    victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False)
+    victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False, device=dev)
     with torch.no_grad():
         est = rec.features if rec.features is not None else victim.raw_image_features(rec.images)
     nn_images, _ = public_nearest_neighbour(victim, public, est, rec.labels)
@@ -301,7 +312,7 @@ def evaluate_reconstruction(
         ev["feature_recovery"] = dict(recovery)
     if rec.features is not None:  # evaluator side: how close the recovered features are to the truth's
         with torch.no_grad():
-            true_feats = F.normalize(victim.raw_image_features(tru.images), dim=-1)
+            true_feats = F.normalize(victim.raw_image_features(tru.images), dim=-1).cpu()
         perm = torch.tensor(ev["pairing"])
         feat_cos = (F.normalize(rec.features.float(), dim=-1)[perm] * true_feats).sum(-1)
         ev.setdefault("feature_recovery", {})["cosine_to_truth"] = [round(float(c), 4) for c in feat_cos]
@@ -350,25 +361,26 @@ def client_images(*, weights: str | None = "tiny-mnist", arch: str = "tiny-32", 
 def finetune_client(cfg: FinetuneConfig, out_dir: str | Path, *, weights: str | None = "tiny-mnist",
                     arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0, part: str = "private",
                     resume: bool = False, progress: ProgressFn | None = None, threads: int | None = None,
-                    stop_after: int | None = None) -> dict[str, Any]:
+                    stop_after: int | None = None, device: str | torch.device = "auto") -> dict[str, Any]:
     """Fine-tune a client's CoOp or adapter on its images (with or without DP-SGD); accuracy on the
     validation split. See :func:`clipleak.training.finetune`."""
     path, train, held_out, desc = client_images(weights=weights, arch=arch, data=data, split_seed=split_seed,
                                                 part=part, progress=progress)
     return finetune(cfg, train, held_out, out_dir, weights=path, arch=arch, train_description=desc, resume=resume,
-                    progress=progress, threads=threads, stop_after=stop_after)
+                    progress=progress, threads=threads, stop_after=stop_after, device=resolve_device(device))
 
 
 def contrastive_finetune_client(cfg: ContrastiveConfig, out_path: str | Path, *, weights: str | None = "tiny-mnist",
                                 arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0,
                                 part: str = "private", resume: bool = False, progress: ProgressFn | None = None,
-                                threads: int | None = None) -> dict[str, Any]:
+                                threads: int | None = None, device: str | torch.device = "auto") -> dict[str, Any]:
     """Dp-CLIP contrastive fine-tuning of the target on a client's images; zero-shot accuracy on the
     validation split. See :func:`clipleak.training.contrastive_finetune`."""
     path, train, _, desc = client_images(weights=weights, arch=arch, data=data, split_seed=split_seed, part=part,
                                          progress=progress)
     return contrastive_finetune(cfg, train, out_path, weights=path, arch=arch, data=data, split_seed=split_seed,
-                                train_description=desc, resume=resume, progress=progress, threads=threads)
+                                train_description=desc, resume=resume, progress=progress, threads=threads,
+                                device=resolve_device(device))
 
 
 def audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
@@ -420,8 +432,10 @@ def plan_demo(*, weights: str = "tiny-mnist", method: str = "coop", attack: str 
 
 def run_demo(out: str | Path, plan: DemoPlan, *, batch_size: int = 1, seed: int = 0,
              progress: ProgressFn | None = None,
-             say: Any = None) -> tuple[Path, dict[str, Any], float]:
-    """share -> attack -> evaluate as the demo plans it; returns the report path, metrics and seconds."""
+             say: Any = None, device: str | torch.device = "auto") -> tuple[Path, dict[str, Any], float]:
+    """share -> attack -> evaluate as the demo plans it, on ``device``; returns the report path, metrics and
+    seconds."""
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -429,12 +443,12 @@ def run_demo(out: str | Path, plan: DemoPlan, *, batch_size: int = 1, seed: int 
     tell(f"1/3 client: tiny-32 ({plan.weights or 'random init'}), {plan.method}, {batch_size} private MNIST "
          "digit(s)")
     obs, truth = make_observation(weights=plan.weights, peft=PeftConfig(method=plan.method), batch_size=batch_size,
-                                  seed=seed, progress=progress)
+                                  seed=seed, progress=progress, device=dev)
     obs_path = obs.save(out / "observation")
     truth_path = truth.save(out / "truth")
     tell(f"2/3 attacker: {plan.description}")
-    rec = attack_observation(obs_path, name=plan.attack, progress=progress, **plan.settings)
+    rec = attack_observation(obs_path, name=plan.attack, progress=progress, device=dev, **plan.settings)
     rec.save(out / "reconstruction")
     tell("3/3 evaluation")
-    report, ev = evaluate_reconstruction(out / "reconstruction", truth_path, out / "report")
+    report, ev = evaluate_reconstruction(out / "reconstruction", truth_path, out / "report", device=dev)
     return report, ev, time.perf_counter() - t0

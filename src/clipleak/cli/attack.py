@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import check_writable, command, console, parse_ints, progress_bar
+from .common import DeviceOpt, check_writable, command, console, parse_ints, progress_bar
 
 
 def models() -> None:
@@ -65,6 +65,7 @@ def share(
     accountant: Annotated[str, typer.Option(help="DP: rdp | prv")] = "rdp",
     dp_seed: Annotated[int | None, typer.Option(
         help="DP: seed of the noise (kept in the truth file only; default: a fresh secret one)")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Client side: draw a private batch, compute the update it would share, save it.
 
@@ -82,11 +83,13 @@ def share(
     Example: clipleak share --out runs/obs-dp --method adapter --batch-size 8 --dp per-example --clip 1 --epsilon 3 --delta 1e-5 --sample-rate 0.01 --steps 1000
     """  # noqa: E501
     from ..api import make_observation
+    from ..devices import resolve_device
     from ..errors import ClipleakError
     from ..peft import PeftConfig
     from ..privacy import DpSetting
     from ..records import tensor_path
 
+    dev = resolve_device(device)
     check_writable(tensor_path(out), folder=False)
     truth_path = tensor_path(truth_out if truth_out is not None else tensor_path(out).with_suffix(".truth"))
     check_writable(truth_path, folder=False, option="--truth-out")
@@ -113,7 +116,7 @@ def share(
             classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
             classes=parse_ints(classes), distinct_classes=distinct_classes, seed=seed,
             include_labels=include_labels, dp=setting, dp_seed=dp_seed,
-            progress=cb,
+            progress=cb, device=dev,
         )
     p = obs.save(out)
     tp = truth.save(truth_path)
@@ -161,6 +164,7 @@ def attack(
     = None,
     seed: Annotated[int, typer.Option(help="seed of the restarts")] = 0,
     resume: Annotated[bool, typer.Option(help="keep finished restarts in OUT/checkpoint and resume")] = True,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Attacker side: reconstruct the client's images from an observation.
 
@@ -182,7 +186,9 @@ def attack(
 
     from ..api import attack_observation
     from ..attacks import attack_spec
+    from ..devices import resolve_device
 
+    dev = resolve_device(device)
     check_writable(out, folder=True)
     known = {f.name for f in fields(attack_spec(name).config)}
     if name == "mip" and labels == "infer":
@@ -197,7 +203,7 @@ def attack(
         console.print(f"note: --{k.replace('_weight', '').replace('_', '-')} does not apply to --attack {name}; "
                       "ignored")
     with progress_bar() as cb:
-        rec = attack_observation(observation, name=name, weights=weights, progress=cb, **settings)
+        rec = attack_observation(observation, name=name, weights=weights, progress=cb, device=dev, **settings)
     rec.save(out)
     per_it = rec.meta.get("seconds_per_iteration") or 0.0
     console.print(f"reconstruction: [bold]{out}[/] ({rec.meta['seconds']:.1f} s"
@@ -222,6 +228,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="report folder (default: the reconstruction folder)")] = None,
     reid_k: Annotated[int, typer.Option(help="re-identification pool size (true image + K-1 of its class)")]
     = 10,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Score a reconstruction against the truth and the honest baselines; write the report.
 
@@ -232,9 +239,11 @@ def evaluate(
     Example: clipleak evaluate runs/rec --truth runs/obs.truth.safetensors
     """
     from ..api import evaluate_reconstruction
+    from ..devices import resolve_device
 
+    dev = resolve_device(device)
     check_writable(out or reconstruction, folder=True)
-    report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k)
+    report, ev = evaluate_reconstruction(reconstruction, truth, out or reconstruction, reid_k=reid_k, device=dev)
     if ev.get("truth_matches_observation") is None:
         console.print("note: the reconstruction or the truth predates observation digests, so nothing checks "
                       "that they belong to the same observation; rerun share and attack to have it checked")
@@ -258,6 +267,7 @@ def demo(
              "output; else 150)")] = None,
     restarts: Annotated[int, typer.Option(help="attack restarts")] = 1,
     seed: Annotated[int, typer.Option(help="seed of the batch draw and the attack")] = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Run share -> attack -> evaluate on the built-in default and print where the report is.
 
@@ -275,13 +285,15 @@ def demo(
     Example: clipleak demo --weights random --attack ig --out runs/demo-random
     """
     from ..api import plan_demo, run_demo
+    from ..devices import resolve_device
 
+    dev = resolve_device(device)
     check_writable(out, folder=True)
     plan = plan_demo(weights=weights, method=method, attack=name, prior=prior, decoder=decoder,
                      iterations=iterations, restarts=restarts, seed=seed)
     with progress_bar() as cb:
         report, ev, seconds = run_demo(out, plan, batch_size=batch_size, seed=seed, progress=cb,
-                                       say=lambda msg: console.print(f"[bold]{msg}[/]"))
+                                       say=lambda msg: console.print(f"[bold]{msg}[/]"), device=dev)
     console.print(ev["verdict"]["text"])
     reid = ev.get("reidentification") or {}
     if reid.get("attack") is not None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..records import ProgressEvent, ProgressFn
-from .common import check_writable, command, console, helptext, progress_bar
+from .common import DeviceOpt, check_writable, command, console, helptext, progress_bar
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -52,6 +52,7 @@ def run(
     strategy: Annotated[str, typer.Option(help="the Flower strategy the server aggregates with (default "
                                           "settings): fedavg | fedavgm | fedadam | fedyogi | fedadagrad | "
                                           "fedmedian | fedtrimmedavg | krum")] = "fedavg",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
     that records every client update and attacks it.
@@ -71,9 +72,11 @@ def run(
     Example: clipleak fl run --clients 2 --rounds 2 --local-steps 5 --method coop --partition dirichlet:0.5 --dp per-example --clip 1 --noise-multiplier 1 --out runs/fl-dp
     """  # noqa: E501
     from ..attacks import make_config
+    from ..devices import resolve_device
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
 
+    dev = resolve_device(device)  # the clients' device
     check_writable(out, folder=True)
     recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
@@ -87,7 +90,7 @@ def run(
                    attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy)
     tdir = truth_dir if truth_dir is not None else out / "clients"
     data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
-                      truth_dir=str(tdir.resolve()))
+                      truth_dir=str(tdir.resolve()), device=str(dev))
     with progress_bar() as cb:
         state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
     _print_outcome(state, evaluate_run(out, tdir), out)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ClipleakError, check_range
-from .common import check_writable, command, console, helptext, progress_bar
+from .common import DeviceOpt, check_writable, command, console, helptext, progress_bar
 
 MAX_THREADS = 1024
 MAX_STEPS = 10_000_000
@@ -30,6 +30,7 @@ def pretrain(
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 400,
     resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (1 is faster on a busy machine)")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Pretrain a target CLIP on the PUBLIC split of a data set (contrastive, captions from templates).
 
@@ -38,9 +39,11 @@ def pretrain(
 
     Example: clipleak pretrain --out runs/mine.safetensors --data mnist --time-budget 300 --threads 1
     """
+    from ..devices import resolve_device
     from ..training import PretrainConfig
     from ..training import pretrain as run_pretrain
 
+    dev = resolve_device(device)
     check_writable(out, folder=False)
     _check_common(threads=threads, steps=steps, batch_size=batch_size, lr=lr)
     check_range("--time-budget", time_budget, low=0, high=1e7, low_open=True)
@@ -51,7 +54,7 @@ def pretrain(
                          patch_dropout=patch_dropout, checkpoint_every=checkpoint_every,
                          time_budget_s=time_budget)
     with progress_bar() as cb:
-        card = run_pretrain(cfg, out, resume=resume, progress=cb, threads=threads)
+        card = run_pretrain(cfg, out, resume=resume, progress=cb, threads=threads, device=dev)
     zs = card["zero_shot"]
     console.print(f"weights: [bold]{out}[/] ({card['steps_done']} steps, {card['train_seconds']:.0f} s "
                   f"of training, final loss {card['final_loss']:.3f})")
@@ -85,6 +88,7 @@ def prior_train(
     base: Annotated[int, typer.Option(help="decoder: widest channel count")] = 64,
     split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train an image prior on the PUBLIC split and save it with a card (quality on the validation split).
 
@@ -95,9 +99,11 @@ def prior_train(
     Example: clipleak prior train --kind cnn --out runs/cnn.safetensors --steps 600
     """  # noqa: E501
     from ..artifacts import resolve_path
+    from ..devices import resolve_device
     from ..priors import save_prior
     from ..training import build_prior
 
+    dev = resolve_device(device)
     if out.suffix != ".safetensors":
         raise ClipleakError(f"--out must end in .safetensors, got {out}")
     check_writable(out, folder=False)
@@ -106,7 +112,7 @@ def prior_train(
     with progress_bar() as cb:
         prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
                             steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
-                            augment_copies=augment_copies, base=base, progress=cb)
+                            augment_copies=augment_copies, base=base, progress=cb, device=dev)
     path = save_prior(prior, out)
     tr = prior.card["training"]
     console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
@@ -154,6 +160,7 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of the batches and the noise")] = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in OUT")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune a client's CoOp or CLIP-Adapter on its images (optionally with per-example DP-SGD), or
     the whole target contrastively with Dp-CLIP's per-batch clipping (--contrastive).
@@ -168,8 +175,10 @@ def train(
     Example: clipleak train --contrastive --dp per-batch --epsilon 3 --steps 100 --out runs/dpclip
     """  # noqa: E501
     from .. import api
+    from ..devices import resolve_device
     from ..training import ContrastiveConfig, FinetuneConfig
 
+    dev = resolve_device(device)
     check_writable(out, folder=True)
     _check_common(threads=threads, steps=steps, batch_size=batch_size, lr=lr)
     check_range("--clip", clip, low=0, low_open=True)
@@ -186,7 +195,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as cb:
             card = api.contrastive_finetune_client(ccfg, out / "model.safetensors", weights=weights, data=data,
-                                                   part=part, resume=resume, progress=cb, threads=threads)
+                                                   part=part, resume=resume, progress=cb, threads=threads,
+                                                   device=dev)
         zs = card["zero_shot"]
         console.print(f"weights: [bold]{out / 'model.safetensors'}[/] ({card['steps_done']} steps, "
                       f"{card['train_seconds']:.0f} s)")
@@ -208,7 +218,7 @@ def train(
                          seed=seed)
     with progress_bar() as cb:
         res = api.finetune_client(cfg, out, weights=weights, data=data, part=part, resume=resume, progress=cb,
-                                  threads=threads)
+                                  threads=threads, device=dev)
     console.print(f"{method}: [bold]{out / 'peft.safetensors'}[/] ({res['steps_done']} steps, "
                   f"{res['train_seconds']:.1f} s; {res['train']['n_images']} {part} images, "
                   f"{res['schedule']['sampling']} sampling, q {res['schedule']['sample_rate']:.3g})")

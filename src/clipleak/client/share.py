@@ -53,11 +53,14 @@ def share(
     if int(labels.min()) < 0 or int(labels.max()) >= len(victim.classnames):
         raise ClipleakError(f"labels must be in [0, {len(victim.classnames) - 1}]")
     setting = dp.resolve() if dp is not None else None
+    # computed on the victim's device; the observation holds CPU tensors (what a file or message carries)
+    dev_images, dev_labels = images.to(victim.device), labels.to(victim.device)
     if setting is None:
-        grads = victim.gradient(images, labels)
+        grads = victim.gradient(dev_images, dev_labels)
     else:
         seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
-        grads = privatise(victim, images, labels, setting, seed)
+        grads = privatise(victim, dev_images, dev_labels, setting, seed)
+    grads = {k: g.cpu() for k, g in grads.items()}
     meta: dict[str, Any] = {
         "kind": "gradient",
         "loss": "cross_entropy",
@@ -79,5 +82,5 @@ def share(
         gradients=grads,
         meta=meta,
         peft_state=victim.peft_state(),
-        labels=labels.clone() if include_labels else None,
+        labels=labels.cpu().clone() if include_labels else None,
     )

@@ -43,7 +43,9 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     # the run config (shared with the server) may name the model and the data set; everything private
     # (partition, cap, seed, truth folder) comes from the client's own defaults and node config
     shared = {k: v for k, v in dict(context.run_config).items() if k in SHARED_KEYS}
-    data = ClientData.from_config({**(defaults.to_dict() if defaults else {}), **shared, **node_cfg})
+    # the node config's "device" (else the defaults') says where this client computes
+    own = {**defaults.to_dict(), "device": defaults.device} if defaults else {}
+    data = ClientData.from_config({**own, **shared, **node_cfg})
     pid, nparts = int(node_cfg.get("partition-id", 0)), int(node_cfg.get("num-partitions", 1))
     torch.set_num_threads(int(node_cfg.get("threads", 1)))
     peft = recipe.peft().to_dict()

@@ -15,6 +15,7 @@ import torch
 from .. import artifacts
 from ..client import load_private
 from ..data import DataSpec, ImageSet
+from ..devices import check_device_spec, resolve_device
 from ..errors import ClipleakError
 from ..models import build_model
 from ..peft import PeftConfig, Victim, build_victim
@@ -83,14 +84,20 @@ class ClientData:
     client_size: int | None = None
     seed: int = 0
     truth_dir: str | None = None
+    device: str = "auto"
+    """Where the client computes (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``): not a fact about its
+    data, so :meth:`to_dict` (what a resumed run must share) leaves it out."""
 
     def __post_init__(self) -> None:
         parse_partition(self.partition)
         if self.client_size is not None and self.client_size < 1:
             raise ClipleakError("client_size must be at least 1")
+        check_device_spec(self.device)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("device")
+        return d
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ClientData:
@@ -170,7 +177,8 @@ def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, 
     params = victim.trainable()
     losses = []
     for t, pos in enumerate(steps):
-        x, y = images.index_select(0, pos), labels.index_select(0, pos)
+        # the batch goes where the victim is (the DP noise is then drawn there too)
+        x, y = images.index_select(0, pos).to(victim.device), labels.index_select(0, pos).to(victim.device)
         if setting is None:  # the same operations as Victim.gradient (what client.share sends), loss kept
             loss = victim.loss(x, y)
             grads = torch.autograd.grad(loss, list(params.values()))
@@ -191,15 +199,16 @@ _CACHE: dict[str, tuple[Victim, ImageSet, torch.Tensor, dict[str, Any]]] = {}
 
 def client_setup(data: ClientData, peft: dict[str, Any], partition_id: int,
                  num_partitions: int) -> tuple[Victim, ImageSet, torch.Tensor, dict[str, Any]]:
-    """The client's victim (frozen CLIP + PEFT module), its private part, its shard and the data's public
-    facts; memoised per process (a Flower simulation reuses its workers across rounds)."""
-    key = repr((data.to_dict(), sorted(peft.items()), partition_id, num_partitions))
+    """The client's victim (frozen CLIP + PEFT module, on ``data.device``), its private part, its shard and the
+    data's public facts; memoised per process (a Flower simulation reuses its workers across rounds)."""
+    device = resolve_device(data.device)
+    key = repr((data.to_dict(), str(device), sorted(peft.items()), partition_id, num_partitions))
     if key not in _CACHE:
         path = artifacts.resolve_path(data.weights)
         clip = build_model(data.arch, path)
         spec = DataSpec.parse(data.data, split_seed=data.split_seed)
         private = load_private(spec, clip.image_size, data.part)
-        victim = build_victim(clip, private.classnames, PeftConfig.from_dict(peft))
+        victim = build_victim(clip, private.classnames, PeftConfig.from_dict(peft), device=device)
         shard = client_shard(private, data, partition_id, num_partitions)
         facts = {**spec.to_dict(), "grayscale": private.grayscale}
         if len(_CACHE) >= 4:

@@ -198,7 +198,9 @@ class FinetuneRun:
 
     def __init__(self, cfg: FinetuneConfig, victim: Victim, raw: torch.Tensor, labels: torch.Tensor,
                  setting: DpSetting | None):
-        self.cfg, self.victim, self.raw, self.labels, self.setting = cfg, victim, raw, labels, setting
+        self.cfg, self.victim, self.raw, self.setting = cfg, victim, raw, setting
+        self.device = raw.device  # the victim's: every tensor of a step lives there
+        self.labels = labels.to(self.device)
         self.n = int(raw.shape[0])
         self.q = sample_rate(cfg, self.n)
         self.expected = self.q * self.n
@@ -221,7 +223,8 @@ class FinetuneRun:
         if cfg.canaries:
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "canaries"))
             self.canary_in = torch.rand(cfg.canaries, generator=g) < 0.5
-            self.canary_dirs = F.normalize(torch.randn(cfg.canaries, self.dim, generator=g), dim=1)
+            # seeded on the CPU (the same canaries on every device), used where the gradients are
+            self.canary_dirs = F.normalize(torch.randn(cfg.canaries, self.dim, generator=g), dim=1).to(self.device)
             self.canary_scores = torch.zeros(cfg.canaries, dtype=torch.float64)
 
     def lr_at(self, s: int, total: int | None) -> float:
@@ -239,7 +242,7 @@ class FinetuneRun:
         raw, y = self.raw[idx], self.labels[idx]
         if self.setting is None:
             if idx.numel() == 0:
-                return {k: torch.zeros(sh) for k, sh in self.shapes.items()}, float("nan")
+                return {k: torch.zeros(sh, device=self.device) for k, sh in self.shapes.items()}, float("nan")
             loss = F.cross_entropy(self.victim.logits_from_raw(raw), y, reduction="sum")
             grads = torch.autograd.grad(loss, list(self.params.values()))
             return ({k: g.detach() / self.expected for k, g in zip(self.params, grads, strict=True)},
@@ -256,7 +259,7 @@ class FinetuneRun:
                     logits = self.victim.logit_scale() * self.victim.features_from_raw(raw) @ text.detach().t()
                     loss_v = float(F.cross_entropy(logits, y))
             else:
-                summed = {"text": torch.zeros(self.text_shape)}
+                summed = {"text": torch.zeros(self.text_shape, device=self.device)}
                 loss_v = float("nan")
         elif idx.numel():
             per = per_example_gradients_from_raw(self.victim, raw, y)
@@ -265,25 +268,25 @@ class FinetuneRun:
             with torch.no_grad():
                 loss_v = float(F.cross_entropy(self.victim.logits_from_raw(raw), y))
         else:
-            summed = {k: torch.zeros(sh) for k, sh in self.shapes.items()}
+            summed = {k: torch.zeros(sh, device=self.device) for k, sh in self.shapes.items()}
             loss_v = float("nan")
         if self.canary_dirs is not None:
             assert self.canary_in is not None
             gc = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "canary-sample", s))
             drawn = self.canary_in & (torch.rand(len(self.canary_in), generator=gc) < self.q)
             if bool(drawn.any()):
-                add = s_.clip * self.canary_dirs[drawn].sum(0)
+                add = s_.clip * self.canary_dirs[drawn.to(self.device)].sum(0)
                 summed = {k: v + a.view(v.shape) for (k, v), a in
                           zip(summed.items(), torch.split(add, [v.numel() for v in summed.values()]), strict=True)}
         std = s_.noise_multiplier * s_.clip
         if std > 0:
-            gn = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "noise", s))
+            gn = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "noise", s))
             noise = gaussian_noise(summed, std, gn)
             summed = {k: noise[k].add_(v) for k, v in summed.items()}
         if self.canary_dirs is not None:
             assert self.canary_scores is not None
             flat = torch.cat([v.reshape(-1) for v in summed.values()])
-            self.canary_scores += (self.canary_dirs @ flat).double()
+            self.canary_scores += (self.canary_dirs @ flat).cpu().double()  # float64 on the CPU (MPS has none)
         if text is not None:  # post-processing: one vector-Jacobian product of the text encoder to the prompt
             grads = torch.autograd.grad(text, list(self.params.values()), grad_outputs=summed["text"] / self.expected)
             return {k: g.detach() for k, g in zip(self.params, grads, strict=True)}, loss_v
@@ -302,7 +305,7 @@ class FinetuneRun:
 
 def _save(root: Path, run: FinetuneRun, state: dict[str, Any]) -> None:
     def write(d: Path) -> None:
-        save_file({k: p.detach().contiguous().clone() for k, p in run.params.items()}, str(d / "peft.safetensors"))
+        save_file({k: p.detach().cpu().contiguous() for k, p in run.params.items()}, str(d / "peft.safetensors"))
         torch.save(run.opt.state_dict(), d / "optimizer.pt")
         if run.canary_scores is not None:
             save_file({"scores": run.canary_scores}, str(d / "canaries.safetensors"))
@@ -324,7 +327,7 @@ def _load(root: Path, run: FinetuneRun, key: dict[str, Any]) -> dict[str, Any] |
         raise ClipleakError(f"cannot resume from {root}: it was started with different settings or images; "
                             "use the same ones or start over without --resume")
     run.victim.load_peft_state(peft)
-    run.opt.load_state_dict(opt)
+    run.opt.load_state_dict(opt)  # the optimiser casts its state to its parameters' device
     if scores is not None:
         assert run.canary_scores is not None
         run.canary_scores.copy_(scores)
@@ -349,6 +352,7 @@ def finetune(
     stop_after: int | None = None,
     threads: int | None = None,
     task: str = "finetune",
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Fine-tune ``cfg.method`` of the target on ``train``; accuracy on ``held_out``; returns the result.
 
@@ -356,32 +360,35 @@ def finetune(
     schedule, sigma, epsilon spent along the way and at the end, accuracy before / during / after,
     seconds; canary scores and memberships if any). Checkpoints go to ``out_dir/ckpt`` every
     ``cfg.checkpoint_every`` steps; ``resume`` continues from there (same settings and images), and a
-    finished run removes them. ``stop_after``: abandon the run after that many steps (tests).
+    finished run removes them. ``stop_after``: abandon the run after that many steps (tests). ``device``:
+    where the model and the steps run (files hold CPU tensors). On the CPU the run is the same as ever; on a
+    GPU the DP noise comes from a generator seeded the same way on that device (other numbers).
     """
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     try:
         return _finetune(cfg, train, held_out, Path(out_dir), weights, arch, train_description, resume, progress,
-                         stop_after, task)
+                         stop_after, task, torch.device(device))
     finally:
         torch.set_num_threads(old)
 
 
 def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Path, weights: str | Path | None,
               arch: str, train_description: dict[str, Any] | None, resume: bool, progress: ProgressFn | None,
-              stop_after: int | None, task: str) -> dict[str, Any]:
+              stop_after: int | None, task: str, device: torch.device) -> dict[str, Any]:
     t_start = time.perf_counter()
     if list(train.classnames) != list(held_out.classnames):
         raise ClipleakError("the training and held-out images must have the same classes")
     setting = cfg.dp_setting(len(train))  # calibrate (and refuse bad settings) before any work
     if progress is not None:
         progress(ProgressEvent(task, 0, cfg.steps, phase="load", note="encoding images"))
-    clip = build_model(arch, weights)
+    clip = build_model(arch, weights, device=device)
     victim = build_victim(clip, list(train.classnames), cfg.peft())
     raw_train, raw_val = encode(victim, train.images), encode(victim, held_out.images)
     run = FinetuneRun(cfg, victim, raw_train, train.labels, setting)
-    acc0 = accuracy_from_raw(victim, raw_val, held_out.labels)
+    val_labels = held_out.labels.to(raw_val.device)
+    acc0 = accuracy_from_raw(victim, raw_val, val_labels)
     key = {"config": cfg.training_key(), "weights": str(weights), "arch": arch,
            "train": _digest(train.images), "labels": _digest(train.labels)}
     root = out / "ckpt"
@@ -406,7 +413,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
     def step(s: int, total: int | None) -> float:
         loss = run.step(s, total)
         if s + 1 in eval_steps:
-            acc, eps = accuracy_from_raw(victim, raw_val, held_out.labels), spent(s + 1)
+            acc, eps = accuracy_from_raw(victim, raw_val, val_labels), spent(s + 1)
             curve.append({"step": s + 1, "accuracy": acc, "epsilon": eps})
             if progress is not None:
                 values = {"accuracy": acc, **({"epsilon": eps} if eps is not None else {})}
@@ -421,8 +428,8 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
     if not st.completed:
         return {"completed": False, "stopped_after": st.step}
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: p.detach().contiguous().clone() for k, p in run.params.items()}, str(out / "peft.safetensors"))
-    acc = accuracy_from_raw(victim, raw_val, held_out.labels)
+    save_file({k: p.detach().cpu().contiguous() for k, p in run.params.items()}, str(out / "peft.safetensors"))
+    acc = accuracy_from_raw(victim, raw_val, val_labels)
     losses = [x for x in st.losses if math.isfinite(x)]
     result: dict[str, Any] = {
         "kind": "clipleak PEFT fine-tuning",
@@ -502,7 +509,7 @@ def contrastive_finetune(cfg: ContrastiveConfig, train: ImageSet, out_path: str 
                          weights: str | Path | None, arch: str = "tiny-32", data: str = "mnist", split_seed: int = 0,
                          train_description: dict[str, Any] | None = None, resume: bool = False,
                          progress: ProgressFn | None = None, threads: int | None = None,
-                         stop_after: int | None = None) -> dict[str, Any]:
+                         stop_after: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Contrastive fine-tuning of the target ``weights`` on ``train`` with :func:`pretrain`'s trainer
     (templates, AdamW, warmup + cosine, checkpoints), Dp-CLIP per-batch clipped and noised. Zero-shot
     accuracy on the validation split of ``data`` goes in the card; ``card["privacy"]`` records C,
@@ -513,4 +520,4 @@ def contrastive_finetune(cfg: ContrastiveConfig, train: ImageSet, out_path: str 
                           checkpoint_every=cfg.checkpoint_every)
     return pretrain(pcfg, out_path, resume=resume, progress=progress, threads=threads, task="contrastive",
                     init_weights=weights, train_set=train, train_description=train_description, dp=setting,
-                    dp_seed=derive_seed(cfg.seed, "dp-clip"), stop_after=stop_after)
+                    dp_seed=derive_seed(cfg.seed, "dp-clip"), stop_after=stop_after, device=device)

@@ -86,18 +86,20 @@ def train_vae(
     width: int = 32,
     progress: ProgressFn | None = None,
     task: str = "train vae",
+    device: str | torch.device = "cpu",
 ) -> ConvVAE:
     """Train a :class:`ConvVAE` on public images (BCE reconstruction + ``beta`` x KL, summed per image).
 
     Adam, cosine decay from ``lr``, batch ``batch``; default schedule :data:`DEFAULT_VAE_STEPS` steps.
     Deterministic for fixed ``steps`` and thread count (``seconds`` alone fits the step count to the
     time budget, which depends on the machine). The training record is in ``vae.card["training"]``.
+    Trained on ``device`` (init, batch order and noise drawn on the CPU); returned on the CPU.
     """
-    x = _train_images(public)
+    x = _train_images(public).to(device)
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_VAE_STEPS, seconds)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = ConvVAE(int(x.shape[-1]), x.shape[1], latent, width)
+        vae = ConvVAE(int(x.shape[-1]), x.shape[1], latent, width).to(device)
 
     def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = x[idx]
@@ -108,7 +110,7 @@ def train_vae(
 
     info = _fit(vae, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
                 progress=progress)
-    vae.requires_grad_(False)
+    vae.requires_grad_(False).cpu()
     vae.card = {"training": {"recipe": {"loss": "BCE + beta*KL (sum per image)", "beta": beta, "optimizer": "Adam",
                                         "lr": lr, "decay": "cosine", "batch": batch, "seed": seed, "latent": latent,
                                         "width": width, "steps": steps, "seconds": seconds},
@@ -132,6 +134,7 @@ def train_decoder(
     work_size: int | None = None,
     progress: ProgressFn | None = None,
     task: str = "train decoder",
+    device: str | torch.device | None = None,
 ) -> FeatureDecoder:
     """Train a :class:`FeatureDecoder` for the frozen target ``clip`` on public (feature, image) pairs.
 
@@ -143,8 +146,10 @@ def train_decoder(
     scale, as in pretraining; seeded), their features computed once by the frozen target.
     ``base`` is the decoder's widest channel count; ``whiten`` whitens its input with the public
     features' statistics (:meth:`FeatureDecoder.fit_whitening`). ``work_size`` is the side its convolution
-    stack works at (resized to the image size; default: the image size).
+    stack works at (resized to the image size; default: the image size). Trained on ``device`` (default:
+    the target's), returned on the CPU.
     """
+    dev = torch.device(device) if device is not None else clip.model.logit_scale.device
     if public.images.shape[-1] != clip.image_size:
         raise ClipleakError(f"public images are {public.images.shape[-1]} px but the target takes "
                             f"{clip.image_size} px")
@@ -160,14 +165,14 @@ def train_decoder(
         g_aug = torch.Generator().manual_seed(seed + 7919)
         copies = [random_affine(images, AffineRange(), g_aug, public.grayscale) for _ in range(augment_copies)]
         images = torch.cat([images, *copies])
-    x = _train_images(public, images)
-    feats = image_features(clip, images)
+    x = _train_images(public, images).to(dev)
+    feats = image_features(clip, images).to(dev)
     feat_seconds = time.perf_counter() - t_feat
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_DECODER_STEPS, seconds)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dec = FeatureDecoder(int(feats.shape[1]), int(x.shape[-1]), x.shape[1], base=base, whiten=whiten,
-                             work_size=work_size)
+                             work_size=work_size).to(dev)
     if whiten:
         dec.fit_whitening(feats)
 
@@ -175,7 +180,8 @@ def train_decoder(
         xb = x[idx]
         f = feats[idx]
         if feature_noise > 0:
-            f = F.normalize(f + feature_noise / math.sqrt(f.shape[1]) * torch.randn(f.shape, generator=g), dim=-1)
+            noise = torch.randn(f.shape, generator=g).to(dev)  # the CPU generator of the batch order
+            f = F.normalize(f + feature_noise / math.sqrt(f.shape[1]) * noise, dim=-1)
         out = dec(f)
         out = out[:, :1] if x.shape[1] == 1 else out
         return F.l1_loss(out, xb) + F.mse_loss(out, xb)
@@ -183,7 +189,7 @@ def train_decoder(
     info = _fit(dec, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
                 progress=progress)
     info["n_pairs"] = int(x.shape[0])
-    dec.requires_grad_(False)
+    dec.requires_grad_(False).cpu()
     dec.card = {
         "training": {"recipe": {"loss": "L1 + MSE", "optimizer": "Adam", "lr": lr, "decay": "cosine", "batch": batch,
                                 "seed": seed, "feature_noise": feature_noise, "augment_copies": augment_copies,
@@ -208,16 +214,18 @@ def train_cnn(
     depth: int = 3,
     progress: ProgressFn | None = None,
     task: str = "train cnn",
+    device: str | torch.device = "cpu",
 ) -> PriorCNN:
     """Train GradViT's prior network, a :class:`PriorCNN` classifier, on the public images (cross-entropy,
     Adam with cosine decay, default :data:`DEFAULT_CNN_STEPS` steps), then calibrate its BatchNorm running
-    statistics to the exact statistics of the public images (:meth:`PriorCNN.calibrate`)."""
-    x = _train_images(public)
-    y = public.labels.long()
+    statistics to the exact statistics of the public images (:meth:`PriorCNN.calibrate`). Trained on
+    ``device``, returned on the CPU."""
+    x = _train_images(public).to(device)
+    y = public.labels.long().to(device)
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_CNN_STEPS, seconds)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = PriorCNN(int(x.shape[-1]), x.shape[1], len(public.classnames), width=width, depth=depth)
+        net = PriorCNN(int(x.shape[-1]), x.shape[1], len(public.classnames), width=width, depth=depth).to(device)
 
     def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(net(x[idx]), y[idx])
@@ -225,7 +233,7 @@ def train_cnn(
     info = _fit(net, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
                 progress=progress)
     net.calibrate(x)
-    net.requires_grad_(False)
+    net.requires_grad_(False).cpu()
     net.card = {"training": {"recipe": {"loss": "cross-entropy", "optimizer": "Adam", "lr": lr, "decay": "cosine",
                                         "batch": batch, "seed": seed, "width": width, "depth": depth,
                                         "steps": steps, "seconds": seconds,
@@ -294,6 +302,7 @@ def build_prior(
     progress: ProgressFn | None = None,
     quality: bool = True,
     task: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> Prior:
     """Train a prior of ``kind`` for target ``arch``/``weights`` (a file) on ``data``'s public split.
 
@@ -303,6 +312,7 @@ def build_prior(
     features that are fitted rather than exact (CoOp). ``augment_copies`` (decoder only) adds that many
     small random affine copies of every public image and ``base`` (decoder only) is its widest channel
     count and ``work_size`` (decoder only) the side its convolutions work at (:func:`train_decoder`).
+    ``device``: where the target and the prior compute; the prior comes back on the CPU (what is saved).
     """
     if kind not in KINDS:
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae, decoder or cnn")
@@ -320,18 +330,19 @@ def build_prior(
         raise ClipleakError("a feature decoder needs the target's trained weights (--weights PATH or tiny-mnist): "
                             "a random-init CLIP gives every image nearly the same feature")
     spec = DataSpec.parse(data, split_seed=split_seed)
-    clip = build_model(arch, weights)
+    clip = build_model(arch, weights, device=device)
     public = load_public(spec, clip.image_size)
     name = task or f"train {kind}"
     if kind == "cnn":
-        prior: Prior = train_cnn(public, steps=steps, seconds=seconds, seed=seed, progress=progress, task=name)
+        prior: Prior = train_cnn(public, steps=steps, seconds=seconds, seed=seed, progress=progress, task=name,
+                                 device=device)
     elif kind == "vae":
         prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress,
-                                 task=name)
+                                 task=name, device=device)
     else:
         prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
                               augment_copies=augment_copies, base=base, work_size=work_size, progress=progress,
-                              task=name)
+                              task=name, device=device)
     prior.card["data_spec"] = spec.to_dict()
     prior.card["for_arch"] = arch
     if quality:
