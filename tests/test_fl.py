@@ -409,3 +409,126 @@ def test_deployment_engine_on_localhost(tmp_path):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_secagg_settings_tolerance_and_checks():
+    from clipleak.errors import ClipleakError
+    from clipleak.fl.secagg import SecAggSettings
+
+    s = SecAggSettings(max_weight=4.0, clipping_range=2.0, quantization_range=2**20)
+    assert s.weights([1, 3]) == [0.25, 0.75]  # max weight a power of two: the FedAvg weights are exact
+    # two clients, each off by less than one level 2 * 2 / 2**20, summed and divided by sum dq = 1
+    assert s.tolerance([1, 3], max_abs=1.0) == pytest.approx(2 * 4 / 2**20 + 2 * 2.0**-23)
+    rough = SecAggSettings(max_weight=1000.0, quantization_range=2**20)
+    assert rough.tolerance([1, 3], 1.0) > s.tolerance([1, 3], 1.0)  # weights rounded, coarser levels
+    with pytest.raises(ClipleakError, match="at least 2 clients"):
+        s.check_clients(1)
+    with pytest.raises(ClipleakError, match="modulus"):
+        SecAggSettings(quantization_range=2**30).check_clients(8)
+    with pytest.raises(ClipleakError, match="secagg settings"):
+        SecAggSettings(modulus_range=3 * 2**20)
+    with pytest.raises(ClipleakError, match="needs the individual updates"):
+        RunSpec(out="x", clients=2, strategy="fedmedian", secagg={})
+
+
+class _RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every reply the server receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = super().send_and_receive(messages, timeout=timeout)
+        self.replies.extend(out)
+        return out
+
+
+def test_secagg_server_reads_only_the_aggregate_and_attacks_it(tmp_path):
+    """Three clients through Flower's SecAgg+ workflow and mod (in-process transport): no reply carries a
+    client's parameters, the server keeps no per-client update, and the aggregate is attacked as one batch
+    of all the clients' images, scored against the union of their truth."""
+    from clipleak.fl.run import evaluate_run
+    from clipleak.fl.secagg import secagg_client_app
+    from clipleak.fl.strategy import aggregate_path
+    from clipleak.records import Observation
+
+    out, truth = tmp_path / "out", tmp_path / "truth"
+    spec = RunSpec(out=str(out), clients=3, rounds=1, secagg={"max_weight": 1.0},
+                   recipe=Recipe(method="adapter", weights=None, local_steps=1, batch_size=1, lr=0.5),
+                   attack_settings={"iterations": 2, "restarts": 1, "prior": "tv"})
+    data = ClientData(weights=None, client_size=1, truth_dir=str(truth))
+    grid = _RecordingGrid(secagg_client_app(data), 3)
+    with server_identity():
+        state = server_main(grid, spec)
+    assert state["secure_aggregation"]["max_weight"] == 1.0 and finished_rounds(state) == 1
+    # secaggplus_mod cleared every client's arrays before its reply left
+    assert grid.replies and all(len(r) == 0 for m in grid.replies for r in m.content.array_records.values())
+    rdir = out / "rounds" / "round-001"
+    assert not (rdir / "updates").exists() and not list((rdir / "attacks").glob("node-*"))
+    obs = Observation.load(aggregate_path(out, 1))
+    assert obs.meta["batch_size"] == 3 and obs.meta["num_examples"] == 3 and obs.meta["node_id"] is None
+    assert obs.meta["secure_aggregation"]["clients"] == [1, 2, 3]
+    assert state["rounds"]["1"]["aggregate_attacked"] and state["rounds"]["1"]["attacked"] == []
+    m = evaluate_run(out, truth)
+    (entry,) = m["clients"]
+    assert entry["aggregate_of"] == [1, 2, 3] and entry["images"] == 3 and "error" not in entry
+    assert m["summary"]["images"] == 3 and m["secure_aggregation"] == spec.secagg
+
+
+def test_secagg_simulation_round_equals_plain_fedavg(tmp_path):
+    """Flower's simulation engine (Ray) runs a 2-client SecAgg+ round; the global state the server reads
+    equals the plain FedAvg of the same clients' updates (an in-process run without secure aggregation, the
+    same clients and seeds) within the tolerance SecAgg+'s quantisation allows, and is not bitwise it."""
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from safetensors.torch import load_file
+from clipleak.fl import ClientData, Recipe, RunSpec
+from clipleak.fl.run import run_federated
+from clipleak.fl.secagg import SecAggSettings
+from clipleak.records import Observation
+recipe = Recipe(method='coop', class_specific=True, weights=None, local_steps=2, batch_size=2, lr=0.5)
+runs = {{}}
+for name, secagg, engine in (('secagg', {{'max_weight': 4.0, 'clipping_range': 4.0}}, 'simulation'),
+                             ('plain', None, 'inprocess')):
+    spec = RunSpec(out={str(tmp_path)!r} + '/' + name, clients=2, rounds=1, recipe=recipe, attack=None, secagg=secagg)
+    data = ClientData(weights=None, client_size=3, truth_dir={str(tmp_path)!r} + '/truth-' + name)
+    state = run_federated(spec, data, engine=engine)
+    runs[name] = load_file(spec.out + '/rounds/round-001/global.safetensors')
+import pathlib
+plain = pathlib.Path({str(tmp_path)!r}) / 'plain' / 'rounds' / 'round-001' / 'updates'
+obs = [Observation.load(p) for p in sorted(plain.glob('node-*.safetensors'))]
+max_abs = max(float((o.peft_state[k] + o.gradients[k]).abs().max()) for o in obs for k in o.gradients)
+tol = SecAggSettings(max_weight=4.0, clipping_range=4.0).tolerance([int(o.meta['num_examples']) for o in obs], max_abs)
+diff = max(float((runs['secagg'][k] - runs['plain'][k]).abs().max()) for k in runs['plain'])
+step = max(float((o.gradients[k]).abs().max()) for o in obs for k in o.gradients)
+print(json.dumps({{'diff': diff, 'tol': tol, 'update': step, 'keys': sorted(runs['secagg']) == sorted(runs['plain']),
+                  'updates_dir': (pathlib.Path({str(tmp_path)!r}) / 'secagg/rounds/round-001/updates').exists()}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["keys"] and not out["updates_dir"]
+    assert 0 < out["diff"] <= out["tol"]
+    assert out["tol"] < 1e-3 * out["update"]  # the quantisation is far below the update it carries
+
+
+def test_cli_fl_run_secagg_numbers_and_refusals(tmp_path):
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app
+    from clipleak.cli.fl import _secagg_config
+    from clipleak.errors import ClipleakError
+
+    assert _secagg_config(False, 1.0, 0.5, 8.0, 2**24, None, 2) is None
+    cfg = _secagg_config(True, 3.0, 0.5, 4.0, 2**20, None, 2)
+    assert cfg == {"num_shares": 3, "reconstruction_threshold": 0.5, "clipping_range": 4.0,
+                   "quantization_range": 2**20, "max_weight": 2.0}  # an int count of shares, a fraction threshold
+    assert isinstance(cfg["num_shares"], int) and _secagg_config(True, 1.0, 1.0, 8.0, 2**24, None, None)[
+        "max_weight"] == 1024.0
+    for extra, message in ((["--clients", "1"], "at least 2 clients"),
+                           (["--clients", "2", "--strategy", "fedmedian"], "needs the individual updates")):
+        res = CliRunner().invoke(app, ["fl", "run", "--out", str(tmp_path / "o"), "--secagg", *extra],
+                                 terminal_width=200)
+        assert isinstance(res.exception, ClipleakError) and message in str(res.exception), res.output

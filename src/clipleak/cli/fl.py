@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..records import ProgressEvent, ProgressFn
-from .common import DeviceOpt, check_writable, command, console, helptext, progress_bar
+from .common import check_writable, command, console, helptext, progress_bar
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -52,7 +52,21 @@ def run(
     strategy: Annotated[str, typer.Option(help="the Flower strategy the server aggregates with (default "
                                           "settings): fedavg | fedavgm | fedadam | fedyogi | fedadagrad | "
                                           "fedmedian | fedtrimmedavg | krum")] = "fedavg",
-    device: DeviceOpt = "auto",
+    secagg: Annotated[bool, typer.Option(
+        "--secagg", help="secure aggregation: every round runs through Flower's SecAgg+ workflow and client mod; "
+                         "the server reads only the aggregate and attacks it as one batch of all clients' images "
+                         "(needs 2+ clients and --strategy fedavg)")] = False,
+    secagg_shares: Annotated[float, typer.Option(
+        help="SecAgg+: shares per client secret (a whole number > 2, or a fraction <= 1 of the round's clients)")]
+    = 1.0,
+    secagg_threshold: Annotated[float, typer.Option(
+        help="SecAgg+: shares needed to rebuild a secret (a whole number, or a fraction <= 1 of the shares)")] = 0.5,
+    secagg_clip: Annotated[float, typer.Option(help="SecAgg+: clipping range of the quantised values")] = 8.0,
+    secagg_quantization: Annotated[int, typer.Option(
+        help="SecAgg+: quantisation levels over [-clip, clip] (clients x levels must stay below 2**32)")] = 2**24,
+    secagg_max_weight: Annotated[float | None, typer.Option(
+        help="SecAgg+: the weight num_examples is divided by, at least the largest shard (default: --client-size "
+             "when given, else 1024; a power of two keeps the FedAvg weights exact)")] = None,
 ) -> None:
     """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
     that records every client update and attacks it.
@@ -70,13 +84,13 @@ def run(
     Example: clipleak fl run --clients 4 --rounds 3 --local-steps 1 --batch-size 1 --method adapter --partition iid --attack featmatch --out runs/fl
 
     Example: clipleak fl run --clients 2 --rounds 2 --local-steps 5 --method coop --partition dirichlet:0.5 --dp per-example --clip 1 --noise-multiplier 1 --out runs/fl-dp
+
+    Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
     """  # noqa: E501
     from ..attacks import make_config
-    from ..devices import resolve_device
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
 
-    dev = resolve_device(device)  # the clients' device
     check_writable(out, folder=True)
     recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
@@ -87,13 +101,30 @@ def run(
         make_config(attack, **settings)  # an unknown attack or setting is refused before round 1
     spec = RunSpec(out=str(out), clients=clients, rounds=rounds, recipe=recipe,
                    attack=None if attack == "none" else attack, attack_settings=settings,
-                   attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy)
+                   attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy,
+                   secagg=_secagg_config(secagg, secagg_shares, secagg_threshold, secagg_clip, secagg_quantization,
+                                         secagg_max_weight, client_size))
     tdir = truth_dir if truth_dir is not None else out / "clients"
     data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
-                      truth_dir=str(tdir.resolve()), device=str(dev))
+                      truth_dir=str(tdir.resolve()))
     with progress_bar() as cb:
         state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
     _print_outcome(state, evaluate_run(out, tdir), out)
+
+
+def _whole(x: float) -> int | float:
+    """A whole number above 1 as an int (SecAgg+ reads an int as a count and a float as a fraction)."""
+    return int(x) if float(x).is_integer() and x > 1 else float(x)
+
+
+def _secagg_config(on: bool, shares: float, threshold: float, clip: float, levels: int, max_weight: float | None,
+                   client_size: int | None) -> dict[str, Any] | None:
+    """The run's SecAgg+ settings (None without ``--secagg``)."""
+    if not on:
+        return None
+    weight = max_weight if max_weight is not None else float(client_size) if client_size else 1024.0
+    return {"num_shares": _whole(shares), "reconstruction_threshold": _whole(threshold), "clipping_range": clip,
+            "quantization_range": levels, "max_weight": weight}
 
 
 def _dp_config(dp: str | None, clip: float | None, noise_multiplier: float | None,

@@ -7,6 +7,7 @@ Flower's messages and records included; only the transport is a function call. N
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,8 +59,10 @@ class InProcessGrid(Grid):
         raise NotImplementedError("InProcessGrid answers send_and_receive only")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Each message to its node's ClientApp, in order; the replies."""
-        return [self.client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        """Each message (a copy, as a real transport delivers: Flower's SecAgg+ workflow sends one content
+        object to every node and its client mod edits what it receives) to its node's ClientApp, in order;
+        the replies."""
+        return [self.client_app(copy.deepcopy(m), self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
 @contextmanager

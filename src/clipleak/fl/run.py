@@ -54,14 +54,20 @@ def run_federated(spec: RunSpec, data: ClientData, *, engine: str = "simulation"
     remember_client_data(data)
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if spec.secagg is not None:
+        from .secagg import secagg_client_app
+
+        client_app = secagg_client_app(data)
+    else:
+        client_app = make_client_app(data)
     if engine == "inprocess":
-        grid = InProcessGrid(make_client_app(data), spec.clients)
+        grid = InProcessGrid(client_app, spec.clients)
         with server_identity():
             server_main(grid, spec, on_event)
     else:
         from flwr.simulation import run_simulation
 
-        run_simulation(server_app=make_server_app(spec, on_event), client_app=make_client_app(data),
+        run_simulation(server_app=make_server_app(spec, on_event), client_app=client_app,
                        num_supernodes=spec.clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": max(1, parallel), "num_gpus": 0,
@@ -168,6 +174,22 @@ class _Scorer:
                 "verdict": ev["verdict"]["text"]}
 
 
+def _truth_of(truth_dir: str | Path, nodes: list[int], rnd: int) -> Truth:
+    """The truth of round ``rnd`` of one client, or of several (secure aggregation: the union of their
+    batches, in the order of ``nodes``)."""
+    truths = []
+    for node in nodes:
+        tp = truth_path(truth_dir, node, rnd)
+        if not tp.is_file():
+            raise ClipleakError(f"no truth for node {node}, round {rnd}: {tp} (the clients' truth folder?)")
+        truths.append(Truth.load(tp))
+    if len(truths) == 1:
+        return truths[0]
+    return Truth(images=torch.cat([t.images for t in truths]), labels=torch.cat([t.labels for t in truths]),
+                 meta={"part": truths[0].meta.get("part", "private"), "round": rnd, "nodes": nodes,
+                       "private_indices": [i for t in truths for i in t.meta.get("private_indices", [])]})
+
+
 def evaluate_run(out: str | Path, truth_dir: str | Path, *, reid_k: int = 10) -> dict[str, Any]:
     """Evaluator side: pair every reconstruction with its client's truth, score, write ``OUT/report``
     (``metrics.json``: per update, per round and over the run, every rate with its 95% interval over the
@@ -183,30 +205,36 @@ def evaluate_run(out: str | Path, truth_dir: str | Path, *, reid_k: int = 10) ->
         rnd = int(rdir.name.split("-")[1])
         if str(rnd) not in state["rounds"]:
             continue
-        for adir in sorted((rdir / "attacks").glob("node-*"), key=lambda p: int(p.name.split("-")[1])):
-            node = int(adir.name.split("-")[1])
+        targets: list[tuple[Path, list[int], int | None]] = [
+            (adir, [int(adir.name.split("-")[1])], int(adir.name.split("-")[1]))
+            for adir in sorted((rdir / "attacks").glob("node-*"), key=lambda p: int(p.name.split("-")[1]))]
+        if (rdir / "attacks" / "aggregate").is_dir():  # secure aggregation: all the round's clients at once
+            targets.append((rdir / "attacks" / "aggregate", [int(n) for n in state["rounds"][str(rnd)]["clients"]],
+                            None))
+        for adir, nodes, node in targets:
             rec = Reconstruction.load(adir)
-            tp = truth_path(truth_dir, node, rnd)
-            if not tp.is_file():
-                raise ClipleakError(f"no truth for node {node}, round {rnd}: {tp} (the clients' truth folder?)")
-            truth = Truth.load(tp)
+            truth = _truth_of(truth_dir, nodes, rnd)
             meta = rec.meta["observation"]
             entry: dict[str, Any] = {"round": rnd, "node_id": node, "images": int(truth.images.shape[0]),
                                      "reconstructed": int(rec.images.shape[0]),
                                      "from_update": meta.get("from_update"),
                                      "attack_seconds": rec.meta.get("attack_seconds")}
+            if node is None:
+                entry["aggregate_of"] = nodes
             if rec.images.shape != truth.images.shape:
-                entry["error"] = (f"the attack made {rec.images.shape[0]} images, the client used "
+                entry["error"] = (f"the attack made {rec.images.shape[0]} images, the client(s) used "
                                   f"{truth.images.shape[0]}")
             else:
                 scorer = scorer or _Scorer(meta, truth, reid_k)
-                entry.update(scorer.score(rec, truth, report / f"round-{rnd:03d}-node-{node}.png"))
+                name = f"node-{node}" if node is not None else "aggregate"
+                entry.update(scorer.score(rec, truth, report / f"round-{rnd:03d}-{name}.png"))
             clients.append(entry)
     chance = 1.0 / reid_k
     rounds = sorted({c["round"] for c in clients})
     kept = Path(truth_dir) / "clients.json"
     metrics = {"run": spec, "client_data": json.loads(kept.read_text()) if kept.is_file() else None,
-               "reid_k": reid_k, "initial_accuracy": state.get("initial_accuracy"), "rounds": state["rounds"],
+               "reid_k": reid_k, "secure_aggregation": state.get("secure_aggregation"),
+               "initial_accuracy": state.get("initial_accuracy"), "rounds": state["rounds"],
                "clients": clients, "by_round": {str(r): leakage_summary([c for c in clients if c["round"] == r],
                                                                          chance) for r in rounds},
                "summary": leakage_summary(clients, chance)}
@@ -259,7 +287,8 @@ def _rounds_section(m: dict[str, Any]) -> Section:
 
 
 def _update_section(c: dict[str, Any], chance: float) -> Section:
-    title = f"round {c['round']}, node {c['node_id']}"
+    title = (f"round {c['round']}, node {c['node_id']}" if c.get("aggregate_of") is None else
+             f"round {c['round']}, aggregate of nodes {', '.join(str(n) for n in c['aggregate_of'])}")
     if "error" in c:
         return Section(title, [paragraph(c["error"])], level=3)
     text = (f"PSNR attack {_iv(c, 'psnr', 'attack', 'db')}, prototype {_f(c['psnr']['prototype'], '.1f')} dB, "
@@ -277,7 +306,9 @@ def write_run_page(path: Path, m: dict[str, Any]) -> Path:
     rec = run["recipe"]
     s = m["summary"]
     intro = paragraph(f"E = {rec['local_steps']} local steps, B = {rec['batch_size']}, eta = {rec['lr']}, "
-                      f"DP: {json.dumps(rec['dp'])}; attack {run['attack']} {json.dumps(run['attack_settings'])}")
+                      f"DP: {json.dumps(rec['dp'])}; attack {run['attack']} {json.dumps(run['attack_settings'])}"
+                      + ("" if not run.get("secagg") else f"; secure aggregation (SecAgg+ {json.dumps(run['secagg'])}):"
+                         " the server read only each round's aggregate and attacked it as one batch"))
     cd = m.get("client_data")
     who = [paragraph(f"The clients' digits: data seed {cd['seed']}, partition {cd['partition']}, shard size "
                      f"{cd['client_size'] or 'whole shard'} ({cd['part']} split).", "note")] if cd else []

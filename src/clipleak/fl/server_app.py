@@ -2,9 +2,13 @@
 
 ``OUT/run.json`` holds the run's settings, ``OUT/state.json`` the finished rounds (global accuracy on the
 validation split, who was attacked, epsilon so far, seconds) and ``OUT/rounds/round-RRR/`` each round's
-updates, reconstructions and the aggregated global state (``global.safetensors``). A round counts as
-finished once its global state and its entry in ``state.json`` are written; a rerun with the same settings
-starts after the last finished round (a finished round is never recomputed) and refuses different settings.
+updates, reconstructions and the aggregated global state (``global.safetensors``). With secure aggregation
+(``RunSpec.secagg``) the rounds run through Flower's SecAgg+ workflow (:mod:`clipleak.fl.secagg`):
+``state.json`` records ``secure_aggregation`` (its settings), and a round holds no per-client update, only
+``aggregate.safetensors`` (the aggregate seen as one update) and its reconstruction (``attacks/aggregate``).
+A round counts as finished once its global state and its entry in ``state.json`` are written; a rerun with
+the same settings starts after the last finished round (a finished round is never recomputed) and refuses
+different settings.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class RunSpec:
     seed: int = 0
     threads: int = 1
     strategy: str = "fedavg"
+    secagg: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
@@ -61,6 +66,14 @@ class RunSpec:
             raise ClipleakError("attack_clients must be >= 0")
         if self.strategy not in STRATEGIES:
             raise ClipleakError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.secagg is not None:
+            from .secagg import SecAggSettings
+
+            if self.strategy != "fedavg":
+                raise ClipleakError(f"secure aggregation (SecAgg+) computes FedAvg's weighted mean; strategy "
+                                    f"{self.strategy!r} needs the individual updates")
+            self.secagg = SecAggSettings(**self.secagg).to_dict()
+            SecAggSettings(**self.secagg).check_clients(self.clients)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +82,7 @@ class RunSpec:
         """Whether ``other`` (a saved spec) describes the same run; the number of rounds may grow."""
         a, b = self.to_dict(), dict(other)
         b.setdefault("strategy", "fedavg")  # runs saved before the strategy was a setting
+        b.setdefault("secagg", None)  # runs saved before secure aggregation was a setting
         for d in (a, b):
             d.pop("rounds", None)
             d.pop("threads", None)
@@ -155,8 +169,10 @@ class Server:
         return attack
 
 
-def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None) -> dict[str, Any]:
-    """Run the rounds that are not finished yet; returns ``state.json``'s content."""
+def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None,
+                context: Context | None = None) -> dict[str, Any]:
+    """Run the rounds that are not finished yet; returns ``state.json``'s content. ``context``: the
+    ServerApp's (secure aggregation builds Flower's legacy context from it; ``None``: a fresh one)."""
     tell = on_event or (lambda _k, _i: None)
     torch.set_num_threads(max(1, spec.threads))
     out = Path(spec.out)
@@ -207,6 +223,15 @@ def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None) -> d
             tell("round", {"round": rnd, **entry})
         return MetricRecord({"accuracy": acc})
 
+    if spec.secagg is not None:
+        from .secagg import SecAggSettings, run_secagg_rounds
+
+        state["secure_aggregation"] = spec.secagg
+        _write_json(out / "state.json", state)
+        run_secagg_rounds(grid, context, SecAggSettings(**spec.secagg), strategy, initial, spec.clients,
+                          spec.rounds - done, spec.recipe.to_json(),
+                          lambda rnd, st: float(evaluate_fn(rnd, ArrayRecord(st))["accuracy"]))  # type: ignore[arg-type]
+        return state
     strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=spec.rounds - done,
                    train_config=ConfigRecord({CONFIG_KEY: spec.recipe.to_json()}), evaluate_fn=evaluate_fn)
     return state
@@ -218,7 +243,8 @@ def make_server_app(spec: RunSpec | None = None, on_event: EventFn | None = None
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(grid, spec if spec is not None else RunSpec.from_run_config(dict(context.run_config)), on_event)
+        server_main(grid, spec if spec is not None else RunSpec.from_run_config(dict(context.run_config)), on_event,
+                    context)
 
     return app
 

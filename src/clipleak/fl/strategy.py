@@ -78,6 +78,16 @@ def attack_dir(out_dir: str | Path, rnd: int, node_id: int) -> Path:
     return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "attacks" / f"node-{node_id}"
 
 
+def aggregate_attack_dir(out_dir: str | Path, rnd: int) -> Path:
+    """Where the reconstruction from round ``rnd``'s aggregate is saved (secure aggregation)."""
+    return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "attacks" / "aggregate"
+
+
+def aggregate_path(out_dir: str | Path, rnd: int) -> Path:
+    """Where round ``rnd``'s aggregate observation is saved (secure aggregation)."""
+    return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "aggregate.safetensors"
+
+
 def strategy_state_path(out_dir: str | Path, rnd: int) -> Path:
     """Where the wrapped strategy's own state after round ``rnd`` is saved."""
     return Path(out_dir) / "rounds" / f"round-{rnd:03d}" / "strategy.safetensors"
@@ -184,6 +194,8 @@ class AttackingStrategy(Strategy):
         self.global_states: dict[int, dict[str, torch.Tensor]] = {}
         self.observations: dict[int, list[Observation]] = {}
         self.reconstructions: dict[int, dict[int, Reconstruction]] = {}
+        self.aggregates: dict[int, Observation] = {}
+        self.aggregate_reconstructions: dict[int, Reconstruction] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
         s = recipe.setting()
         self.defense = None if s is None else {**s.record(), "delta": (recipe.dp or {}).get("delta"),
@@ -240,6 +252,57 @@ class AttackingStrategy(Strategy):
             meta["defense"] = {**self.defense,
                                "epsilon_so_far": epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n)}
         return Observation(gradients=update, meta=meta, peft_state={k: v.clone() for k, v in start.items()})
+
+    def observe_aggregate(self, rnd: int, state: dict[str, torch.Tensor],
+                          num_examples: dict[int, int]) -> Observation:
+        """The ``update`` observation of round ``rnd``'s aggregate (all a server under secure aggregation
+        reads): ``state`` is the FedAvg of the clients' new states, ``num_examples`` each client's weight.
+
+        Seen as one client: ``gradients`` = aggregate - global state, one batch of all the clients'
+        images (``batch_size`` the sum of their ``min(B, n)``, ``num_examples`` the sum of their ``n``,
+        ``distinct_images`` the sum of theirs). With equal shards (equal FedAvg weights) and E = 1 that is
+        exactly ``-eta`` times the mean gradient over the union of the batches; for E > 1, to first order,
+        the E-step update of that union. ``meta["secure_aggregation"]`` lists the clients and weights."""
+        if rnd not in self.global_states:
+            raise ClipleakError(f"no global state recorded for round {rnd}")
+        start = self.global_states[rnd]
+        if set(state) != set(start):
+            raise ClipleakError(f"aggregate has parameters {sorted(state)}, expected {sorted(start)}")
+        r = self.recipe
+        nodes = sorted(num_examples)
+        ns = [int(num_examples[k]) for k in nodes]
+        update = {k: (state[k].detach().float() - start[k].float()) for k in sorted(start)}
+        meta = {**self.base_meta, "kind": "update", "local_steps": r.local_steps,
+                "batch_size": sum(min(r.batch_size, n) for n in ns), "lr": r.lr, "num_examples": sum(ns),
+                "distinct_images": sum(distinct_images(r.local_steps, r.batch_size, n) for n in ns),
+                "round": rnd, "node_id": None, "labels_included": False,
+                "param_shapes": {k: list(v.shape) for k, v in update.items()},
+                "secure_aggregation": {"clients": nodes, "num_examples": ns,
+                                       "fedavg_weights": [n / sum(ns) for n in ns]}}
+        if self.defense is not None:
+            eps = [epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n) for n in ns]
+            meta["defense"] = {**self.defense, "epsilon_so_far": max((e for e in eps if e is not None), default=None)}
+        return Observation(gradients=update, meta=meta, peft_state={k: v.clone() for k, v in start.items()})
+
+    def attack_aggregate(self, rnd: int, obs: Observation) -> None:
+        """Record round ``rnd``'s aggregate (saved under ``out_dir``) and attack it as one batch."""
+        self.aggregates[rnd] = obs
+        if self.out_dir is not None:
+            obs.save(aggregate_path(self.out_dir, rnd))
+        nodes = list(obs.meta["secure_aggregation"]["clients"])
+        info: dict[str, Any] = {"clients": nodes, "attacked": [], "attack_seconds": 0.0, "aggregate_attacked": False,
+                                "epsilon_so_far": (obs.meta.get("defense") or {}).get("epsilon_so_far")}
+        if self.attack is not None:
+            self.on_event("attack", {"round": rnd, "node_id": None, "index": 0, "total": 1})
+            t0 = time.perf_counter()
+            rec = self.attack(obs)
+            rec.meta["attack_seconds"] = time.perf_counter() - t0
+            info["attack_seconds"] = rec.meta["attack_seconds"]
+            info["aggregate_attacked"] = True
+            self.aggregate_reconstructions[rnd] = rec
+            if self.out_dir is not None:
+                rec.save(aggregate_attack_dir(self.out_dir, rnd))
+        self.round_info[rnd] = info
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
