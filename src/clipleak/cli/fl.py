@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..records import ProgressEvent, ProgressFn
-from .common import check_writable, command, console, helptext, progress_bar
+from .common import DeviceOpt, check_writable, command, console, helptext, progress_bar
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -52,6 +52,7 @@ def run(
     strategy: Annotated[str, typer.Option(help="the Flower strategy the server aggregates with (default "
                                           "settings): fedavg | fedavgm | fedadam | fedyogi | fedadagrad | "
                                           "fedmedian | fedtrimmedavg | krum")] = "fedavg",
+    device: DeviceOpt = "auto",
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="secure aggregation: every round runs through Flower's SecAgg+ workflow and client mod; "
                          "the server reads only the aggregate and attacks it as one batch of all clients' images "
@@ -88,9 +89,11 @@ def run(
     Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
     """  # noqa: E501
     from ..attacks import make_config
+    from ..devices import resolve_device
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
 
+    dev = resolve_device(device)  # the clients' device
     check_writable(out, folder=True)
     recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
@@ -106,7 +109,7 @@ def run(
                                          secagg_max_weight, client_size))
     tdir = truth_dir if truth_dir is not None else out / "clients"
     data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
-                      truth_dir=str(tdir.resolve()))
+                      truth_dir=str(tdir.resolve()), device=str(dev))
     with progress_bar() as cb:
         state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
     _print_outcome(state, evaluate_run(out, tdir), out)
