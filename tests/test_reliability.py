@@ -240,6 +240,46 @@ def test_training_options_are_checked_first(tmp_path, capsys):
     assert not (tmp_path / "ft").exists()
 
 
+
+HEAVY_MODULES = ("open_clip", "timm", "torchvision", "torchmetrics", "matplotlib.pyplot", "scipy.stats",
+                 "scipy.optimize")
+
+
+@pytest.fixture(scope="module")
+def weights_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """An observation made with a tiny-32 weights file, that file, and another tiny-32 weights file."""
+    from clipleak.models import build_model, save_weights
+
+    d = tmp_path_factory.mktemp("weights")
+    mine, other = d / "mine.safetensors", d / "other.safetensors"
+    save_weights(build_model("tiny-32", init_seed=0).model, mine)
+    save_weights(build_model("tiny-32", init_seed=1).model, other)
+    obs, _ = make_observation(weights=str(mine), method="coop", batch_size=1, seed=0)
+    return obs.save(d / "obs"), mine, other
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--attack", "mip"], ["needs a feature-to-image decoder"]),
+    (["--attack", "mip", "--decoder", "missing.safetensors"], ["prior file not found", "missing.safetensors"]),
+    (["--attack", "featmatch", "--decoder", "tiny-mnist-decoder"], ["decoder was trained for target weights"]),
+    (["--attack", "ig", "--weights", "OTHER"], ["are not the ones the observation was made with"]),
+])
+def test_missing_prior_or_mismatched_weights_stop_before_the_heavy_imports(weights_pair, tmp_path, extra, words):
+    """Issue 26's "under 5 s": a missing decoder or mismatched weights is refused before open_clip (with timm and
+    torchvision), torchmetrics, matplotlib or scipy is imported, and before any model is built; a fresh process
+    reports which of them it imported."""
+    obs, mine, other = weights_pair
+    extra = [str(other) if a == "OTHER" else a for a in extra]  # a second --weights replaces the first
+    args = ["attack", str(obs), "--weights", str(mine), *extra, "--out", str(tmp_path / "r")]
+    script = ("import sys, json\nfrom clipleak.cli import main\n"
+              f"code = main({args!r})\n"
+              f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    _one_line_error(code, proc.stderr, *words)
+    assert heavy == [], f"imported before the error: {heavy}"
+
 @pytest.mark.parametrize("cmd", [
     ["attack", "{obs}", "--out", "{file}"],
     ["evaluate", "{rec}", "--truth", "{truth}", "--out", "{file}"],

@@ -21,8 +21,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..errors import ClipleakError
 
@@ -60,6 +58,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (MSE 0, PSNR infinite) and any image closer than ``PSNR_CAP`` dB score exactly ``PSNR_CAP``.
     """
     x, y = _check_pair(a, b)
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # on first use: see clipleak.lazy
+
     val = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return val.reshape(-1).clamp(max=PSNR_CAP)  # inf -> PSNR_CAP; NaN (NaN input) stays NaN
 
@@ -93,6 +93,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     x, y = _check_pair(a, b)
     k = ssim_kernel_size(x.shape[-2], x.shape[-1])
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     val = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none", kernel_size=k,
                                               sigma=ssim_sigma(k))
     assert isinstance(val, torch.Tensor)
@@ -243,6 +245,8 @@ def pair_by_psnr(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     if b == 1:
         return torch.zeros(1, dtype=torch.int64)
     score = psnr_matrix(recon, truth).numpy()
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(score, maximize=True)
     perm = np.empty(b, dtype=np.int64)
     perm[rows] = cols

@@ -14,6 +14,7 @@ from .factory import (
     read_card,
     register_configs,
     save_weights,
+    weights_identity,
 )
 from .features import accuracy, encode_images, image_features, zero_shot_accuracy
 from .lean import lean_encode_image, lean_supported
@@ -25,5 +26,5 @@ __all__ = [
     "card_path", "class_text_features", "encode_images", "file_sha256", "hub_cache_dir", "image_features",
     "known_tags", "lean_encode_image", "lean_supported", "list_architectures", "load_state_dict_file",
     "math_attention", "read_card", "register_configs", "resolve_pretrained", "save_weights",
-    "zero_shot_accuracy",
+    "weights_identity", "zero_shot_accuracy",
 ]

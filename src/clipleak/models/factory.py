@@ -11,6 +11,7 @@ record so that an attacker can check that it rebuilt exactly the model the clien
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,14 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ClipleakError
+from ..lazy import lazy_module
 from .pretrained import is_pretrained_name, resolve_pretrained, unknown_tag_error
+
+if TYPE_CHECKING:
+    import open_clip
+else:  # imported on first use: see clipleak.lazy
+    open_clip = lazy_module("open_clip")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_ARCHS = ("tiny-32", "tiny-64", "tiny-224")
@@ -44,6 +50,9 @@ def register_configs() -> None:
 def arch_config(arch: str) -> dict | None:
     """open_clip's config dict for ``arch`` (clipleak's tiny ones included), or None if unknown. Stored in
     model cards so a cached artifact is rebuilt when an architecture's definition changes."""
+    own = CONFIG_DIR / f"{arch}.json"
+    if arch in TINY_ARCHS and own.is_file():  # read directly: no open_clip import for clipleak's own configs
+        return json.loads(own.read_text())
     register_configs()
     cfg = open_clip.get_model_config(arch)
     return None if cfg is None else json.loads(json.dumps(cfg))
@@ -90,6 +99,15 @@ class ClipModel:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, remembered for this process by (path, size, modification time): a command that
+    checks the weights before building the model does not read a 600 MB file twice."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_of(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -174,6 +192,23 @@ def read_card(weights_path: str | Path) -> dict[str, Any] | None:
     if not isinstance(card, dict):
         raise ClipleakError(f"the card {cp} is not a JSON object")
     return card
+
+
+def weights_identity(arch: str, weights: str | Path) -> str:
+    """What :func:`build_model` will record as ``weights_sha256`` for ``weights``, found without building the
+    model: the file's SHA-256 for a local file, ``<tag>:<sha256>`` for a pretrained tag or hub name (read from
+    the cache; offline and not cached is the same one-line error as building). Lets a command refuse weights
+    that do not match an observation in seconds, before a large model is built."""
+    text = str(weights)
+    if Path(text).exists():
+        return file_sha256(text)
+    register_configs()
+    if is_pretrained_name(arch, text):
+        pre = resolve_pretrained(arch, text, None)
+        return f"{pre.name}:{file_sha256(pre.path)}"
+    if _looks_like_tag(text):
+        raise unknown_tag_error(arch, text)
+    raise ClipleakError(f"weights file not found: {text}")
 
 
 def build_model(

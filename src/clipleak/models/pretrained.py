@@ -16,14 +16,19 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import open_clip
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from ..errors import ClipleakError
+from ..lazy import lazy_module
+
+if TYPE_CHECKING:
+    import open_clip
+else:  # imported on first use: see clipleak.lazy
+    open_clip = lazy_module("open_clip")
 
 HF_PREFIX = "hf-hub:"
 # open_clip's default weights file in a hub repository, and its safetensors twin (preferred when present).

@@ -8,7 +8,7 @@ import torch
 
 from ..data import DataSpec, check_same_split
 from ..errors import ClipleakError
-from ..models import build_model, read_card
+from ..models import build_model, read_card, weights_identity
 from ..records import Observation
 from .config import PeftConfig
 from .victim import Victim, build_victim
@@ -31,6 +31,11 @@ def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check
         w = None
     elif w is None:
         raise ClipleakError("the observation was made with a weights file; pass it with --weights")
+    if w is not None and weights_identity(meta["arch"], w) != sha:  # before the model is built: seconds
+        raise ClipleakError(
+            f"weights {w} (sha256 {weights_identity(meta['arch'], w)[:12]}...) are not the ones the observation "
+            f"was made with (sha256 {sha[:12]}...)"
+        )
     clip = build_model(meta["arch"], w, init_seed=init_seed)
     if clip.weights_sha256 != sha:
         raise ClipleakError(

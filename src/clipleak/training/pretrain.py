@@ -67,8 +67,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
-from open_clip.transformer import PatchDropout
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -421,6 +419,8 @@ class _Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
         )
+        from open_clip.loss import ClipLoss
+
         self.loss_fn = ClipLoss()
         self.order = _Order(len(data.images), cfg.batch_size, cfg.seed)
         visual = self.model.visual
@@ -428,6 +428,8 @@ class _Trainer:
         if cfg.patch_dropout > 0:
             if self._pd_original is None:
                 raise ClipleakError(f"patch dropout needs a ViT image tower; {clip.arch} has none")
+            from open_clip.transformer import PatchDropout
+
             visual.patch_dropout = PatchDropout(cfg.patch_dropout)
 
     def finish(self) -> None:
