@@ -4,8 +4,8 @@ Paths (``--device``, default auto: a GPU when there is one):
 
 * share -> attack -> evaluate for the adapter, CoOp and full-visual at batch 1 and 4:
   tiny-32 with the tiny-mnist weights (MIP with tiny-mnist-decoder, on private digits), and ViT-B-32 size
-  (random init, 224 px, sklearn digits: the features are read off the update and matched by a few pixel
-  steps; no decoder serves a random init);
+  (random init, 224 px, sklearn digits: at batch 1 the features are read off the update and matched by a few
+  pixel steps, no decoder serving a random init; at batch 4 a few gradient-matching steps);
 * one audit cell through the API (tiny-mnist, adapter, no DP, 2 private digits, a short DP fine-tuning);
 * one DP-SGD step of the adapter (:class:`clipleak.training.FinetuneRun`) at both sizes;
 * one Flower round of 2 clients through the in-process runner (tiny-mnist adapter; the clients compute on
@@ -55,6 +55,10 @@ SIZES: dict[str, dict[str, Any]] = {
     # a random init has no decoder: the read-out's features are matched by a few pixel steps
     "ViT-B-32": {"arch": "ViT-B-32", "weights": None, "data": "digits", "attack": "featmatch",
                  "settings": {"iterations": 3, "restarts": 1, "prior": "tv"}},
+    # batch 4 at ViT-B-32 size: a few gradient-matching steps (double backward through the towers); the batch
+    # read-outs' iterative fits are exercised at tiny-32 size
+    "ViT-B-32 b4": {"arch": "ViT-B-32", "weights": None, "data": "digits", "attack": "ig",
+                    "settings": {"iterations": 3, "restarts": 1}},
 }
 
 
@@ -80,7 +84,12 @@ def _finite(x: Any) -> bool:
 def share_attack_evaluate(size: str, method: str, batch: int, seed: int, root: Path, device: torch.device,
                           quick: bool = False) -> tuple[dict[str, Any], float | None]:
     """One share -> attack -> evaluate run through files; returns its row and its re-identification rate."""
-    s = SIZES[f"{size} quick b4" if quick and batch > 1 and f"{size} quick b4" in SIZES else size]
+    key = size
+    if batch > 1 and f"{size} b4" in SIZES:
+        key = f"{size} b4"
+    if batch > 1 and quick and f"{size} quick b4" in SIZES:
+        key = f"{size} quick b4"
+    s = SIZES[key]
     d = root / f"{size}-{method}-b{batch}-s{seed}"
     (obs, truth), t_share = _timed(device, lambda: api.make_observation(
         arch=s["arch"], weights=s["weights"], data=s["data"], method=method, batch_size=batch, seed=seed,
