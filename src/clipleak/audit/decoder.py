@@ -1,0 +1,97 @@
+"""The feature decoder the audit's attack needs, for any target and data (``--decoder auto``).
+
+The default target and data (``tiny-mnist`` on ``mnist``) have a shipped decoder (``tiny-mnist-decoder``).
+For any other pair, a :class:`~clipleak.priors.FeatureDecoder` is trained on the PUBLIC split for these
+weights within a time budget (the schedule is fitted to the budget, :func:`clipleak.training.build_prior`)
+and cached in the artifact cache under a name derived from three hashes: the weights' identity (their
+SHA-256 as the model records it), the public images it learns from (their pixels, labels and class names
+at the target's resolution), and the recipe (this module's settings and the budget). A rerun with the
+same three finds the file and does not train again; two processes building the same one wait on a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import artifacts
+from ..data import DataSpec, ImageSet
+from ..errors import ClipleakError
+from ..models import ClipModel
+from ..priors import check_prior, load_prior, save_prior
+from ..records import ProgressFn
+from ..training import build_prior
+
+RECIPE: dict[str, Any] = {"kind": "decoder", "seed": 0, "augment_copies": 0, "base": 64, "feature_noise": 0.0}
+"""The automatic decoder's recipe: ``tiny-mnist-decoder``'s (L1 + MSE, Adam, cosine decay, batch 64,
+whitened input), with a time budget in place of its fixed 2,000 steps."""
+WORK_SIZE = 56
+"""Above this side the decoder's convolutions work at this side and the output is resized, where the
+prior training supports it (a 224 px decoder at full size costs 16x the compute for little detail)."""
+FOLDER = "audit-decoders"
+"""Sub-folder of the artifact cache that holds the automatic decoders."""
+
+
+def data_digest(public: ImageSet) -> str:
+    """SHA-256 of what a decoder learns from: the public images' pixels and labels and the class names."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(public.classnames)).encode())
+    h.update(np.ascontiguousarray(public.labels.cpu().numpy()).tobytes())
+    h.update(np.ascontiguousarray(public.images.detach().cpu().float().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def _recipe(clip: ClipModel, seconds: float) -> dict[str, Any]:
+    recipe = {**RECIPE, "seconds": float(seconds)}
+    if clip.image_size > WORK_SIZE and "work_size" in inspect.signature(build_prior).parameters:
+        recipe["work_size"] = WORK_SIZE
+    return recipe
+
+
+def decoder_path(clip: ClipModel, public: ImageSet, seconds: float) -> Path:
+    """Where the automatic decoder for ``clip``'s weights, these public images and this budget is cached."""
+    parts = {"weights_sha256": clip.weights_sha256, "data": data_digest(public), "recipe": _recipe(clip, seconds)}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return artifacts.cache_dir() / FOLDER / f"decoder-{clip.arch}-{key}.safetensors"
+
+
+def _usable(path: Path, clip: ClipModel, spec: DataSpec) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        check_prior(load_prior(path), clip.image_size, weights_sha256=clip.weights_sha256, kind="decoder",
+                    data=spec.to_dict())
+    except ClipleakError:
+        return False
+    return True
+
+
+def auto_decoder(clip: ClipModel, weights: str, spec: DataSpec, public: ImageSet, *, seconds: float,
+                 progress: ProgressFn | None = None) -> Path:
+    """The cached decoder for ``clip`` (built from ``weights``, a file) on ``spec``'s public split, trained
+    first when there is none (within ``seconds`` of training; its quality on the validation split beside
+    the class prototype's goes on its card)."""
+    path = decoder_path(clip, public, seconds)
+    if _usable(path, clip, spec):
+        return path
+    with artifacts.build_lock(path):
+        if _usable(path, clip, spec):  # built by another process meanwhile
+            return path
+        print(f"[clipleak] no feature decoder for these weights and data in {path.parent} yet: training one on "
+              f"the public split ({seconds:g} s budget); later audits reuse it.", file=sys.stderr, flush=True)
+        recipe = _recipe(clip, seconds)
+        extra = {"work_size": recipe["work_size"]} if "work_size" in recipe else {}
+        prior = build_prior("decoder", data=spec.name, arch=clip.arch, weights=weights, split_seed=spec.split_seed,
+                            seconds=float(seconds), seed=int(recipe["seed"]), feature_noise=recipe["feature_noise"],
+                            augment_copies=int(recipe["augment_copies"]), base=int(recipe["base"]), progress=progress,
+                            task="train decoder (audit)", **extra)
+        save_prior(prior, path, {"audit_decoder": {"recipe": recipe, "data_sha256": data_digest(public)}})
+    if not _usable(path, clip, spec):
+        raise ClipleakError(f"training the audit's decoder did not produce a usable file at {path}")
+    return path
