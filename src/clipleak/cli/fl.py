@@ -42,6 +42,12 @@ def run(
     attack_clients: Annotated[int | None, typer.Option(help="attack this many updates per round (a seeded "
                                                        "sample; default all)")] = None,
     weights: Annotated[str, typer.Option(help="the frozen CLIP: weights file or artifact name")] = "tiny-mnist",
+    data_name: Annotated[str, typer.Option(
+        "--data", help="the clients' images: mnist, digits, sklearn-photos, skimage-photos or folder:PATH (class "
+                       "names from the sub-folders); clients hold its PRIVATE split, the server evaluates on its "
+                       "validation split")]
+    = "mnist",
+    split_seed: Annotated[int, typer.Option(help="seed of the public / validation / private split")] = 0,
     engine: Annotated[str, typer.Option(help="simulation (Flower + Ray) | inprocess (same apps, no Ray)")]
     = "simulation",
     parallel: Annotated[int, typer.Option(help="simulation: clients trained at once (1 CPU each)")] = 1,
@@ -52,7 +58,6 @@ def run(
     strategy: Annotated[str, typer.Option(help="the Flower strategy the server aggregates with (default "
                                           "settings): fedavg | fedavgm | fedadam | fedyogi | fedadagrad | "
                                           "fedmedian | fedtrimmedavg | krum")] = "fedavg",
-    device: DeviceOpt = "auto",
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="secure aggregation: every round runs through Flower's SecAgg+ workflow and client mod; "
                          "the server reads only the aggregate and attacks it as one batch of all clients' images "
@@ -68,6 +73,7 @@ def run(
     secagg_max_weight: Annotated[float | None, typer.Option(
         help="SecAgg+: the weight num_examples is divided by, at least the largest shard (default: --client-size "
              "when given, else 1024; a power of two keeps the FedAvg weights exact)")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
     that records every client update and attacks it.
@@ -89,6 +95,7 @@ def run(
     Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
     """  # noqa: E501
     from ..attacks import make_config
+    from ..data import DataSpec
     from ..devices import resolve_device
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
@@ -102,13 +109,16 @@ def run(
         settings["decoder"] = decoder
     if attack != "none":
         make_config(attack, **settings)  # an unknown attack or setting is refused before round 1
-    spec = RunSpec(out=str(out), clients=clients, rounds=rounds, recipe=recipe,
+    images = DataSpec.parse(data_name, split_seed=split_seed)  # a folder is recorded by its absolute path
+    spec = RunSpec(out=str(out), clients=clients, rounds=rounds, recipe=recipe, data=images.name,
+                   split_seed=split_seed,
                    attack=None if attack == "none" else attack, attack_settings=settings,
                    attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy,
                    secagg=_secagg_config(secagg, secagg_shares, secagg_threshold, secagg_clip, secagg_quantization,
                                          secagg_max_weight, client_size))
     tdir = truth_dir if truth_dir is not None else out / "clients"
-    data = ClientData(weights=recipe.weights, partition=partition, client_size=client_size, seed=data_seed,
+    data = ClientData(weights=recipe.weights, data=images.name, split_seed=split_seed, partition=partition,
+                      client_size=client_size, seed=data_seed,
                       truth_dir=str(tdir.resolve()), device=str(dev))
     with progress_bar() as cb:
         state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
