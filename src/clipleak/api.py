@@ -37,7 +37,7 @@ from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbo
 from .models import arch_config, build_model, read_card
 from .peft import PeftConfig, Victim, build_victim, rebuild_victim
 from .priors import check_prior, load_prior
-from .privacy import PER_EXAMPLE_METHODS, DpSetting
+from .privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, parse_defense
 from .records import Observation, ProgressFn, Reconstruction, Truth
 from .report import write_report
 from .training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
@@ -83,6 +83,7 @@ def make_observation(
     dp: DpSetting | dict[str, Any] | None = None,
     dp_seed: int | None = None,
     progress: ProgressFn | None = None,
+    defense: Defense | str | None = None,
     device: str | torch.device = "auto",
 ) -> tuple[Observation, Truth]:
     """Client side: build the victim, draw a private batch, compute the shared gradient.
@@ -100,13 +101,16 @@ def make_observation(
     ``dp`` (a :class:`~clipleak.privacy.DpSetting` or its fields as a dict, e.g.
     ``{"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}``) privatises the shared
     gradient; the observation records the setting under ``meta["defense"]``. The noise seed
-    ``dp_seed`` (default: a fresh secret one) goes to the truth file only.
+    ``dp_seed`` (default: a fresh secret one) goes to the truth file only. ``defense`` (a
+    :class:`~clipleak.privacy.Defense` or its text, e.g. ``"prune:0.1"``) is applied to the shared gradient
+    after DP and recorded under ``meta["defense"]`` too.
     """
     check_range("batch size", batch_size, low=1, high=4096, integer=True)
     dev = resolve_device(device)
     weights = _weights_name(weights)
     cfg = _peft_config(peft, method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
+    update_defense = parse_defense(defense) if isinstance(defense, str) else defense
     if setting is not None:
         if setting.mechanism == "per-example" and cfg.method not in PER_EXAMPLE_METHODS:
             raise ClipleakError(f"per-example DP needs a frozen image encoder ({', '.join(PER_EXAMPLE_METHODS)}), "
@@ -130,7 +134,7 @@ def make_observation(
                                      distinct_classes=distinct_classes)
     data_meta = {**spec.to_dict(), "grayscale": private.grayscale}
     obs = share(victim, images, labels, include_labels=include_labels, data=data_meta, dp=setting,
-                dp_seed=dp_seed)
+                dp_seed=dp_seed, defense=update_defense)
     truth_meta: dict[str, Any] = {"private_indices": idx.tolist(), "data": data_meta, "seed": seed,
                                   "part": part, "observation_digest": obs.digest()}
     if setting is not None:

@@ -12,11 +12,13 @@ from typing import Any
 
 from ..attacks import attack_spec
 from ..errors import ClipleakError, check_range
+from ..privacy import Defense, level_defense, parse_defense_sweep
 from ..training import FinetuneConfig
 
 MAX_IMAGES = 10_000
 """Observations per point at most: a larger audit is refused before any cell list is built."""
 MAX_CANARIES = 100_000
+DEFAULT_EPSILONS = (math.inf, 100.0, 30.0, 10.0, 3.0, 1.0)
 
 
 @dataclass
@@ -25,9 +27,14 @@ class AuditConfig:
 
     ``seed`` seeds the DP noise of the shared observations, the DP fine-tuning's batches and noise, and the
     canaries; ``draw_seed`` picks which private digits are attacked: observation ``i`` of a point draws its
-    batch with seed ``draw_seed + i`` (:meth:`draw_seeds`)."""
+    batch with seed ``draw_seed + i`` (:meth:`draw_seeds`).
 
-    epsilons: list[float] = field(default_factory=lambda: [math.inf, 100.0, 30.0, 10.0, 3.0, 1.0])
+    ``defense`` (e.g. ``"prune:1,0.1,0.01,0.001"`` or ``"quantize:32,8,4,1"``; :mod:`clipleak.privacy.defenses`)
+    sweeps an update defense without noise instead of epsilon: its levels are the audit's points (larger
+    is weaker for every kind; prune 1, quantize 32 and clip inf are no defense), each applied to the attacked
+    observations and to every step of the fine-tuning; ``epsilons`` must then be ``[inf]`` (no DP)."""
+
+    epsilons: list[float] = field(default_factory=lambda: list(DEFAULT_EPSILONS))
     methods: list[str] = field(default_factory=lambda: ["adapter", "coop"])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     attack: str = "featmatch"
@@ -44,6 +51,7 @@ class AuditConfig:
     reid_k: int = 10
     seed: int = 0
     draw_seed: int = 0
+    defense: str | None = None
 
     def __post_init__(self) -> None:
         check_range("--images", self.images, low=1, high=MAX_IMAGES, integer=True)
@@ -58,8 +66,33 @@ class AuditConfig:
             raise ClipleakError(f"the draw seed must be >= 0, got {self.draw_seed}")
         if int(self.reid_k) < 2:
             raise ClipleakError(f"re-identification needs at least 2 candidates, got reid_k {self.reid_k}")
+        if self.defense is not None:
+            parse_defense_sweep(self.defense)
+            if tuple(self.epsilons) == DEFAULT_EPSILONS:  # not chosen: a defense audit runs without DP
+                self.epsilons = [math.inf]
+            if [e for e in self.epsilons if not math.isinf(e)]:
+                raise ClipleakError("--defense sweeps an update defense instead of epsilon: leave --epsilons out "
+                                    "(or give inf)")
         for m in self.methods or ["adapter"]:
-            self.ft(m, 1.0)
+            self.ft(m, 1.0 if self.defense is None else self.points[0])
+
+    @property
+    def points(self) -> list[float]:
+        """The swept axis: the epsilons, or the defense's levels in a defense audit."""
+        return self.epsilons if self.defense is None else parse_defense_sweep(self.defense)[1]
+
+    @property
+    def axis(self) -> str:
+        """What the points are, as cell names spell it: ``eps``, or the defense's kind (``prune``, ...)."""
+        return "eps" if self.defense is None else parse_defense_sweep(self.defense)[0]
+
+    def point_defense(self, point: float) -> Defense | None:
+        """The update defense of a point (``None`` in an epsilon audit, or at the no-defense level; inf is
+        no defense for every kind, as it is no DP)."""
+        if self.defense is None or math.isinf(point):
+            return None
+        d = level_defense(self.axis, point)
+        return None if d.is_identity else d
 
     @property
     def chance(self) -> float:
@@ -82,15 +115,22 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["epsilons"] = [eps_text(e) for e in self.epsilons]
+        if d["defense"] is None:  # epsilon audits written before the defense axis existed stay resumable
+            d.pop("defense")
         return d
 
     def ft(self, method: str, eps: float, canaries: int = 0) -> FinetuneConfig:
+        """The fine-tuning of a point: DP at epsilon ``eps``, or in a defense audit (``eps`` then the level)
+        the defense on every step and no DP."""
         ft = dict(self.finetune)
         site = ft.pop("dp_site", "parameters")
         if method != "coop":  # CoOp-only options
             ft.pop("class_specific", None)
             site = "parameters"
         base = FinetuneConfig(**{**ft, "method": method, "seed": self.seed})
+        if self.defense is not None:
+            d = self.point_defense(eps)
+            return base if d is None else FinetuneConfig(**{**base.to_dict(), "defense": d.spec})
         if math.isinf(eps):
             return base
         return FinetuneConfig(**{**base.to_dict(), "dp": "per-example", "dp_site": site, "epsilon": float(eps),
@@ -121,24 +161,26 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 Key = tuple[str, str, int, float, int]
-"""A cell: (kind, method, batch size, epsilon, observation number); kind is ``acc``, ``canary`` or ``obs``."""
+"""A cell: (kind, method, batch size, point, observation number); kind is ``acc``, ``canary`` or ``obs``; the
+point is an epsilon, or a defense level in a defense audit."""
 
 
 def cell_keys(cfg: AuditConfig) -> list[Key]:
     """Every cell of the sweep in the order they run."""
     keys: list[Key] = []
     for method in cfg.methods:
-        for eps in cfg.epsilons:
+        for eps in cfg.points:
             keys.append(("acc", method, 0, eps, 0))
-            if cfg.canaries and not math.isinf(eps):
+            if cfg.canaries and cfg.defense is None and not math.isinf(eps):
                 keys.append(("canary", method, 0, eps, 0))
             for b in cfg.batch_sizes:
                 keys.extend(("obs", method, int(b), eps, i) for i in range(cfg.images))
     return keys
 
 
-def key_text(kind: str, method: str, b: int, eps: float, i: int) -> str:
-    """The name of a cell in ``cells.json`` (an observation's number ``i``, not its draw seed)."""
+def key_text(kind: str, method: str, b: int, eps: float, i: int, axis: str = "eps") -> str:
+    """The name of a cell in ``cells.json`` (an observation's number ``i``, not its draw seed); ``axis``
+    names the point (``eps``, or a defense audit's kind: ``obs|adapter|b1|prune0.1|0``)."""
     if kind == "obs":
-        return f"obs|{method}|b{b}|eps{eps_text(eps)}|{i}"
-    return f"{kind}|{method}|eps{eps_text(eps)}"
+        return f"obs|{method}|b{b}|{axis}{eps_text(eps)}|{i}"
+    return f"{kind}|{method}|{axis}{eps_text(eps)}"

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..report.page import Section, bullets, image, links, paragraph, pre, table, write_page  # noqa: E402
-from .summary import COLUMNS, markdown_table, mean_of, table_rows  # noqa: E402
+from .summary import AXIS_HEADINGS, columns, markdown_table, mean_of, table_rows  # noqa: E402
 
 
 def _x(eps: str, finite: list[float]) -> float:
@@ -58,10 +58,11 @@ def _method_curves(ax: Any, acc_ax: Any, rows: list[dict[str, Any]], method: str
         if proto is not None:
             which = f"{name}, batch {b}" if len(batches) > 1 else name
             ax.axhline(proto, color=colour, ls=ls, lw=0.8, alpha=0.5, label=f"{which}: class prototype (true label)")
+    how = "DP fine-tuning" if "axis" not in rows[0] else "fine-tuning, the defense on every step"
     acc_rows = {r["epsilon"]: r["accuracy"] for r in rows if r["method"] == method}
     xs_acc = sorted(acc_rows, key=lambda e: _x(e, finite))
     acc_ax.plot([_x(e, finite) for e in xs_acc], [np.nan if acc_rows[e] is None else acc_rows[e] for e in xs_acc],
-                marker="x", ls=":", color=colour, alpha=0.7, label=f"{name}: validation accuracy (DP fine-tuning)")
+                marker="x", ls=":", color=colour, alpha=0.7, label=f"{name}: validation accuracy ({how})")
 
 
 def chart_figure(summary: dict[str, Any]) -> plt.Figure:
@@ -98,10 +99,20 @@ def chart_figure(summary: dict[str, Any]) -> plt.Figure:
         ax.grid(alpha=0.3)
     ax = axes[-1]
     ax.set_xscale("log")
-    ticks = [*finite, _x("inf", finite)]
+    kind = rows[0].get("axis") if rows else None
+    if kind is None:
+        ticks = [*finite, _x("inf", finite)]
+        labels = [f"{t:g}" for t in finite] + ["∞ (no DP)"]
+        ax.set_xlabel("epsilon (delta and schedule in the table)")
+    else:  # a defense audit: its levels, larger is weaker, the no-defense level named
+        none = {r["epsilon"] for r in rows if r.get("no_defense")}
+        has_inf = any(r["epsilon"] == "inf" for r in rows)
+        ticks = [*finite, *([_x("inf", finite)] if has_inf else [])]
+        labels = [f"{t:g}" + (" (none)" if f"{t:g}" in none else "") for t in finite] + (["∞ (none)"] if has_inf
+                                                                                          else [])
+        ax.set_xlabel(f"{AXIS_HEADINGS.get(kind, kind)}: larger is weaker (no DP)")
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{t:g}" for t in finite] + ["∞ (no DP)"])
-    ax.set_xlabel("epsilon (delta and schedule in the table)")
+    ax.set_xticklabels(labels)
     cfg = summary["config"]
     sizes = " / ".join(str(b) for b in batches)
     fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private batches of {sizes} digit(s) per point\n"
@@ -120,6 +131,11 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
 
 def _schedule(cfg: dict[str, Any]) -> str:
     ft = cfg["finetune"]
+    if cfg.get("defense"):
+        return (f"Defense audit ({cfg['defense']}, no DP): the attacked observations are the plain gradient with "
+                f"the defense applied (recorded in them; attack {cfg['attack']}); accuracy after the client's "
+                f"{ft.get('steps')} steps, {ft.get('sampling')} sampling at expected batch {ft.get('batch_size')} "
+                "of the private digits, the defense applied to every step's gradient.")
     return (f"Schedule: the client's {ft.get('steps')} DP-SGD steps, {ft.get('sampling')} sampling at expected "
             f"batch {ft.get('batch_size')} of the private digits, clipping C {ft.get('clip')}, delta "
             f"{cfg['delta']:g}, RDP accountant; the noise multiplier of each epsilon is calibrated for it.")
@@ -141,14 +157,15 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
                       "\n".join(f"- {f}" for f in summary["findings"])]) + "\n"
     (out / "audit.md").write_text(md)
     chart = write_chart(summary, out / "audit.png")
-    verdicts = [f"{r.get('peft', r['method'])}, batch {r['batch_size']}, epsilon {r['epsilon']}: {r['verdict']}"
+    verdicts = [f"{r.get('peft', r['method'])}, batch {r['batch_size']}, {r.get('axis', 'epsilon')} {r['epsilon']}: "
+                f"{r['verdict']}"
                 for r in summary["rows"]]
     page = write_page(out / "audit.html", "clipleak privacy audit", [
         Section(None, [paragraph(schedule), paragraph(_draws(summary), "note"),
                        image("audit.png", "re-identification and PSNR against epsilon with 95% error bars, accuracy "
                                           "on a second axis"),
                        bullets(summary["findings"])]),
-        Section("Table", [table([c[1] for c in COLUMNS], table_rows(summary))]),
+        Section("Table", [table([c[1] for c in columns(summary)], table_rows(summary))]),
         Section("Verdicts", [bullets(verdicts)]),
         Section("Configuration", [pre(json.dumps(cfg, indent=1)),
                                   links("All numbers:", [("audit.json", "audit.json"), ("cells", "cells.json")])]),

@@ -4,6 +4,10 @@ images of the point, "at chance" decided by the interval, and the findings per m
 Rates (re-identification, label accuracy) pool the cells' per-batch rates over every attacked image
 (:func:`clipleak.evaluation.pooled_rate`, Wilson); PSNR is a bootstrap mean over the images. ``n`` is the
 number of images, not of re-identification draws (the draws of one image are not independent).
+
+In a defense audit (``AuditConfig.defense``) the points are the defense's levels: a row's ``epsilon`` holds
+the level's text (the axis value; ``axis`` and ``defense`` say what it is), and the findings and table speak
+of the defense instead of epsilon, against the no-defense level (prune 1, quantize 32, clip inf).
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ def _psnr(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _row(cfg: AuditConfig, cells: dict[str, Any], method: str, b: int, eps: float) -> dict[str, Any]:
-    obs = [cells.get(key_text("obs", method, b, eps, i)) for i in range(cfg.images)]
+    obs = [cells.get(key_text("obs", method, b, eps, i, axis=cfg.axis)) for i in range(cfg.images)]
     done = [o for o in obs if o is not None]
-    acc = cells.get(key_text("acc", method, 0, eps, 0)) or {}
-    can = cells.get(key_text("canary", method, 0, eps, 0)) or {}
+    acc = cells.get(key_text("acc", method, 0, eps, 0, axis=cfg.axis)) or {}
+    can = cells.get(key_text("canary", method, 0, eps, 0, axis=cfg.axis)) or {}
     reid = _pooled(done, "reid", b)
     psnr = _psnr(done)
     row: dict[str, Any] = {
@@ -65,6 +69,10 @@ def _row(cfg: AuditConfig, cells: dict[str, Any], method: str, b: int, eps: floa
         "canary_epsilon_lower_bound": can.get("epsilon_lower_bound"),
         "canary_guess_accuracy": can.get("accuracy"),
     }
+    if cfg.defense is not None:
+        d = cfg.point_defense(eps)
+        row.update({"axis": cfg.axis, "defense": None if d is None else d.spec, "no_defense": d is None,
+                    "attack": cfg.attack})
     for key in ("label_accuracy", "prototype_true_reid"):
         iv = row[f"{key}_interval"]
         row[key] = None if iv is None else iv["value"]
@@ -87,7 +95,7 @@ def summarise(cfg: AuditConfig, cells: dict[str, Any]) -> dict[str, Any]:
     """One row per (method, batch size, epsilon) with intervals, the accuracy and the canary bound; the
     findings per method and batch size."""
     rows = [_row(cfg, cells, method, int(b), eps) for method in cfg.methods for b in cfg.batch_sizes
-            for eps in cfg.epsilons]
+            for eps in cfg.points]
     return {"config": cfg.to_dict(), "chance": cfg.chance, "draw_seeds": cfg.draw_seeds(), "rows": rows,
             "findings": findings(cfg, rows)}
 
@@ -100,11 +108,17 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["low"] <= b["high"] and b["low"] <= a["high"]
 
 
+def _axis(r: dict[str, Any]) -> str:
+    """How a row's point is named in prose: ``epsilon``, or the defense's kind (``prune``, ...)."""
+    return str(r.get("axis") or "epsilon")
+
+
 def _paid(at: dict[str, Any], base: dict[str, Any] | None) -> str:
     acc, base_acc = at["accuracy"], (base or {}).get("accuracy")
     if acc is None or base_acc is None:
         return ""
-    return (f" Validation accuracy at epsilon {at['epsilon']}: {acc:.1%} vs {base_acc:.1%} without DP "
+    without = "without DP" if "axis" not in at else "without the defense"
+    return (f" Validation accuracy at {_axis(at)} {at['epsilon']}: {acc:.1%} vs {base_acc:.1%} {without} "
             f"({(acc - base_acc) * 100:+.1f} points).")
 
 
@@ -113,10 +127,10 @@ def _separation(at: dict[str, Any], chance: float) -> str:
     rate = at["reid_interval"]["value"]
     need = images_to_separate(rate, chance)
     if need is None:
-        return (f" Its rate at epsilon {at['epsilon']} ({rate:.0%}) is at or near chance: more images would not "
+        return (f" Its rate at {_axis(at)} {at['epsilon']} ({rate:.0%}) is at or near chance: more images would not "
                 "lift its interval above chance.")
     return (f" At the same rate, {need} images per point (now {at['n_images']}) would make the interval at "
-            f"epsilon {at['epsilon']} exclude chance.")
+            f"{_axis(at)} {at['epsilon']} exclude chance.")
 
 
 def finding(name: str, b: int, mine: list[dict[str, Any]], chance: float, base: dict[str, Any] | None) -> str:
@@ -127,22 +141,23 @@ def finding(name: str, b: int, mine: list[dict[str, Any]], chance: float, base: 
     near = sorted((r for r in mine if r["at_chance"]), key=_eps_value)
     n = sorted({r["n_images"] for r in mine})
     rests = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
-    head = f"{name}, batch {b} ({rests} images per epsilon, chance {chance:.0%}): "
+    ax = _axis(mine[0])
+    head = f"{name}, batch {b} ({rests} images per {ax}, chance {chance:.0%}): "
     if not near:
         s = excl[0]
-        return (head + f"re-identification is above chance at every epsilon measured; its 95% interval excludes "
-                f"chance down to the smallest, epsilon {s['epsilon']} ({interval_text(s['reid_interval'])}).")
+        return (head + f"re-identification is above chance at every {ax} measured; its 95% interval excludes "
+                f"chance down to the smallest, {ax} {s['epsilon']} ({interval_text(s['reid_interval'])}).")
     at = near[-1]
-    text = (f"the largest epsilon whose 95% interval of re-identification reaches chance is {at['epsilon']} "
+    text = (f"the largest {ax} whose 95% interval of re-identification reaches chance is {at['epsilon']} "
             f"({interval_text(at['reid_interval'])})")
     if not excl:
-        return (head + f"re-identification is at chance at every epsilon measured; {text}." + _paid(at, base)
+        return (head + f"re-identification is at chance at every {ax} measured; {text}." + _paid(at, base)
                 + _separation(at, chance))
     s = excl[0]
-    text = (f"the smallest epsilon whose 95% interval excludes chance is {s['epsilon']} "
+    text = (f"the smallest {ax} whose 95% interval excludes chance is {s['epsilon']} "
             f"({interval_text(s['reid_interval'])}); {text}")
     if _eps_value(s) < _eps_value(at):
-        text += " (not monotone in epsilon)"
+        text += f" (not monotone in {ax})"
     text += "."
     if _overlap(s["reid_interval"], at["reid_interval"]):
         text += f" The two intervals overlap.{_separation(at, chance)}"
@@ -155,7 +170,7 @@ def findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
     for method in cfg.methods:
         for b in cfg.batch_sizes:
             mine = [r for r in rows if r["method"] == method and r["batch_size"] == int(b)]
-            base = next((r for r in mine if r["epsilon"] == "inf"), None)
+            base = next((r for r in mine if r.get("no_defense", r["epsilon"] == "inf")), None)
             scored = [r for r in mine if r["reid_interval"] is not None]
             if scored:
                 out.append(finding(cfg.label(method), int(b), scored, cfg.chance, base))
@@ -189,12 +204,27 @@ COLUMNS = [("peft", "method", "s"), ("batch_size", "batch", "s"), ("epsilon", "e
 """The table's columns: (row key, heading, format); ``ipct`` / ``idb``: the key's interval as text."""
 
 
+AXIS_HEADINGS = {"prune": "prune (fraction kept)", "quantize": "quantize (bits; 1 = sign)", "clip": "clip (norm C)"}
+"""The point column's heading in a defense audit, per kind."""
+
+
+def columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """:data:`COLUMNS`, in a defense audit with the point column named for the defense and no sigma or canary."""
+    kind = (summary.get("rows") or [{}])[0].get("axis")
+    if kind is None:
+        return COLUMNS
+    out = [(k, AXIS_HEADINGS.get(kind, kind), f) if k == "epsilon" else (k, h, f) for k, h, f in COLUMNS
+           if k not in ("noise_multiplier", "canary_epsilon_lower_bound")]
+    return [*out, ("attack", "attack", "s")]
+
+
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     """The table's cells as text, one list per row (:data:`COLUMNS`)."""
-    return [[_fmt(r, k, kind) for k, _, kind in COLUMNS] for r in summary["rows"]]
+    return [[_fmt(r, k, kind) for k, _, kind in columns(summary)] for r in summary["rows"]]
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
+    cols = columns(summary)
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "---|" * len(cols)
     return "\n".join([head, sep, *("| " + " | ".join(cells) + " |" for cells in table_rows(summary))])

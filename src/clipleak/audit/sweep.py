@@ -25,6 +25,12 @@ other registered attack (``iterations`` steps).
 
 Every finished cell goes into ``cells.json`` at once; a rerun skips what is there. :mod:`.summary` turns
 the cells into the table and verdicts, :mod:`.chart` writes the chart and the page.
+
+A defense audit (``AuditConfig.defense``, e.g. ``prune:1,0.1,0.01,0.001``) sweeps an update defense without
+noise (:mod:`clipleak.privacy.defenses`) instead of epsilon: each point's observations are the plain gradient
+with the defense applied (recorded in the observation, so the attack knows it; the cell says which attack
+ran against which defense), its ``acc`` cell fine-tunes with the defense on every step's gradient, and there
+are no canaries (no DP).
 """
 
 from __future__ import annotations
@@ -115,11 +121,12 @@ def _arch(path: str) -> str:
 def _obs_cell(ctx: AuditContext, method: str, b: int, eps: float, i: int) -> dict[str, Any]:
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    setting = ctx.setting(method, eps)
+    setting = ctx.setting(method, eps) if cfg.defense is None else None
+    defense = cfg.point_defense(eps)
     draw = cfg.draw_seeds()[i]
     images, labels, idx = sample_batch(ctx.private, b, seed=draw)
     obs = share(ctx.victims[method], images, labels, data=ctx.data_meta, dp=setting,
-                dp_seed=derive_seed(cfg.seed, "observation", method, b, eps_text(eps), i))
+                dp_seed=derive_seed(cfg.seed, "observation", method, b, eps_text(eps), i), defense=defense)
     truth = Truth(images=images, labels=labels, meta={"private_indices": idx.tolist(), "seed": draw})
     victim = rebuild_victim(obs, ctx.path)
     settings: dict[str, Any] = {"iterations": cfg.iterations, "labels": "auto"}
@@ -144,6 +151,8 @@ def _obs_cell(ctx: AuditContext, method: str, b: int, eps: float, i: int) -> dic
             "label_accuracy": ev["label_accuracy"],
             "noise_multiplier": None if setting is None else setting.noise_multiplier,
             "epsilon": None if setting is None else setting.epsilon,
+            **({} if cfg.defense is None else {"defense": None if defense is None else defense.spec,
+                                               "attack": cfg.attack}),
             "attack_seconds": round(t_attack, 3), "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -175,20 +184,21 @@ def run_audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | N
         out.mkdir(parents=True, exist_ok=True)
         store = _Store(out / "cells.json", cfg.to_dict())
         keys = cell_keys(cfg)
-        todo = [k for k in keys if key_text(*k) not in store.cells]
+        todo = [k for k in keys if key_text(*k, axis=cfg.axis) not in store.cells]
         ctx = AuditContext(cfg, progress) if todo else None
         t0 = time.perf_counter()
         for n, k in enumerate(todo):
             kind, method, b, eps, i = k
             if progress is not None:
-                progress(ProgressEvent("audit", len(keys) - len(todo) + n, len(keys), note=key_text(*k)))
+                progress(ProgressEvent("audit", len(keys) - len(todo) + n, len(keys),
+                                       note=key_text(*k, axis=cfg.axis)))
             assert ctx is not None
             if kind == "obs":
                 value = _obs_cell(ctx, method, b, eps, i)
             else:
-                value = _acc_cell(ctx, method, eps, out / "runs" / f"{kind}-{method}-eps{eps_text(eps)}",
+                value = _acc_cell(ctx, method, eps, out / "runs" / f"{kind}-{method}-{cfg.axis}{eps_text(eps)}",
                                   cfg.canaries if kind == "canary" else 0)
-            store.put(key_text(*k), value)
+            store.put(key_text(*k, axis=cfg.axis), value)
         if progress is not None:
             progress(ProgressEvent("audit", len(keys), len(keys), phase="done"))
         summary = summarise(cfg, store.cells)

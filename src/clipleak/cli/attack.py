@@ -65,6 +65,9 @@ def share(
     accountant: Annotated[str, typer.Option(help="DP: rdp | prv")] = "rdp",
     dp_seed: Annotated[int | None, typer.Option(
         help="DP: seed of the noise (kept in the truth file only; default: a fresh secret one)")] = None,
+    defense: Annotated[str | None, typer.Option(
+        help="update defense applied after any DP: prune:FRACTION (top-k by magnitude) | quantize:BITS "
+             "(1 = sign) | quantize:sign | clip:C (no noise); recorded in the observation")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Client side: draw a private batch, compute the update it would share, save it.
@@ -76,7 +79,8 @@ def share(
     Gaussian noise of standard deviation sigma*C to the sum and divides by the batch size; per-batch
     clips the batch gradient to C and adds the noise. Sigma is --noise-multiplier, or calibrated from
     --epsilon over the schedule (--delta, --sample-rate, --steps). The observation records the
-    setting and its epsilon under "defense"; the noise seed goes to the truth file.
+    setting and its epsilon under "defense"; the noise seed goes to the truth file. --defense prunes,
+    quantises or clips the shared gradient (after DP when both are given) and is recorded there too.
 
     Example: clipleak share --out runs/obs --weights tiny-mnist --method coop --batch-size 2
 
@@ -86,7 +90,7 @@ def share(
     from ..devices import resolve_device
     from ..errors import ClipleakError
     from ..peft import PeftConfig
-    from ..privacy import DpSetting
+    from ..privacy import DpSetting, parse_defense
     from ..records import tensor_path
 
     dev = resolve_device(device)
@@ -116,13 +120,15 @@ def share(
             classnames=classnames.split(",") if classnames else None, batch_size=batch_size,
             classes=parse_ints(classes), distinct_classes=distinct_classes, seed=seed,
             include_labels=include_labels, dp=setting, dp_seed=dp_seed,
-            progress=cb, device=dev,
+            progress=cb, defense=parse_defense(defense), device=dev,
         )
     p = obs.save(out)
     tp = truth.save(truth_path)
     console.print(f"observation: [bold]{p}[/] (+ {p.with_suffix('.json').name})")
     defense = obs.meta.get("defense")
-    if defense is not None:
+    if defense is not None and defense.get("kind") is not None:
+        console.print(f"update defense: {defense['applied']}")
+    if defense is not None and defense.get("mechanism") is not None:
         eps = f"epsilon {defense['epsilon']:.3g} at delta {defense['delta']:g}" if defense["epsilon"] is not None \
             else "no epsilon (no schedule given)"
         console.print(f"defense: {defense['mechanism']}, C {defense['clip']:g}, noise multiplier "

@@ -14,8 +14,11 @@ from .common import check_writable, command, console, parse_ints, progress_bar
 
 def audit(
     out: Annotated[Path, typer.Option(help="output folder (cells.json, audit.json/.md/.png/.html)")],
-    epsilons: Annotated[str, typer.Option(help="comma-separated epsilons; inf = no defense")]
-    = "inf,100,30,10,3,1",
+    epsilons: Annotated[str | None, typer.Option(
+        help="comma-separated epsilons; inf = no defense (default inf,100,30,10,3,1; with --defense: inf)")] = None,
+    defense: Annotated[str | None, typer.Option(
+        help="sweep an update defense without noise instead of epsilon: prune:1,0.1,0.01,0.001 (fraction kept) | "
+             "quantize:32,8,4,1 (bits; 32 = none, 1 = sign) | clip:inf,1,0.1 (norm C)")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated PEFT methods (adapter, coop)")] = "adapter,coop",
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes of the attacked observations")] = "1",
     attack: Annotated[str, typer.Option(help="attack: featmatch (with the decoder: the strongest cheap one) | mip "
@@ -54,11 +57,16 @@ def audit(
     finished cells are kept in OUT/cells.json and a rerun skips them (a rerun with other settings, another
     --draw-seed included, is refused).
 
+    --defense sweeps pruning, quantisation or clipping without noise instead of epsilon (no DP, no canaries):
+    the observations carry the defense and the fine-tuning applies it to every step's gradient.
+
     Writes one chart (OUT/audit.png), a table (audit.json, audit.md) and a page (audit.html).
 
     Example: clipleak audit --epsilons inf,100,30,10,3,1 --methods adapter,coop --batch-sizes 1 --attack featmatch --images 8 --out runs/audit
 
     Example: clipleak audit --methods adapter --epsilons inf,1e6,1e5,3 --images 16 --draw-seed 1000 --out runs/audit-draw1000
+
+    Example: clipleak audit --defense prune:1,0.1,0.01,0.001 --methods adapter,coop --batch-sizes 1,4 --canaries 0 --out runs/audit-prune
 
     Example: clipleak audit --methods coop --class-specific --attack mip --batch-sizes 2 --epsilons inf,1e6,1e5,1e4,100,3 --lr 3e-3 --out runs/audit-coop-cs
     """  # noqa: E501
@@ -72,7 +80,10 @@ def audit(
         ft["class_specific"] = True
     if dp_site != "parameters":
         ft["dp_site"] = dp_site
-    cfg = AuditConfig(epsilons=parse_epsilons(epsilons), methods=[m.strip() for m in methods.split(",") if m.strip()],
+    if epsilons is None:
+        epsilons = "inf" if defense else "inf,100,30,10,3,1"
+    cfg = AuditConfig(epsilons=parse_epsilons(epsilons), defense=defense or None,
+                      methods=[m.strip() for m in methods.split(",") if m.strip()],
                       batch_sizes=parse_ints(batch_sizes) or [1], attack=attack, images=images,
                       decoder=decoder or None, iterations=iterations, weights=weights, delta=delta,
                       finetune=ft, canaries=canaries, seed=seed, draw_seed=draw_seed)

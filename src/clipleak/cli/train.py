@@ -160,6 +160,9 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of the batches and the noise")] = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in OUT")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    defense: Annotated[str | None, typer.Option(
+        help="PEFT: update defense on each step's gradient, after any DP: prune:FRACTION | quantize:BITS "
+             "(1 = sign) | quantize:sign | clip:C (no noise)")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune a client's CoOp or CLIP-Adapter on its images (optionally with per-example DP-SGD), or
@@ -186,6 +189,8 @@ def train(
     check_range("--noise-multiplier", noise_multiplier, low=0)
     check_range("--delta", delta, low=0, high=1, low_open=True)
     if contrastive:
+        if defense is not None:
+            raise ClipleakError("--defense is for PEFT fine-tuning, not --contrastive")
         if dp_site != "parameters":
             raise ClipleakError("--dp-site is for per-example DP-SGD of CoOp, not contrastive fine-tuning")
         cdp = "none" if dp == "none" else dp
@@ -215,7 +220,7 @@ def train(
                          lr=lr if lr is not None else 1e-2, dp=dp, dp_site=dp_site,
                          clip=clip if clip is not None else 0.1,
                          noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta, accountant=accountant,
-                         seed=seed)
+                         seed=seed, defense=defense)
     with progress_bar() as cb:
         res = api.finetune_client(cfg, out, weights=weights, data=data, part=part, resume=resume, progress=cb,
                                   threads=threads, device=dev)
@@ -229,6 +234,8 @@ def train(
         site = " at the text features" if pv.get("site") == "text-features" else ""
         console.print(f"DP-SGD per-example{site}: C {pv['clip']:g}, sigma {pv['noise_multiplier']:.4g}, epsilon spent "
                       f"[bold]{pv['epsilon_spent']:.3g}[/] at delta {pv['delta']:g} ({pv['accountant']})")
+    if res.get("defense"):
+        console.print(f"update defense on every step: {res['defense']['applied']}")
     console.print(f"result: {out / 'finetune.json'}")
 
 

@@ -1,4 +1,5 @@
-"""What a client sends after computing its update on a private batch, with or without differential privacy."""
+"""What a client sends after computing its update on a private batch, with or without differential privacy
+and an update defense (pruning, quantisation, clipping: :mod:`clipleak.privacy.defenses`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from .. import __version__
 from ..errors import ClipleakError
 from ..peft import Victim
-from ..privacy import DpSetting, privatise
+from ..privacy import Defense, DpSetting, apply_defense, privatise
 from ..records import Observation
 
 
@@ -23,6 +24,7 @@ def share(
     data: dict[str, Any] | None = None,
     dp: DpSetting | None = None,
     dp_seed: int | None = None,
+    defense: Defense | None = None,
 ) -> Observation:
     """The observation a client sends for ``images`` (client side).
 
@@ -39,6 +41,9 @@ def share(
             exactly what it was before DP existed).
         dp_seed: seed of the DP noise; keep it in the truth file, never in the observation. ``None``
             draws a fresh secret one (not reproducible).
+        defense: an update defense (:class:`~clipleak.privacy.Defense`) applied to the shared gradient
+            after DP (post-processing); ``meta["defense"]`` then records its ``kind`` and ``parameter``
+            (beside the DP fields when both were applied).
     """
     clip = victim.clip_info
     if images.dim() != 4 or images.shape[1] != 3:
@@ -60,6 +65,8 @@ def share(
     else:
         seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
         grads = privatise(victim, dev_images, dev_labels, setting, seed)
+    if defense is not None:  # after DP: post-processing of what DP produced
+        grads = apply_defense(grads, defense)
     grads = {k: g.cpu() for k, g in grads.items()}
     meta: dict[str, Any] = {
         "kind": "gradient",
@@ -76,8 +83,9 @@ def share(
         "data": data,
         "param_shapes": {k: list(v.shape) for k, v in grads.items()},
     }
-    if setting is not None:
-        meta["defense"] = setting.record()
+    if setting is not None or defense is not None:
+        meta["defense"] = {**(setting.record() if setting is not None else {}),
+                           **(defense.record() if defense is not None else {})}
     return Observation(
         gradients=grads,
         meta=meta,

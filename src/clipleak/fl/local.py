@@ -19,7 +19,7 @@ from ..devices import check_device_spec, resolve_device
 from ..errors import ClipleakError
 from ..models import build_model
 from ..peft import PeftConfig, Victim, build_victim
-from ..privacy import DpSetting, privatise
+from ..privacy import Defense, DpSetting, apply_defense, privatise
 from ..seeding import derive_seed
 
 
@@ -160,12 +160,16 @@ class LocalResult:
 
 
 def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, local_steps: int, batch_size: int,
-                 lr: float, seed: int, dp: DpSetting | None = None, dp_seed: int | None = None) -> LocalResult:
+                 lr: float, seed: int, dp: DpSetting | None = None, dp_seed: int | None = None,
+                 defense: Defense | None = None) -> LocalResult:
     """E steps of plain SGD (``p <- p - eta g``) on the victim's PEFT parameters, from their current values.
 
     ``g`` is the victim's mean cross-entropy gradient on the step's batch (what ``client.share`` sends), or
     with ``dp`` the DP mechanism's noisy one (:func:`clipleak.privacy.privatise`, noise seeded per step from
-    ``dp_seed``, else from ``seed``). The victim is left at the new state.
+    ``dp_seed``, else from ``seed``). With ``defense`` (:class:`~clipleak.privacy.Defense`) the round's
+    update -- the new state minus the one received, what the client shares -- is pruned, quantised or clipped
+    after the steps (after DP) and the victim is set to the received state plus the defended update. The
+    victim is left at the new state.
     """
     if local_steps < 1 or batch_size < 1 or not lr > 0:
         raise ClipleakError(f"local steps {local_steps}, batch size {batch_size}, lr {lr}: all must be positive")
@@ -175,6 +179,7 @@ def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, 
     setting = dp.resolve() if dp is not None else None
     steps = step_positions(n, local_steps, batch_size, seed)
     params = victim.trainable()
+    start = {name: p.detach().clone() for name, p in params.items()} if defense is not None else None
     losses = []
     for t, pos in enumerate(steps):
         # the batch goes where the victim is (the DP noise is then drawn there too)
@@ -191,6 +196,12 @@ def local_update(victim: Victim, images: torch.Tensor, labels: torch.Tensor, *, 
         with torch.no_grad():
             for name, p in params.items():
                 p.sub_(lr * g[name])
+    if defense is not None:
+        assert start is not None
+        with torch.no_grad():
+            update = apply_defense({name: p.detach() - start[name] for name, p in params.items()}, defense)
+            for name, p in params.items():
+                p.copy_(start[name] + update[name])
     return LocalResult(victim.peft_state(), steps, float(np.mean(losses)))
 
 

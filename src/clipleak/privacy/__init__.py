@@ -1,5 +1,6 @@
 """Differential privacy for the client's update: per-example DP-SGD, Dp-CLIP's per-batch clipping, and
-accounting with Opacus's RDP and PRV accountants.
+accounting with Opacus's RDP and PRV accountants; and the defenses without noise beside them (top-k
+pruning, quantisation, sign, clipping: :mod:`.defenses`), applied after DP.
 
     from clipleak.privacy import DpSetting, epsilon, noise_multiplier
     epsilon(1.0, 0.01, 1000, 1e-5)                  # 2.10 (RDP)
@@ -11,6 +12,15 @@ and the API build defended observations on it.
 """
 
 from .accountant import ACCOUNTANTS, check_inputs, epsilon, noise_multiplier, prv_bounds
+from .defenses import (
+    DEFENSE_KINDS,
+    Defense,
+    apply_defense,
+    level_defense,
+    parse_defense,
+    parse_defense_sweep,
+    prune_mask,
+)
 from .mechanisms import (
     CLIPPINGS,
     clip_gradient,
@@ -35,10 +45,13 @@ from .setting import MECHANISMS, SITES, DpSetting, privatise
 __all__ = [
     "ACCOUNTANTS",
     "CLIPPINGS",
+    "DEFENSE_KINDS",
     "MECHANISMS",
     "PER_EXAMPLE_METHODS",
     "SITES",
+    "Defense",
     "DpSetting",
+    "apply_defense",
     "check_inputs",
     "clip_gradient",
     "clip_per_example",
@@ -49,11 +62,15 @@ __all__ = [
     "epsilon",
     "gaussian_noise",
     "global_norm",
+    "level_defense",
     "noise_multiplier",
+    "parse_defense",
+    "parse_defense_sweep",
     "per_example_factors",
     "per_example_gradients",
     "per_example_gradients_from_raw",
     "privatise",
+    "prune_mask",
     "prv_bounds",
     "text_feature_gradients",
     "text_feature_gradients_from_raw",

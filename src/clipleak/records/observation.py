@@ -4,8 +4,9 @@ An :class:`Observation` is the gradient of the victim's trainable parameters on 
 cross-entropy over the class names), saved as ``NAME.safetensors`` (tensors) plus ``NAME.json``
 (everything an attacker needs to rebuild the victim: architecture, weights file and its SHA-256,
 PEFT config and its init seed, class names, batch size, image size, whether labels are included, the
-data set and its split). It holds no image and nothing that identifies which images were drawn: the
-batch-draw seed and the private indices live in the client's :class:`Truth` file only.
+data set and its split; the defense applied, if any: DP and/or an update defense, ``meta["defense"]``). It
+holds no image and nothing that identifies which images were drawn: the batch-draw seed and the private
+indices live in the client's :class:`Truth` file only.
 
 The ground truth (:class:`Truth`) is written only on the client side, to a separate file, for
 evaluation; attack code never reads it.
@@ -52,6 +53,14 @@ class Observation:
     def peft_config(self) -> dict[str, Any]:
         """The PEFT settings the client used (``peft.PeftConfig.from_dict`` rebuilds the dataclass)."""
         return dict(self.meta["peft"])
+
+    @property
+    def defense(self) -> dict[str, Any] | None:
+        """What the client applied to the update before sharing it (``meta["defense"]``): the DP setting's
+        fields (``mechanism``, C, sigma, epsilon) and/or an update defense's ``kind`` and ``parameter``
+        (pruning, quantisation, clipping without noise); ``None``: the plain update."""
+        d = self.meta.get("defense")
+        return dict(d) if d else None
 
     @property
     def data(self) -> dict[str, Any] | None:

@@ -17,6 +17,8 @@ from ..errors import ClipleakError
 
 KINDS = ("gradient", "update")
 """What an observation holds: one batch's gradient, or a federated client's multi-step update."""
+DEFENSE_KINDS = ("prune", "quantize", "clip")
+"""The update defenses an observation's ``defense`` may record (``kind``; :mod:`clipleak.privacy.defenses`)."""
 
 
 class _Where:
@@ -55,7 +57,8 @@ def check_observation(meta: Any, gradients: Mapping[str, torch.Tensor], labels: 
     Required: ``kind`` (gradient | update; a missing kind is an error, never taken as a gradient), ``arch``,
     ``weights_sha256``, ``peft`` (an object with its ``method``), ``classnames`` (distinct strings),
     ``batch_size`` and ``image_size`` (positive whole numbers); an update also ``local_steps``, ``lr`` and
-    ``num_examples``. Checked against the tensors: ``param_shapes`` (when present) names exactly the stored
+    ``num_examples``. A ``defense`` is an object (an update defense in it: a known ``kind`` and a
+    ``parameter``). Checked against the tensors: ``param_shapes`` (when present) names exactly the stored
     gradients with their shapes; stored labels are one per image of the batch and name a class; a CoOp
     context has ``n_ctx`` tokens and, class-specific, one context per class name.
     """
@@ -89,6 +92,7 @@ def check_observation(meta: Any, gradients: Mapping[str, torch.Tensor], labels: 
         lr = meta.get("lr")
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
             raise where.fail("lr", f"must be a number > 0, got {lr!r}")
+    _check_defense(where, meta)
     _check_shapes(where, meta, gradients)
     if labels is not None:
         if kind == "gradient" and tuple(labels.shape) != (batch,):
@@ -99,6 +103,24 @@ def check_observation(meta: Any, gradients: Mapping[str, torch.Tensor], labels: 
     elif meta.get("labels_included"):
         raise where.mismatch("labels_included", "is true but the file stores no labels")
     _check_coop(where, meta, gradients)
+
+
+def _check_defense(where: _Where, meta: Mapping[str, Any]) -> None:
+    """``defense``, when present, is an object; an update defense in it (``kind``) names a known kind and a
+    parameter (a number; ``"sign"`` for quantize)."""
+    d = meta.get("defense")
+    if d is None:
+        return
+    if not isinstance(d, dict):
+        raise where.fail("defense", f"must be an object, got {d!r}")
+    if "kind" not in d:
+        return
+    if d["kind"] not in DEFENSE_KINDS:
+        raise where.fail("defense.kind", f"must be one of {', '.join(DEFENSE_KINDS)}, got {d['kind']!r}")
+    p = d.get("parameter")
+    number = isinstance(p, int | float) and not isinstance(p, bool)
+    if not (number or (d["kind"] == "quantize" and p == "sign")):
+        raise where.fail("defense.parameter", f"must be a number (or sign for quantize), got {p!r}")
 
 
 def _check_shapes(where: _Where, meta: Mapping[str, Any], gradients: Mapping[str, torch.Tensor]) -> None:

@@ -23,6 +23,10 @@ a step runs only the PEFT head. Each step:
   prompt with one backward pass of the text encoder: the same Gaussian mechanism and accounting, the
   map is post-processing (:func:`clipleak.privacy.coop_text_feature_dp`), at the plain step's cost
   instead of B text backward passes. C then bounds the text-feature gradient.
+* **defense** -- ``defense`` (e.g. ``"prune:0.1"``, ``"quantize:8"``, ``"quantize:sign"``, ``"clip:1"``;
+  :mod:`clipleak.privacy.defenses`) is applied to each step's gradient as the client would apply it to
+  the update it shares: after the DP mechanism when both are set (post-processing, the epsilon is kept),
+  before the optimiser.
 * **optimiser** -- Adam (default) or SGD with momentum 0.9, cosine learning-rate decay to 0;
   post-processing, so it costs no privacy.
 
@@ -62,10 +66,13 @@ from ..peft import PeftConfig, Victim, build_victim
 from ..privacy import (
     PER_EXAMPLE_METHODS,
     SITES,
+    Defense,
     DpSetting,
+    apply_defense,
     clipped_sum,
     epsilon,
     gaussian_noise,
+    parse_defense,
     per_example_factors,
     per_example_gradients_from_raw,
     text_feature_gradients_from_raw,
@@ -113,6 +120,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     eval_points: int = 5
     canaries: int = 0
+    defense: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in PER_EXAMPLE_METHODS:
@@ -139,6 +147,11 @@ class FinetuneConfig:
             raise ClipleakError("a noise multiplier, an epsilon or canaries need dp='per-example'")
         if int(self.canaries) < 0 or int(self.eval_points) < 1 or int(self.checkpoint_every) < 1:
             raise ClipleakError("canaries must be >= 0, eval points and checkpoint interval >= 1")
+        self.update_defense()  # an unknown or bad defense is refused here
+
+    def update_defense(self) -> Defense | None:
+        """The :class:`~clipleak.privacy.Defense` applied to each step's gradient (``None``: none)."""
+        return parse_defense(self.defense)
 
     def peft(self) -> PeftConfig:
         """The PEFT module this config trains (the one :class:`~clipleak.peft.PeftConfig` it stands for)."""
@@ -171,6 +184,8 @@ class FinetuneConfig:
             d.pop(k)
         if d["dp_site"] == "parameters":  # checkpoints written before the site existed stay resumable
             d.pop("dp_site")
+        if d["defense"] is None:  # likewise before the defense existed
+            d.pop("defense")
         return d
 
 
@@ -201,6 +216,7 @@ class FinetuneRun:
         self.cfg, self.victim, self.raw, self.setting = cfg, victim, raw, setting
         self.device = raw.device  # the victim's: every tensor of a step lives there
         self.labels = labels.to(self.device)
+        self.defense = cfg.update_defense()
         self.n = int(raw.shape[0])
         self.q = sample_rate(cfg, self.n)
         self.expected = self.q * self.n
@@ -294,6 +310,8 @@ class FinetuneRun:
 
     def step(self, s: int, total: int | None) -> float:
         grads, loss = self.gradient(s, self.batch(s))
+        if self.defense is not None:  # what the client would share of this step, after any DP
+            grads = apply_defense(grads, self.defense)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(s, total)
         for k, p in self.params.items():
@@ -445,6 +463,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
                      "normalisation": "sum of (clipped) per-example gradients (+ noise) / expected batch size"},
         "privacy": None if setting is None else {**setting.record(), "epsilon_spent": spent(st.step),
                                                  "accountant": cfg.accountant},
+        "defense": None if run.defense is None else run.defense.record(),
         "accuracy_before": acc0,
         "accuracy": acc,
         "eval_curve": curve,
