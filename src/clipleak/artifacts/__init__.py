@@ -132,10 +132,10 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                        "MNIST split at 224 px with tiny-mnist's recipe", _tiny_mnist_224()),
     "tiny-mnist-224-decoder": lambda: Artifact("tiny-mnist-224-decoder", "feature-to-image decoder for "
                                                "tiny-mnist-224 (224 px): tiny-mnist-decoder's recipe with its "
-                                               "convolutions at MNIST's own 28 px (resized to 224) and 1,500 "
+                                               "convolutions at MNIST's own 28 px (resized to 224) and 600 "
                                                "steps, trained on the public MNIST split",
                                                PriorRecipe("decoder", "tiny-mnist-224", "tiny-224",
-                                                           steps=1500, work_size=28)),
+                                                           steps=600, work_size=28)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 
