@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--draw-seed", type=int, default=0, help="point i draws its batch with seed D + i")
     ap.add_argument("--seed", type=int, default=0, help="seeds the DP noise, the fine-tuning batches, the canaries")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     ap.add_argument("--name", default="audit-adapter")
     ap.add_argument("--out", help="the audit folder (default runs/bench-NAME)")
     ap.add_argument("--headline", default="", help="epsilons whose rows go to the README table (e.g. inf,1e5)")
@@ -84,13 +85,14 @@ def main() -> None:
                       images=args.images, canaries=args.canaries, seed=args.seed, draw_seed=args.draw_seed)
     prov = provenance(split="private", draw_seeds=cfg.draw_seeds(), images=args.images, threads=args.threads)
     out = Path(args.out or f"runs/bench-{args.name}")
-    summary = audit(cfg, out, threads=args.threads)
+    summary = audit(cfg, out, threads=args.threads, device=args.device)
     rows = rows_from(summary, {float(e) for e in args.headline.split(",") if e.strip()})
     notes = ("Defended observations of private digits attacked with `" + args.attack + "` and scored one-to-one "
              f"among K = {cfg.reid_k} same-class candidates (chance {cfg.chance:.0%}); the noise multiplier of each "
              "epsilon is calibrated for the client's DP fine-tuning schedule (200 DP-SGD steps, Poisson sampling "
              "at expected batch 25 of 500 digits, C = 0.01, delta 1e-5, RDP); accuracy: DP fine-tuning on that "
-             "schedule, validation split. Findings: " + " ".join(summary.get("findings", [])))
+             "schedule, validation split. Verdict: " + " ".join(summary.get("verdict", [])) + " Findings: "
+             + " ".join(summary.get("findings", [])))
     path = write_results(args.name, rows, prov, title=f"Privacy audit: {', '.join(cfg.methods)} (private digits)",
                          columns=COLUMNS, notes=notes)
     chart = Path(summary["files"]["chart"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipleak import api
-from clipleak.audit import AuditConfig, canary_audit, epsilon_lower_bound, run_audit
+from clipleak.audit import AuditConfig, canary_audit, epsilon_lower_bound, run_audit, summarise
 from clipleak.client import load_private
 from clipleak.data import DataSpec, load_public
 from clipleak.evaluation import evaluate
@@ -327,3 +327,159 @@ def test_audit_folder_from_before_draw_seeds_resumes(tmp_path):
     assert res["computed"] == 0 and res["rows"][0]["reid"] == 1.0
     with pytest.raises(Exception, match="draw seed 0, not 3"):
         run_audit(AuditConfig(epsilons=[math.inf], methods=["adapter"], images=1, canaries=0, draw_seed=3), tmp_path)
+
+
+def _mnist_as_folder(root):
+    """Every MNIST digit the ``mnist`` source holds, as a PNG in ``root/<k>_<name>/<index>.png``: folders in
+    label order (class names given with ``classnames``), files in the source's order."""
+    import numpy as np
+    from PIL import Image
+
+    from clipleak.data import DIGIT_NAMES
+    from clipleak.data.sources import _mnist_raw
+
+    x, y = _mnist_raw()
+    for k, name in enumerate(DIGIT_NAMES):
+        (root / f"{k}_{name}").mkdir(parents=True)
+    for i, (row, label) in enumerate(zip(x, y, strict=True)):
+        pixels = np.asarray(row, dtype=np.float64).reshape(28, 28).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(root / f"{label}_{DIGIT_NAMES[label]}" / f"{i:04d}.png")
+    return list(DIGIT_NAMES)
+
+
+def _untimed(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_audit_folder_of_the_same_digits_gives_the_same_table(tmp_path):
+    """`--data folder:` holding the mnist source's digits (byte-identical PNGs, labels in the same order, the
+    same class names) is the same data set: same split, same private draws, the shipped decoder under
+    `--decoder auto`, the same table as `--data mnist` on tiny-mnist. The folder and its split are recorded;
+    a resume with another split is refused."""
+    from clipleak.audit import markdown_table
+    from clipleak.errors import ClipleakError
+
+    names = _mnist_as_folder(tmp_path / "digits")
+    base = {"epsilons": [math.inf], "methods": ["adapter"], "images": 2, "canaries": 0,
+            "finetune": {"steps": 2, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"}}
+    ref = run_audit(AuditConfig(**base), tmp_path / "mnist")
+    folder = AuditConfig(**base, data=f"folder:{tmp_path / 'digits'}", classnames=names, decoder="auto")
+    mine = run_audit(folder, tmp_path / "folder")
+    assert mine["computed"] == ref["computed"] == 3
+    assert _untimed(mine["rows"]) == _untimed(ref["rows"])
+    assert markdown_table(mine) == markdown_table(ref)
+    assert mine["rows"][0]["reid"] is not None and mine["verdict"] == ref["verdict"]
+    saved = json.loads((tmp_path / "folder" / "cells.json").read_text())
+    assert saved["config"]["data"] == f"folder:{tmp_path / 'digits'}" and saved["config"]["split_seed"] == 0
+    assert saved["split"]["same_images_as"] == "mnist" and saved["split"]["private"] == 500
+    assert [saved["cells"][f"obs|adapter|b1|epsinf|{i}"]["private_indices"] for i in range(2)] == \
+        [c["private_indices"] for c in (json.loads((tmp_path / "mnist" / "cells.json").read_text())["cells"][
+            f"obs|adapter|b1|epsinf|{i}"] for i in range(2))]
+    with pytest.raises(ClipleakError, match="split seed 0, not .* split seed 1"):
+        run_audit(AuditConfig(**base, data=folder.data, classnames=names, decoder="auto", split_seed=1),
+                  tmp_path / "folder")
+    # a folder whose images changed since its cells were computed: refused before any cell
+    saved["split"]["private"] = 499
+    del saved["cells"]["obs|adapter|b1|epsinf|1"]
+    (tmp_path / "folder" / "cells.json").write_text(json.dumps(saved))
+    with pytest.raises(ClipleakError, match="another split"):
+        run_audit(folder, tmp_path / "folder")
+
+
+def test_audit_checks_its_inputs_before_any_work(tmp_path, capsys):
+    """Bad weights, data with one class, class names that do not fit, a decoder for another architecture: one
+    line each, exit 2, and no cell computed."""
+    from clipleak.cli import main
+
+    one = tmp_path / "one" / "only"
+    one.mkdir(parents=True)
+    (tmp_path / "one" / "only" / "a.png").write_bytes(b"")
+    args = ["audit", "--methods", "adapter", "--epsilons", "inf", "--images", "1", "--canaries", "0", "--steps", "1"]
+    cases = [
+        (["--weights", str(tmp_path / "missing.pt")], "missing.pt"),
+        (["--data", f"folder:{tmp_path / 'one'}"], "class"),
+        (["--classnames", "a,b"], "2 class names given"),
+        (["--decoder", "tiny-mnist-64-decoder"], "not a decoder for tiny-32"),
+        (["--prompt-template", "no slot"], "{}"),
+    ]
+    for n, (extra, words) in enumerate(cases):
+        capsys.readouterr()
+        out = tmp_path / f"out{n}"
+        assert main([*args, *extra, "--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, (extra, err)
+        assert not (out / "cells.json").is_file()
+
+
+def test_audit_verdict_in_words():
+    """The verdict names a leak and the epsilon from which re-identification is at chance with the accuracy it
+    costs; no leakage beyond the class prototype when no point beats it."""
+    cfg = AuditConfig(epsilons=[math.inf, 1e5, 3.0], methods=["adapter"], images=8, canaries=0)
+    (text,) = summarise(cfg, _hand_made_cells(cfg, {math.inf: 8, 1e5: 3, 3.0: 1}))["verdict"]
+    assert "leaks" in text and "from epsilon 3 down" in text and "costs 40.0 points" in text
+    (flat,) = summarise(cfg, _hand_made_cells(cfg, {math.inf: 0, 1e5: 0, 3.0: 0}))["verdict"]
+    assert "no leakage beyond the class prototype" in flat
+    (always,) = summarise(cfg, _hand_made_cells(cfg, {math.inf: 8, 1e5: 8, 3.0: 8}))["verdict"]
+    assert "leaks at every epsilon measured, down to epsilon 3" in always
+
+
+@pytest.mark.slow
+def test_one_command_audit_on_a_folder_with_a_local_vit_b_32(tmp_path):
+    """`clipleak audit --arch ViT-B-32 --weights FILE --data folder:PATH --device cpu` end to end: a random-init
+    ViT-B-32 saved by open_clip as a state dict, 3 classes of 30 small images, the decoder trained from the
+    folder's public split within a few seconds and cached (a rerun reuses it), one observation per point."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from clipleak.cli import app
+
+    weights = tmp_path / "vitb32.pt"
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["red_square", "green_bar", "blue_dot"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(30):
+            img = (rng.random((40, 48, 3)) * 60).astype(np.uint8)
+            img[8 + i % 7: 28, 10: 30 + i % 9, k] = 255
+            Image.fromarray(img).save(tmp_path / "imgs" / name / f"{i}.png")
+    args = ["audit", "--arch", "ViT-B-32", "--weights", str(weights), "--data", f"folder:{tmp_path / 'imgs'}",
+            "--methods", "adapter", "--epsilons", "inf,1", "--images", "1", "--canaries", "0", "--steps", "2",
+            "--batch-size", "4", "--reid-k", "3", "--decoder-seconds", "3", "--device", "cpu", "--threads", "1"]
+    env = {"CLIPLEAK_CACHE": str(tmp_path / "cache")}
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")], env=env)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert [row["epsilon"] for row in summary["rows"]] == ["inf", "1"]
+    assert all(row["reid"] is not None and row["accuracy"] is not None for row in summary["rows"])
+    assert summary["verdict"] and "adapter, batch 1" in summary["verdict"][0]
+    cells = json.loads((tmp_path / "a" / "cells.json").read_text())
+    assert cells["split"]["classnames"] == ["blue dot", "green bar", "red square"]
+    decoders = list((tmp_path / "cache" / "audit-decoders").glob("*.safetensors"))
+    assert len(decoders) == 1
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b")], env=env)
+    assert r.exit_code == 0, r.output
+    assert "training one" not in r.output and list((tmp_path / "cache" / "audit-decoders").glob("*.safetensors")) \
+        == decoders
+    assert json.loads((tmp_path / "b" / "audit.json").read_text())["rows"][0]["reid"] is not None
+
+
+def test_audit_on_two_ray_workers_gives_the_serial_table_and_resumes(tmp_path):
+    """`--workers 2` (a local Ray): the same table as a serial run; a folder with cells missing resumes on the
+    workers and computes only those."""
+    import shutil
+
+    cfg = AuditConfig(epsilons=[math.inf, 1.0], methods=["adapter"], images=2, canaries=0,
+                      finetune={"steps": 2, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"})
+    serial = run_audit(cfg, tmp_path / "serial", threads=1)
+    shutil.copytree(tmp_path / "serial", tmp_path / "resumed")
+    on_ray = run_audit(cfg, tmp_path / "ray", threads=1, workers=2)
+    assert on_ray["computed"] == serial["computed"] == 6
+    assert _untimed(on_ray["rows"]) == _untimed(serial["rows"])
+    cells = json.loads((tmp_path / "resumed" / "cells.json").read_text())
+    for key in ("obs|adapter|b1|eps1|1", "acc|adapter|eps1"):
+        del cells["cells"][key]
+    (tmp_path / "resumed" / "cells.json").write_text(json.dumps(cells))
+    resumed = run_audit(cfg, tmp_path / "resumed", threads=1, workers=2)
+    assert resumed["computed"] == 2 and _untimed(resumed["rows"]) == _untimed(serial["rows"])

@@ -388,9 +388,17 @@ def contrastive_finetune_client(cfg: ContrastiveConfig, out_path: str | Path, *,
 
 
 def audit(cfg: AuditConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
-          threads: int | None = None) -> dict[str, Any]:
-    """The privacy audit (:func:`clipleak.audit.run_audit`): resumable; returns the summary and file paths."""
-    return run_audit(cfg, out_dir, progress=progress, threads=threads)
+          threads: int | None = None, device: str | torch.device | None = "auto", workers: int = 1,
+          ray_address: str | None = None) -> dict[str, Any]:
+    """The privacy audit (:func:`clipleak.audit.run_audit`): resumable; returns the summary and file paths.
+    ``workers`` > 1 runs its cells on that many Ray workers (a local Ray, or the cluster at ``ray_address``;
+    one GPU each where it has them), the same table as a serial run.
+
+    ``device`` (``auto``: a GPU when there is one) is where the target, the victims and the attacks
+    compute, the DP fine-tuning of the accuracy cells included."""
+    check_range("--workers", workers, low=1, high=256, integer=True)
+    return run_audit(cfg, out_dir, progress=progress, threads=threads, device=resolve_device(device), workers=workers,
+                     ray_address=ray_address)
 
 
 @dataclass

@@ -19,6 +19,13 @@ MAX_IMAGES = 10_000
 """Observations per point at most: a larger audit is refused before any cell list is built."""
 MAX_CANARIES = 100_000
 DEFAULT_EPSILONS = (math.inf, 100.0, 30.0, 10.0, 3.0, 1.0)
+DEFAULT_TARGET = ("tiny-mnist", "mnist")
+"""The target and data whose decoder ships with the package (``tiny-mnist-decoder``): ``--decoder auto``
+names it there and builds one from the public split everywhere else."""
+AUTO_DECODER = "auto"
+DEFAULT_TEMPLATE = "a photo of a {}."
+DEFAULT_DECODER_SECONDS = 300.0
+"""The time budget of an automatically built decoder (:mod:`.decoder`), when none is given."""
 
 
 @dataclass
@@ -28,6 +35,13 @@ class AuditConfig:
     ``seed`` seeds the DP noise of the shared observations, the DP fine-tuning's batches and noise, and the
     canaries; ``draw_seed`` picks which private digits are attacked: observation ``i`` of a point draws its
     batch with seed ``draw_seed + i`` (:meth:`draw_seeds`).
+
+    ``arch`` is the target's architecture (None: the one its card records, else tiny-32); ``data`` any
+    data set name or ``folder:PATH`` (class names from the sub-folders), split by ``split_seed``;
+    ``prompt_template`` builds the class prompts, of ``classnames`` when given (in the order of the data's
+    labels: a folder's sorted sub-folders), else of the data's own class names. ``decoder="auto"`` is the
+    shipped ``tiny-mnist-decoder`` for the default target and data, else a decoder trained on the public
+    split for these weights within ``decoder_seconds`` (cached, :mod:`.decoder`).
 
     ``defense`` (e.g. ``"prune:1,0.1,0.01,0.001"`` or ``"quantize:32,8,4,1"``; :mod:`clipleak.privacy.defenses`)
     sweeps an update defense without noise instead of epsilon: its levels are the audit's points (larger
@@ -44,6 +58,10 @@ class AuditConfig:
     iterations: int = 0
     data: str = "mnist"
     split_seed: int = 0
+    arch: str | None = None
+    prompt_template: str = DEFAULT_TEMPLATE
+    classnames: list[str] | None = None
+    decoder_seconds: float = DEFAULT_DECODER_SECONDS
     delta: float = 1e-5
     finetune: dict[str, Any] = field(default_factory=lambda: {"steps": 200, "batch_size": 25, "clip": 0.01,
                                                                "lr": 1e-2, "sampling": "poisson"})
@@ -75,6 +93,15 @@ class AuditConfig:
                                     "(or give inf)")
         for m in self.methods or ["adapter"]:
             self.ft(m, 1.0 if self.defense is None else self.points[0])
+        if self.classnames is not None and (not self.classnames or any(not str(c).strip() for c in self.classnames)):
+            raise ClipleakError("--classnames: give one non-empty name per class, comma-separated")
+        if "{}" not in self.prompt_template:
+            raise ClipleakError(f"the prompt template must hold {{}} where the class name goes, got "
+                                f"{self.prompt_template!r}")
+        check_range("--decoder-seconds", self.decoder_seconds, low=0, high=7 * 24 * 3600.0, low_open=True)
+        if self.decoder == AUTO_DECODER and (self.weights, self.data) == DEFAULT_TARGET and self.split_seed == 0 \
+                and self.arch in (None, "tiny-32"):
+            self.decoder = "tiny-mnist-decoder"  # recorded as audits before "auto" existed recorded it
 
     @property
     def points(self) -> list[float]:
@@ -139,8 +166,11 @@ class AuditConfig:
 
 def saved_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config as ``cells.json`` saved it, with the settings added since filled in at their defaults (an
-    audit folder written before ``draw_seed`` existed drew seeds 0..images-1: draw seed 0)."""
-    return {"draw_seed": 0, **config}
+    audit folder written before ``draw_seed`` existed drew seeds 0..images-1: draw seed 0; one written
+    before ``arch``, ``prompt_template``, ``classnames`` and ``decoder_seconds`` used the card's
+    architecture, the default template and the data's class names, and named its decoder)."""
+    return {"draw_seed": 0, "arch": None, "prompt_template": DEFAULT_TEMPLATE, "classnames": None,
+            "decoder_seconds": DEFAULT_DECODER_SECONDS, **config}
 
 
 def eps_text(e: float) -> str:

@@ -153,7 +153,9 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
     (out / "audit.json").write_text(json.dumps(summary, indent=1))
     cfg = summary["config"]
     schedule = _schedule(cfg)
-    md = "\n\n".join([f"# clipleak audit\n\n{schedule}\n\n{_draws(summary)}", markdown_table(summary),
+    verdict = summary.get("verdict") or []
+    md = "\n\n".join([f"# clipleak audit\n\n{schedule}\n\n{_draws(summary)}",
+                      "\n".join(f"**Verdict.** {v}" for v in verdict), markdown_table(summary),
                       "\n".join(f"- {f}" for f in summary["findings"])]) + "\n"
     (out / "audit.md").write_text(md)
     chart = write_chart(summary, out / "audit.png")
@@ -161,7 +163,8 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
                 f"{r['verdict']}"
                 for r in summary["rows"]]
     page = write_page(out / "audit.html", "clipleak privacy audit", [
-        Section(None, [paragraph(schedule), paragraph(_draws(summary), "note"),
+        Section(None, [*(paragraph(f"Verdict: {v}") for v in verdict), paragraph(schedule),
+                       paragraph(_draws(summary), "note"),
                        image("audit.png", "re-identification and PSNR against epsilon with 95% error bars, accuracy "
                                           "on a second axis"),
                        bullets(summary["findings"])]),

@@ -97,7 +97,7 @@ def summarise(cfg: AuditConfig, cells: dict[str, Any]) -> dict[str, Any]:
     rows = [_row(cfg, cells, method, int(b), eps) for method in cfg.methods for b in cfg.batch_sizes
             for eps in cfg.points]
     return {"config": cfg.to_dict(), "chance": cfg.chance, "draw_seeds": cfg.draw_seeds(), "rows": rows,
-            "findings": findings(cfg, rows)}
+            "verdict": verdicts(cfg, rows), "findings": findings(cfg, rows)}
 
 
 def _eps_value(r: dict[str, Any]) -> float:
@@ -174,6 +174,60 @@ def findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
             scored = [r for r in mine if r["reid_interval"] is not None]
             if scored:
                 out.append(finding(cfg.label(method), int(b), scored, cfg.chance, base))
+    return out
+
+
+def _leaks(r: dict[str, Any]) -> bool:
+    """A point leaks when its re-identification interval excludes chance and lies above the rate of the
+    true class's prototype (an image that knows only the class)."""
+    iv = r["reid_interval"]
+    return not r["at_chance"] and iv["low"] > float(r.get("prototype_true_reid") or 0.0)
+
+
+def overall(name: str, b: int, mine: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
+    """The verdict in words for one method and batch size: it leaks (down to which epsilon), there is no
+    leakage beyond the class prototype, or the epsilon from which re-identification is at chance and the
+    validation accuracy that costs (in a defense audit: the defense's level, against no defense)."""
+    rows = sorted(mine, key=_eps_value, reverse=True)
+    ax = _axis(rows[0])
+    head = f"{name}, batch {b}: "
+    leaking = [r for r in rows if _leaks(r)]
+    if not leaking:
+        top = rows[0]
+        return (head + f"no leakage beyond the class prototype at any {ax} measured (at {ax} "
+                f"{top['epsilon']}: re-identification {interval_text(top['reid_interval'])}, the true class's "
+                f"prototype {top.get('prototype_true_reid') or 0:.0%}, chance {top['chance']:.0%}).")
+    if len(leaking) == len(rows):
+        low = rows[-1]
+        return (head + f"leaks at every {ax} measured, down to {ax} {low['epsilon']} (re-identification "
+                f"{interval_text(low['reid_interval'])}, chance {low['chance']:.0%}).")
+    first = leaking[0]
+    leak_text = (f"leaks (re-identification {interval_text(first['reid_interval'])} at {ax} {first['epsilon']}, "
+                 f"chance {first['chance']:.0%})")
+    safe = [r for r in rows if _eps_value(r) < _eps_value(leaking[-1])]
+    if not safe:
+        eps = ", ".join(r["epsilon"] for r in leaking)
+        return head + f"{leak_text}; it still leaks at the smallest {ax} measured (leaking at {eps})."
+    at = safe[0]
+    text = (head + f"{leak_text}; re-identification is at chance or no better than the class prototype from "
+            f"{ax} {at['epsilon']} down ({interval_text(at['reid_interval'])} there).")
+    acc, base_acc = at.get("accuracy"), (base or {}).get("accuracy")
+    if acc is not None and base_acc is not None:
+        text += (f" That costs {(base_acc - acc) * 100:.1f} points of validation accuracy ({acc:.1%} vs "
+                 f"{base_acc:.1%} {'without DP' if ax == 'epsilon' else 'without the defense'}).")
+    return text
+
+
+def verdicts(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """The verdict in words per method and batch size with observations (:func:`overall`)."""
+    out = []
+    for method in cfg.methods:
+        for b in cfg.batch_sizes:
+            mine = [r for r in rows if r["method"] == method and r["batch_size"] == int(b)]
+            base = next((r for r in mine if r.get("no_defense", r["epsilon"] == "inf")), None)
+            scored = [r for r in mine if r["reid_interval"] is not None]
+            if scored:
+                out.append(overall(cfg.label(method), int(b), scored, base))
     return out
 
 

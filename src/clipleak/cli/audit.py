@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import check_range
-from .common import check_writable, command, console, parse_ints, progress_bar
+from .common import DeviceOpt, check_writable, command, console, parse_ints, progress_bar
 
 
 def audit(
@@ -26,9 +26,29 @@ def audit(
                                         "| another registered attack")]
     = "featmatch",
     images: Annotated[int, typer.Option(help="observations (private digit batches) per point")] = 8,
-    decoder: Annotated[str, typer.Option(help="featmatch decoder ('' for none)")] = "tiny-mnist-decoder",
+    decoder: Annotated[str, typer.Option(
+        help="the attack's feature decoder: auto (tiny-mnist-decoder for tiny-mnist on mnist, else one trained on "
+             "the public split for these weights within --decoder-seconds and cached), a file or a registered "
+             "name; '' for none")] = "auto",
+    decoder_seconds: Annotated[float, typer.Option(
+        help="--decoder auto: training time budget of a decoder that is not cached yet")] = 300.0,
     iterations: Annotated[int, typer.Option(help="attack iterations (0: decoder output only)")] = 0,
-    weights: Annotated[str, typer.Option(help="target weights")] = "tiny-mnist",
+    reid_k: Annotated[int, typer.Option(
+        help="re-identification candidates of the true class (chance 1/K; a class needs K private images)")] = 10,
+    arch: Annotated[str | None, typer.Option(
+        help="target architecture (tiny-32, ViT-B-32, ...; default: the one the weights' card records, else "
+             "tiny-32)")] = None,
+    weights: Annotated[str, typer.Option(help="target weights: a registered name, a file, or none (random init)")]
+    = "tiny-mnist",
+    data: Annotated[str, typer.Option(
+        help="images: mnist, digits, sklearn-photos, skimage-photos or folder:PATH (PATH/<class>/<images>; class "
+             "names from the folder names); the audit attacks its PRIVATE split")] = "mnist",
+    split_seed: Annotated[int, typer.Option(help="seed of the public / validation / private split")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="class prompt, {} is the class name")] = "a photo of a {}.",
+    classnames: Annotated[str | None, typer.Option(
+        help="comma-separated class names in label order (a folder's sorted sub-folders); default: the data's "
+             "own (a folder's sub-folder names)")] = None,
+    device: DeviceOpt = "auto",
     clip: Annotated[float, typer.Option(help="clipping norm C of the schedule")] = 0.01,
     steps: Annotated[int, typer.Option(help="DP-SGD steps of the client's schedule")] = 200,
     batch_size: Annotated[int, typer.Option(help="expected batch size of the schedule (q = B / N)")] = 25,
@@ -46,7 +66,11 @@ def audit(
         help="picks which private digits are attacked: the IMAGES batches of every point are drawn with seeds "
              "DRAW_SEED, DRAW_SEED+1, ..., DRAW_SEED+IMAGES-1 (the same digits at every epsilon); a folder "
              "holds one draw seed")] = 0,
-    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (per worker with --workers)")] = None,
+    workers: Annotated[int, typer.Option(
+        help="compute the cells on N Ray workers (the table is a serial run's; resumable either way)")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        help="with --workers: an existing Ray cluster (e.g. ray://HOST:10001); default a local Ray")] = None,
     restart: Annotated[bool, typer.Option(
         "--restart", help="delete OUT/cells.json first and start the audit over (e.g. when it is damaged)")] = False,
 ) -> None:
@@ -60,7 +84,14 @@ def audit(
     --defense sweeps pruning, quantisation or clipping without noise instead of epsilon (no DP, no canaries):
     the observations carry the defense and the fine-tuning applies it to every step's gradient.
 
-    Writes one chart (OUT/audit.png), a table (audit.json, audit.md) and a page (audit.html).
+    Writes one chart (OUT/audit.png), a table (audit.json, audit.md) and a page (audit.html), each with the
+    verdict in words: it leaks / no leakage beyond the class prototype / the epsilon from which
+    re-identification is at chance, and the accuracy that costs.
+
+    Your model and images: --arch and --weights name the target, --data folder:PATH the images (the audit
+    attacks the private split of the folder's seeded split, recorded in OUT/cells.json). The attack's
+    decoder is trained on the public split for those weights (--decoder auto, --decoder-seconds) and
+    cached. Everything is checked before any work.
 
     Example: clipleak audit --epsilons inf,100,30,10,3,1 --methods adapter,coop --batch-sizes 1 --attack featmatch --images 8 --out runs/audit
 
@@ -68,10 +99,13 @@ def audit(
 
     Example: clipleak audit --defense prune:1,0.1,0.01,0.001 --methods adapter,coop --batch-sizes 1,4 --canaries 0 --out runs/audit-prune
 
+    Example: clipleak audit --arch ViT-B-32 --weights vitb32.pt --data folder:my_images --epsilons inf,8,3,1 --methods coop,adapter --device auto --out runs/audit-mine
+
     Example: clipleak audit --methods coop --class-specific --attack mip --batch-sizes 2 --epsilons inf,1e6,1e5,1e4,100,3 --lr 3e-3 --out runs/audit-coop-cs
     """  # noqa: E501
     from .. import api
     from ..audit import AuditConfig, parse_epsilons
+    from ..data import DataSpec
 
     check_writable(out, folder=True)
     check_range("--threads", threads, low=1, high=256, integer=True)
@@ -82,16 +116,23 @@ def audit(
         ft["dp_site"] = dp_site
     if epsilons is None:
         epsilons = "inf" if defense else "inf,100,30,10,3,1"
+    spec = DataSpec.parse(data, split_seed=split_seed)  # a folder is recorded by its absolute path
     cfg = AuditConfig(epsilons=parse_epsilons(epsilons), defense=defense or None,
                       methods=[m.strip() for m in methods.split(",") if m.strip()],
                       batch_sizes=parse_ints(batch_sizes) or [1], attack=attack, images=images,
                       decoder=decoder or None, iterations=iterations, weights=weights, delta=delta,
-                      finetune=ft, canaries=canaries, seed=seed, draw_seed=draw_seed)
+                      finetune=ft, canaries=canaries, seed=seed, draw_seed=draw_seed, data=spec.name,
+                      split_seed=split_seed, arch=arch, prompt_template=prompt_template,
+                      classnames=None if classnames is None else [c.strip() for c in classnames.split(",")],
+                      decoder_seconds=decoder_seconds, reid_k=reid_k)
     if restart:
         (out / "cells.json").unlink(missing_ok=True)
     with progress_bar() as cb:
-        summary = api.audit(cfg, out, progress=cb, threads=threads)
+        summary = api.audit(cfg, out, progress=cb, threads=threads, device=device, workers=workers,
+                            ray_address=ray_address)
     console.print(f"{summary['computed']} cell(s) computed ({summary['seconds_this_run']:.0f} s), the rest resumed")
+    for v in summary.get("verdict", []):
+        console.print(f"[bold]Verdict:[/] {v}")
     for f in summary["findings"]:
         console.print(f)
     console.print(f"chart: [bold]{summary['files']['chart']}[/]; table: {summary['files']['markdown']}; "
