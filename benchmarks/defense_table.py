@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", help="the audit folders' prefix (default runs/bench-NAME)")
+    ap.add_argument("--note", default="", help="a sentence added to the results' notes")
     ap.add_argument("--finished-only", action="store_true",
                     help="compute nothing: table and chart from the cells already in the folders (a point's n "
                          "says how many images it rests on)")
@@ -97,6 +98,9 @@ def main() -> None:
     cfg = configs[0]
     summary = {**summaries[0], "rows": [r for s in summaries for r in s["rows"]],
                "findings": [f for s in summaries for f in s["findings"]]}
+    accuracy = {(r["method"], r["epsilon"]): r["accuracy"] for r in summary["rows"] if r["accuracy"] is not None}
+    for r in summary["rows"]:  # the accuracy does not depend on the attacked batch size: any audit's cell
+        r["accuracy"] = accuracy.get((r["method"], r["epsilon"]))
     summary["config"] = {**summary["config"], "images": " / ".join(f"{c.images} (batch {c.batch_sizes[0]})"
                                                                    for c in configs)}
     draw_seeds = sorted({d for c in configs for d in c.draw_seeds()})
@@ -112,8 +116,10 @@ def main() -> None:
              "(a batch of 4 counts four). Accuracy: fine-tuning (200 steps, Poisson "
              "sampling at expected batch 25 of the private digits, Adam lr 1e-2) with the defense applied to every "
              f"step's gradient, validation split (the target's zero-shot accuracy before fine-tuning: {before}). "
-             f"{seconds:.0f} s this run at load average "
-             f"{load:.1f} (an upper bound). Findings: " + " ".join(summary.get("findings", [])))
+             + ("Rendered from the finished cells only (a point without cells is left out); "
+                if args.finished_only else f"{seconds:.0f} s this run; ")
+             + f"load average {load:.1f} (timings are upper bounds). {args.note} Findings: "
+             + " ".join(summary.get("findings", [])))
     path = write_results(args.name, rows, prov, title=f"Defense audit: {args.defense} (private digits)",
                          columns=COLUMNS, notes=notes)
     write_chart(summary, ROOT / "docs" / "img" / f"{args.name}.png")
