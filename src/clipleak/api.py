@@ -35,7 +35,7 @@ from .devices import resolve_device
 from .errors import ClipleakError, check_range
 from .evaluation import LEAKAGE_WARNING_COSINE, evaluate, public_nearest_neighbour, same_class_gradient_cosine
 from .models import arch_config, build_model, read_card
-from .peft import PeftConfig, Victim, build_victim, rebuild_victim
+from .peft import PeftConfig, build_victim, rebuild_victim
 from .priors import check_prior, load_prior
 from .privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, parse_defense
 from .records import Observation, ProgressFn, Reconstruction, Truth
@@ -193,10 +193,9 @@ def attack_observation(
         raise ClipleakError("MIP's image stage needs a feature-to-image decoder for this target (--decoder: "
                             "tiny-mnist-decoder for tiny-mnist, or one trained with `clipleak prior train --kind "
                             "decoder --weights ...`)")
-    victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress), device=dev)
     for named in (getattr(cfg, "decoder", None), str(getattr(cfg, "prior", "") or "").removeprefix("generative:"),
                   getattr(cfg, "bn_prior", None)):
-        _check_named_prior(named, obs, victim)
+        _check_named_prior(named, obs)
     if "prior" in settings:
         settings["prior"] = _resolve_prior(str(settings["prior"]), progress)
     if settings.get("decoder"):
@@ -204,7 +203,8 @@ def attack_observation(
     cfg = make_config(name, **settings)
     if getattr(cfg, "bn_prior", None):  # gradvit's prior network, by default the tiny-mnist-cnn artifact
         cfg.bn_prior = artifacts.resolve_path(str(cfg.bn_prior), progress)
-    _check_priors(cfg, obs, victim)
+    _check_priors(cfg, obs)  # priors first: they need no model, and a large model takes a while to build
+    victim = rebuild_victim(obs, artifacts.resolve_path(weights, progress), device=dev)
     rec = run_attack(name, obs, victim, cfg, progress)
     rec.meta["observation_digest"] = obs.digest()
     return rec
@@ -222,7 +222,7 @@ def _check_weights(obs: Observation, weights: str | None) -> str | None:
     return weights
 
 
-def _check_named_prior(name: str | None, obs: Observation, victim: Victim) -> None:
+def _check_named_prior(name: str | None, obs: Observation) -> None:
     """A registered prior artifact named for ``obs``, refused before it is built (minutes on first use) when it
     cannot fit: it makes images of another size than the target takes, or it is a decoder for a trained target
     and the observation was made with a random init."""
@@ -231,7 +231,7 @@ def _check_named_prior(name: str | None, obs: Observation, victim: Victim) -> No
     recipe = artifacts.get(name).recipe
     if not isinstance(recipe, artifacts.PriorRecipe):
         return
-    size = victim.clip_info.image_size
+    size = int(obs.meta["image_size"])
     cfg = arch_config(recipe.arch) or {}
     made = (cfg.get("vision_cfg") or {}).get("image_size")
     if made is not None and int(made) != size:
@@ -243,14 +243,15 @@ def _check_named_prior(name: str | None, obs: Observation, victim: Victim) -> No
                             f"with a random init ({sha}); train a decoder for that target or leave it out")
 
 
-def _check_priors(cfg: Any, obs: Observation, victim: Victim) -> None:
-    """Every prior file an attack config names (decoder, VAE, BN-prior CNN), checked against the target and
-    the split before any expensive step (the attacks check them again when they load them)."""
-    size = victim.clip_info.image_size
+def _check_priors(cfg: Any, obs: Observation) -> None:
+    """Every prior file an attack config names (decoder, VAE, BN-prior CNN), checked against the target the
+    observation records (image size, weights identity) and its split before any expensive step, the victim's
+    model included (the attacks check them again when they load them)."""
+    size = int(obs.meta["image_size"])
     data = obs.meta.get("data")
     decoder = getattr(cfg, "decoder", None)
     if decoder:
-        check_prior(load_prior(str(decoder)), size, weights_sha256=victim.clip_info.weights_sha256, kind="decoder",
+        check_prior(load_prior(str(decoder)), size, weights_sha256=str(obs.meta["weights_sha256"]), kind="decoder",
                     data=data)
     prior = str(getattr(cfg, "prior", "") or "")
     if prior.startswith("generative:"):

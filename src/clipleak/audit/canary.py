@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from scipy.stats import binom
-
 from ..errors import ClipleakError
 
 GUESS_FRACTION = 0.1
@@ -32,6 +30,8 @@ def epsilon_lower_bound(guesses: int, correct: int, beta: float = BETA) -> float
 
     def tail(eps: float) -> float:
         p = math.exp(eps) / (1 + math.exp(eps))
+        from scipy.stats import binom  # on first use: scipy.stats takes about a second to import
+
         return float(binom.sf(correct - 1, guesses, p))  # P[X >= correct]
 
     if tail(0.0) > beta:

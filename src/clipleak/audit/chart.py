@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..report.page import Section, bullets, image, links, paragraph, pre, pyplot, table, write_page
 
-from ..report.page import Section, bullets, image, links, paragraph, pre, table, write_page  # noqa: E402
-from .summary import AXIS_HEADINGS, columns, markdown_table, mean_of, table_rows  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+from .summary import AXIS_HEADINGS, columns, markdown_table, mean_of, table_rows
 
 
 def _x(eps: str, finite: list[float]) -> float:
@@ -65,7 +64,7 @@ def _method_curves(ax: Any, acc_ax: Any, rows: list[dict[str, Any]], method: str
                 marker="x", ls=":", color=colour, alpha=0.7, label=f"{name}: validation accuracy ({how})")
 
 
-def chart_figure(summary: dict[str, Any]) -> plt.Figure:
+def chart_figure(summary: dict[str, Any]) -> Figure:
     """Re-identification (top) and PSNR (bottom) against epsilon (log x, infinity at the right), each point
     with its 95% interval as an error bar, the task accuracy on a second axis in both panels; chance
     (1 / reid_k) and the class prototype marked.
@@ -77,6 +76,7 @@ def chart_figure(summary: dict[str, Any]) -> plt.Figure:
     k = int(summary["config"].get("reid_k", 10))
     chance = float(summary.get("chance", 1.0 / k))
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(8, 8.5), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -125,7 +125,7 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
     """Save :func:`chart_figure` to ``path``."""
     fig = chart_figure(summary)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
