@@ -532,3 +532,31 @@ def test_cli_fl_run_secagg_numbers_and_refusals(tmp_path):
         res = CliRunner().invoke(app, ["fl", "run", "--out", str(tmp_path / "o"), "--secagg", *extra],
                                  terminal_width=200)
         assert isinstance(res.exception, ClipleakError) and message in str(res.exception), res.output
+
+
+def test_malicious_server_run_sends_crafted_weights_and_reads_the_batches(tmp_path):
+    """`fl run --malicious`: the clients train from the crafted adapter weights (the recorded global state of
+    round 1 is the server's payload, not the task's init), every update is read by the imprint read-out and
+    decoded, and on tiny-mnist the batches come back well above the class prototype. Refusals: CoOp, SecAgg+."""
+    from clipleak.errors import ClipleakError
+    from clipleak.fl.run import evaluate_run, run_federated
+    from clipleak.records import Observation, Reconstruction
+
+    recipe = Recipe(method="adapter", weights="tiny-mnist", local_steps=1, batch_size=8, lr=0.1)
+    data = ClientData(weights="tiny-mnist", client_size=8, seed=3, truth_dir=str(tmp_path / "truth"))
+    spec = RunSpec(out=str(tmp_path / "out"), clients=2, rounds=1, recipe=recipe, attack=None,
+                   attack_settings={"decoder": "tiny-mnist-decoder"}, malicious={"groups": 8})
+    run_federated(spec, data, engine="inprocess")
+    rdir = tmp_path / "out" / "rounds" / "round-001"
+    rec = Reconstruction.load(next((rdir / "attacks").glob("node-*")))
+    assert rec.attack == "malicious-imprint" and rec.images.shape[0] == 8
+    obs = Observation.load(next((rdir / "updates").glob("*.safetensors")))
+    honest_init = Server(spec).victim.peft_state()
+    assert obs.peft_state and not torch.equal(obs.peft_state["adapter.fc1.weight"], honest_init["adapter.fc1.weight"])
+    s = evaluate_run(spec.out, data.truth_dir)["summary"]
+    assert s["images"] == 16
+    assert s["reid_interval"]["attack"]["value"] >= 0.6 > s["reid_interval"]["prototype"]["value"]
+    with pytest.raises(ClipleakError, match="CLIP-Adapter"):
+        RunSpec(out=str(tmp_path / "o2"), recipe=Recipe(method="coop", weights=None), malicious={"groups": 1})
+    with pytest.raises(ClipleakError, match="secagg"):
+        RunSpec(out=str(tmp_path / "o3"), clients=2, recipe=recipe, malicious={"groups": 1}, secagg={})

@@ -73,6 +73,12 @@ def run(
     secagg_max_weight: Annotated[float | None, typer.Option(
         help="SecAgg+: the weight num_examples is divided by, at least the largest shard (default: --client-size "
              "when given, else 1024; a power of two keeps the FedAvg weights exact)")] = None,
+    malicious: Annotated[int, typer.Option(
+        help="a MALICIOUS server with this many groups of crafted weights (0: honest-but-curious): every round "
+             "it sends CLIP-Adapter weights crafted from the public split (same width as the task) so that each "
+             "client update gives back its batch's image features, reads them off and decodes them with "
+             "--decoder (needs --method adapter; docs/threat-models.md)")] = 0,
+    malicious_seed: Annotated[int, typer.Option(help="seed of the crafted weights' random directions")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
@@ -93,6 +99,8 @@ def run(
     Example: clipleak fl run --clients 2 --rounds 2 --local-steps 5 --method coop --partition dirichlet:0.5 --dp per-example --clip 1 --noise-multiplier 1 --out runs/fl-dp
 
     Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
+
+    Example: clipleak fl run --clients 2 --rounds 1 --batch-size 16 --client-size 16 --method adapter --malicious 4 --out runs/fl-malicious
     """  # noqa: E501
     from ..attacks import make_config
     from ..data import DataSpec
@@ -115,7 +123,8 @@ def run(
                    attack=None if attack == "none" else attack, attack_settings=settings,
                    attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy,
                    secagg=_secagg_config(secagg, secagg_shares, secagg_threshold, secagg_clip, secagg_quantization,
-                                         secagg_max_weight, client_size))
+                                         secagg_max_weight, client_size),
+                   malicious={"groups": malicious, "seed": malicious_seed} if malicious else None)
     tdir = truth_dir if truth_dir is not None else out / "clients"
     data = ClientData(weights=recipe.weights, data=images.name, split_seed=split_seed, partition=partition,
                       client_size=client_size, seed=data_seed,

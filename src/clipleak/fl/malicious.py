@@ -34,6 +34,8 @@ from .settings import Recipe
 from .strategy import AttackingStrategy
 
 ATTACK_NAME = "malicious-imprint"
+WIRE_BALANCE = 16.0
+"""The factor moved from ``W1`` to ``W2`` in the weights the server sends (see :meth:`MaliciousServer.craft`)."""
 
 
 @dataclass
@@ -56,6 +58,12 @@ class MaliciousServer:
         feats = public_features(victim.clip_info, public)
         hidden = int(victim.adapter.fc1.weight.shape[0])
         state, plan = craft_imprint(feats.to(victim.adapter.fc1.weight.device), hidden, groups=groups, seed=seed)
+        # Rebalanced for the wire: W1 / s and W2 * s compute the same adapter (ReLU is positively homogeneous)
+        # but make W1's gradient s times larger and its float32 rounding s times smaller. A client sends its new
+        # float32 state, so the server reads ``(sent - new) / lr``: with s = 1 the rounding of W1 drowns the
+        # single-image bin differences the read-out subtracts; s = 16 (a power of two: exact) keeps them.
+        state = {"adapter.fc1.weight": state["adapter.fc1.weight"] / WIRE_BALANCE,
+                 "adapter.fc2.weight": state["adapter.fc2.weight"] * WIRE_BALANCE}
         return cls(state=state, plan=plan, groups=groups, decoder=decoder)
 
     def payload(self) -> dict[str, torch.Tensor]:

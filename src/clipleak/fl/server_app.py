@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from safetensors.torch import load_file, save_file
 
 from .. import artifacts
 from ..attacks import make_config, run_attack
-from ..data import DataSpec, load_validation
+from ..data import DataSpec, load_public, load_validation
 from ..errors import ClipleakError
 from ..models import build_model
 from ..peft import Victim, build_victim, rebuild_victim
@@ -56,6 +57,7 @@ class RunSpec:
     threads: int = 1
     strategy: str = "fedavg"
     secagg: dict[str, Any] | None = None
+    malicious: dict[str, Any] | None = None  # {"groups": G, "seed": S}: a malicious server (fl.malicious)
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
@@ -74,6 +76,15 @@ class RunSpec:
                                     f"{self.strategy!r} needs the individual updates")
             self.secagg = SecAggSettings(**self.secagg).to_dict()
             SecAggSettings(**self.secagg).check_clients(self.clients)
+        if self.malicious is not None:
+            groups = int(self.malicious.get("groups", 1))
+            if self.recipe.method != "adapter":
+                raise ClipleakError("the malicious server crafts CLIP-Adapter weights: use --method adapter")
+            if self.secagg is not None:
+                raise ClipleakError("--malicious reads each client's update; under --secagg the server has none")
+            if groups < 1:
+                raise ClipleakError(f"--malicious takes the number of weight groups (>= 1), got {groups}")
+            self.malicious = {"groups": groups, "seed": int(self.malicious.get("seed", 0))}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +94,7 @@ class RunSpec:
         a, b = self.to_dict(), dict(other)
         b.setdefault("strategy", "fedavg")  # runs saved before the strategy was a setting
         b.setdefault("secagg", None)  # runs saved before secure aggregation was a setting
+        b.setdefault("malicious", None)  # runs saved before the malicious server was a setting
         for d in (a, b):
             d.pop("rounds", None)
             d.pop("threads", None)
@@ -157,6 +169,28 @@ class Server:
             pred = self.victim.logits_from_raw(self.val_raw).argmax(-1)
         return float((pred == self.validation.labels).float().mean())
 
+    def malicious_strategy(self, inner: Strategy, common: dict[str, Any]) -> AttackingStrategy:
+        """The malicious server's strategy (:mod:`.malicious`): adapter weights crafted from the public split
+        (same architecture and width as the task) sent every round, each reply read by the imprint read-out and
+        decoded with the run's decoder (``attack_settings["decoder"]``; none: features only, blank images)."""
+        from ..priors import FeatureDecoder, check_prior, load_prior
+        from .malicious import MaliciousServer, MaliciousStrategy
+
+        assert self.spec.malicious is not None
+        decoder = None
+        if self.attack_settings.get("decoder"):
+            prior = load_prior(str(self.attack_settings["decoder"]))
+            if not isinstance(prior, FeatureDecoder):
+                raise ClipleakError(f"{self.attack_settings['decoder']} is not a feature-to-image decoder")
+            check_prior(prior, self.victim.clip_info.image_size, weights_sha256=self.victim.clip_info.weights_sha256,
+                        kind="decoder", data=self.base_meta["data"])
+            decoder = prior
+        ds = DataSpec.parse(self.spec.data, split_seed=self.spec.split_seed)
+        public = load_public(ds, self.victim.clip_info.image_size)
+        crafted = MaliciousServer.craft(self.victim, public, groups=int(self.spec.malicious["groups"]),
+                                        seed=int(self.spec.malicious["seed"]), decoder=decoder)
+        return MaliciousStrategy(crafted, self.victim, self.spec.recipe, self.base_meta, inner, **common)
+
     def attack_fn(self) -> AttackFn | None:
         if self.spec.attack is None:
             return None
@@ -195,9 +229,13 @@ def server_main(grid: Grid, spec: RunSpec, on_event: EventFn | None = None,
         initial = load_file(str(global_path(out, done)))
     inner = make_strategy(spec.strategy, fraction_train=1.0, min_train_nodes=spec.clients,
                           min_available_nodes=spec.clients)
-    strategy = AttackingStrategy(spec.recipe, server.base_meta, inner, out_dir=out, attack=server.attack_fn(),
-                                 attack_clients=spec.attack_clients, round_offset=done, seed=spec.seed,
-                                 on_event=tell)
+    common: dict[str, Any] = {"out_dir": out, "attack_clients": spec.attack_clients, "round_offset": done,
+                              "seed": spec.seed, "on_event": tell}
+    strategy: AttackingStrategy
+    if spec.malicious is not None:
+        strategy = server.malicious_strategy(inner, common)
+    else:
+        strategy = AttackingStrategy(spec.recipe, server.base_meta, inner, attack=server.attack_fn(), **common)
     if done:
         strategy.restore_inner_state(done)  # e.g. FedAdam's moments, so the resumed run goes on as one run
     t_round = [time.perf_counter()]
