@@ -100,7 +100,7 @@ def run(
 
     Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
 
-    Example: clipleak fl run --clients 2 --rounds 1 --batch-size 16 --client-size 16 --method adapter --malicious 4 --out runs/fl-malicious
+    Example: clipleak fl run --clients 2 --rounds 1 --batch-size 16 --client-size 16 --method adapter --malicious 1 --out runs/fl-malicious
     """  # noqa: E501
     from ..attacks import make_config
     from ..data import DataSpec
