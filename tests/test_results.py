@@ -25,6 +25,7 @@ from clipleak.report.results import (
     render_all,
     render_headline,
     replace_block,
+    set_headline,
     write_results,
 )
 
@@ -96,6 +97,13 @@ def test_cell_rows_pool_images_and_write_with_provenance(tmp_path: Path) -> None
     assert "50% [22-78] | 17.0 [" in render_headline(loaded)
     with pytest.raises(ClipleakError):
         write_results("empty", [], prov, title="T", columns=[], root=tmp_path)
+    set_headline("t", "x", False, root=tmp_path)  # the README row is chosen in the file, nothing else changes
+    assert render_headline(load_results(tmp_path)).count("\n") == render_headline({}).count("\n")
+    assert json.loads(path.read_text())["rows"][0]["reid"] == row["reid"]
+    set_headline("t", "x", root=tmp_path)
+    assert "50% [22-78]" in render_headline(load_results(tmp_path))
+    with pytest.raises(ClipleakError, match="cases: x"):
+        set_headline("t", "y", root=tmp_path)
 
 
 def test_markdown_table_formats_intervals() -> None:

@@ -81,6 +81,23 @@ def write_results(name: str, rows: list[dict[str, Any]], prov: dict[str, Any], *
     return write_text_atomic(Path(root) / f"{name}.json", json.dumps(doc, indent=2) + "\n")
 
 
+def set_headline(name: str, case: str, on: bool = True, *, root: str | Path = "benchmarks/results") -> Path:
+    """Choose whether the row of results file ``name`` whose ``case`` is ``case`` appears in the README's headline
+    table (a presentation choice, kept in the file so that the rendering stays a pure function of the files).
+    Only the flag changes; an unknown file or case is refused with the cases there are."""
+    path = Path(root) / f"{name}.json"
+    if not path.is_file():
+        raise ClipleakError(f"no results file {path}")
+    doc = json.loads(path.read_text())
+    hits = [r for r in doc["rows"] if r.get("case") == case]
+    if not hits:
+        cases = "; ".join(str(r.get("case")) for r in doc["rows"])
+        raise ClipleakError(f"{path}: no row with case {case!r} (cases: {cases})")
+    for r in hits:
+        r["headline"] = bool(on)
+    return write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
 @dataclass(frozen=True)
 class ResultsFile:
     name: str
@@ -167,7 +184,8 @@ def render_doc(rf: ResultsFile) -> str:
 
 HEADLINE_HEADERS = ["case", "n (split)", "re-identified [95% CI]", "PSNR dB (prototype)", "labels",
                     "command and provenance"]
-HEADLINE_ORDER = ("mip", "mip-coop", "mip_shared_b4", "gradvit", "audit-adapter")
+HEADLINE_ORDER = ("mip", "mip-coop", "mip_shared_b4", "gradvit", "mip224-adapter", "mip224-coop", "mip224-projection",
+                  "audit-adapter", "defense-prune", "defense-quantize", "fl_secagg", "malicious")
 """Results files in the order their headline rows appear; files not named here follow in name order."""
 
 
