@@ -24,6 +24,7 @@ import torch
 
 from clipleak.api import audit
 from clipleak.audit import AuditConfig, summarise, write_chart
+from clipleak.audit.summary import result_figures
 from clipleak.report.results import markdown_table, provenance, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +43,7 @@ def rows_from(summary: dict) -> list[dict]:
         out.append({
             "case": f"defense audit: {r['peft']}, batch {r['batch_size']}, {defense}",
             "peft": r["peft"], "batch_size": r["batch_size"], "defense": defense, "attack": r["attack"],
-            "n_images": r["n_images"],
-            "reid": {**r["reid_interval"], "kind": "rate"},
-            "psnr": None if r.get("psnr_interval") is None else {**r["psnr_interval"], "kind": "mean"},
-            "labels": None if r.get("label_accuracy_interval") is None else
-            {**r["label_accuracy_interval"], "kind": "rate"},
-            "prototype_true_reid": None if r.get("prototype_true_reid_interval") is None else
-            {**r["prototype_true_reid_interval"], "kind": "rate"},
-            "prototype_true_psnr": r.get("prototype_true_psnr"),
-            "accuracy": None if r.get("accuracy") is None else f"{r['accuracy']:.1%}",
-            "verdict": "at chance" if r.get("at_chance") else "above chance",
+            **result_figures(r),
         })
     return out
 

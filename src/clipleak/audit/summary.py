@@ -13,6 +13,7 @@ of the defense instead of epsilon, against the no-defense level (prune 1, quanti
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -164,17 +165,22 @@ def finding(name: str, b: int, mine: list[dict[str, Any]], chance: float, base: 
     return head + text + _paid(at, base)
 
 
-def findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
-    """One finding per method and batch size with observations (:func:`finding`)."""
-    out = []
+def _groups(cfg: AuditConfig, rows: list[dict[str, Any]]
+            ) -> Iterator[tuple[str, int, list[dict[str, Any]], dict[str, Any] | None]]:
+    """Per method and batch size with scored points: its label, the batch size, the scored rows and the row
+    without DP or defense (None when the audit has none)."""
     for method in cfg.methods:
         for b in cfg.batch_sizes:
             mine = [r for r in rows if r["method"] == method and r["batch_size"] == int(b)]
             base = next((r for r in mine if r.get("no_defense", r["epsilon"] == "inf")), None)
             scored = [r for r in mine if r["reid_interval"] is not None]
             if scored:
-                out.append(finding(cfg.label(method), int(b), scored, cfg.chance, base))
-    return out
+                yield cfg.label(method), int(b), scored, base
+
+
+def findings(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """One finding per method and batch size with observations (:func:`finding`)."""
+    return [finding(name, b, scored, cfg.chance, base) for name, b, scored, base in _groups(cfg, rows)]
 
 
 def _leaks(r: dict[str, Any]) -> bool:
@@ -220,15 +226,7 @@ def overall(name: str, b: int, mine: list[dict[str, Any]], base: dict[str, Any] 
 
 def verdicts(cfg: AuditConfig, rows: list[dict[str, Any]]) -> list[str]:
     """The verdict in words per method and batch size with observations (:func:`overall`)."""
-    out = []
-    for method in cfg.methods:
-        for b in cfg.batch_sizes:
-            mine = [r for r in rows if r["method"] == method and r["batch_size"] == int(b)]
-            base = next((r for r in mine if r.get("no_defense", r["epsilon"] == "inf")), None)
-            scored = [r for r in mine if r["reid_interval"] is not None]
-            if scored:
-                out.append(overall(cfg.label(method), int(b), scored, base))
-    return out
+    return [overall(name, b, scored, base) for name, b, scored, base in _groups(cfg, rows)]
 
 
 def _fmt(r: dict[str, Any], key: str, kind: str) -> str:
@@ -282,3 +280,19 @@ def markdown_table(summary: dict[str, Any]) -> str:
     head = "| " + " | ".join(c[1] for c in cols) + " |"
     sep = "|" + "---|" * len(cols)
     return "\n".join([head, sep, *("| " + " | ".join(cells) + " |" for cells in table_rows(summary))])
+
+
+def result_figures(r: dict[str, Any]) -> dict[str, Any]:
+    """A summary row's figures as a results-file row holds them (``benchmarks/results``): re-identification,
+    PSNR, labels and the true class's prototype with their intervals, the accuracy, and whether the point is
+    at chance."""
+
+    def iv(key: str, kind: str) -> dict[str, Any] | None:
+        return None if r.get(key) is None else {**r[key], "kind": kind}
+
+    return {"n_images": r["n_images"], "reid": iv("reid_interval", "rate"), "psnr": iv("psnr_interval", "mean"),
+            "labels": iv("label_accuracy_interval", "rate"),
+            "prototype_true_reid": iv("prototype_true_reid_interval", "rate"),
+            "prototype_true_psnr": r.get("prototype_true_psnr"),
+            "accuracy": None if r.get("accuracy") is None else f"{r['accuracy']:.1%}",
+            "verdict": "at chance" if r.get("at_chance") else "above chance"}
