@@ -60,3 +60,20 @@ def short_decoder(short_run, tmp_path_factory) -> Path:
     dec = train_decoder(clip, load_public(DataSpec(), 32), steps=400, batch=32, seed=0)
     dec.card["data_spec"] = DataSpec().to_dict()
     return save_prior(dec, tmp_path_factory.mktemp("decoder") / "short-decoder.safetensors")
+
+
+@pytest.fixture
+def audit_calls(monkeypatch) -> list:
+    """``api.audit`` replaced by a recorder: the CLI's parsing is tested without running an audit; the list
+    holds the AuditConfig of every call."""
+    from clipleak import api
+
+    seen: list = []
+
+    def fake(cfg, out, **kw):
+        seen.append(cfg)
+        return {"computed": 0, "seconds_this_run": 0.0, "findings": [],
+                "files": {"chart": "c", "markdown": "m", "html": "h"}}
+
+    monkeypatch.setattr(api, "audit", fake)
+    return seen

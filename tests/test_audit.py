@@ -170,21 +170,14 @@ def test_audit_coop_options(tmp_path):
     assert "| coop class-specific |" in (tmp_path / "audit.md").read_text()
 
 
-def test_audit_cli_passes_the_coop_options(tmp_path, monkeypatch):
+def test_audit_cli_passes_the_coop_options(tmp_path, audit_calls):
     """`clipleak audit --class-specific --dp-site text-features --attack mip` reaches AuditConfig; without them
     the settings are the ones audits were written with (so their folders stay resumable)."""
     from typer.testing import CliRunner
 
     from clipleak.cli import app
 
-    seen = []
-
-    def fake(cfg, out, **kw):
-        seen.append(cfg)
-        return {"computed": 0, "seconds_this_run": 0.0, "findings": [],
-                "files": {"chart": "c", "markdown": "m", "html": "h"}}
-
-    monkeypatch.setattr(api, "audit", fake)
+    seen = audit_calls
     args = ["audit", "--out", str(tmp_path), "--methods", "coop", "--epsilons", "inf,3"]
     r = CliRunner().invoke(app, [*args, "--class-specific", "--dp-site", "text-features", "--attack", "mip"])
     assert r.exit_code == 0, r.output

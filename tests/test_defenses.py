@@ -243,7 +243,7 @@ def test_audit_sweeps_a_defense(tmp_path, monkeypatch):
         AuditConfig(defense="prune:1,0")
 
 
-def test_the_cli_passes_the_defense(tmp_path, monkeypatch):
+def test_the_cli_passes_the_defense(tmp_path, monkeypatch, audit_calls):
     """`clipleak audit --defense ...` reaches AuditConfig (epsilons left out: no DP; with other epsilons:
     refused); `clipleak share --defense` writes a defended observation; `clipleak train --defense` reaches the
     fine-tuning config."""
@@ -252,14 +252,7 @@ def test_the_cli_passes_the_defense(tmp_path, monkeypatch):
     from clipleak import api
     from clipleak.cli import app
 
-    seen = []
-
-    def fake(cfg, out, **kw):
-        seen.append(cfg)
-        return {"computed": 0, "seconds_this_run": 0.0, "findings": [],
-                "files": {"chart": "c", "markdown": "m", "html": "h"}}
-
-    monkeypatch.setattr(api, "audit", fake)
+    seen = audit_calls
     r = CliRunner().invoke(app, ["audit", "--out", str(tmp_path / "a"), "--defense", "quantize:32,8,sign"])
     assert r.exit_code == 0, r.output
     assert seen[-1].defense == "quantize:32,8,sign" and seen[-1].epsilons == [math.inf]
