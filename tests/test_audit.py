@@ -329,9 +329,9 @@ def _mnist_as_folder(root):
     from PIL import Image
 
     from clipleak.data import DIGIT_NAMES
-    from clipleak.data.sources import _mnist_raw
+    from clipleak.data.sources import mnist_raw
 
-    x, y = _mnist_raw()
+    x, y = mnist_raw()
     for k, name in enumerate(DIGIT_NAMES):
         (root / f"{k}_{name}").mkdir(parents=True)
     for i, (row, label) in enumerate(zip(x, y, strict=True)):

@@ -518,14 +518,14 @@ def test_cli_fl_run_secagg_numbers_and_refusals(tmp_path):
     from typer.testing import CliRunner
 
     from clipleak.cli import app
-    from clipleak.cli.fl import _secagg_config
+    from clipleak.cli.fl import secagg_config
     from clipleak.errors import ClipleakError
 
-    assert _secagg_config(False, 1.0, 0.5, 8.0, 2**24, None, 2) is None
-    cfg = _secagg_config(True, 3.0, 0.5, 4.0, 2**20, None, 2)
+    assert secagg_config(False, 1.0, 0.5, 8.0, 2**24, None, 2) is None
+    cfg = secagg_config(True, 3.0, 0.5, 4.0, 2**20, None, 2)
     assert cfg == {"num_shares": 3, "reconstruction_threshold": 0.5, "clipping_range": 4.0,
                    "quantization_range": 2**20, "max_weight": 2.0}  # an int count of shares, a fraction threshold
-    assert isinstance(cfg["num_shares"], int) and _secagg_config(True, 1.0, 1.0, 8.0, 2**24, None, None)[
+    assert isinstance(cfg["num_shares"], int) and secagg_config(True, 1.0, 1.0, 8.0, 2**24, None, None)[
         "max_weight"] == 1024.0
     for extra, message in ((["--clients", "1"], "at least 2 clients"),
                            (["--clients", "2", "--strategy", "fedmedian"], "needs the individual updates")):

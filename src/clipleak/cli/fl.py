@@ -81,8 +81,9 @@ def run(
     malicious_seed: Annotated[int, typer.Option(help="seed of the crafted weights' random directions")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Federated fine-tuning of a CLIP PEFT module on Flower, with an honest-but-curious FedAvg server
-    that records every client update and attacks it.
+    """Federated fine-tuning of a CLIP PEFT module on Flower, with an attacking FedAvg server that records
+    every client update and attacks it (honest-but-curious; under --secagg it sees only the aggregate; with
+    --malicious it crafts the weights it sends).
 
     Each client holds a shard of the private split (IID or Dirichlet by class), runs E local SGD steps at
     batch B and learning rate eta (optionally with DP on each step) and sends its new PEFT state. The server
@@ -122,7 +123,7 @@ def run(
                    split_seed=split_seed,
                    attack=None if attack == "none" else attack, attack_settings=settings,
                    attack_clients=attack_clients, seed=seed, threads=threads, strategy=strategy,
-                   secagg=_secagg_config(secagg, secagg_shares, secagg_threshold, secagg_clip, secagg_quantization,
+                   secagg=secagg_config(secagg, secagg_shares, secagg_threshold, secagg_clip, secagg_quantization,
                                          secagg_max_weight, client_size),
                    malicious={"groups": malicious, "seed": malicious_seed} if malicious else None)
     tdir = truth_dir if truth_dir is not None else out / "clients"
@@ -139,7 +140,7 @@ def _whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() and x > 1 else float(x)
 
 
-def _secagg_config(on: bool, shares: float, threshold: float, clip: float, levels: int, max_weight: float | None,
+def secagg_config(on: bool, shares: float, threshold: float, clip: float, levels: int, max_weight: float | None,
                    client_size: int | None) -> dict[str, Any] | None:
     """The run's SecAgg+ settings (None without ``--secagg``)."""
     if not on:

