@@ -116,6 +116,7 @@ def main() -> None:
                       f"{ev['reidentification']['prototype']:.0%} ({sec:.1f} s)", flush=True)
         for row in row_names:
             case = f"{HEADLINE.get(row, row)}, batch {batch}"
+            case += "" if args.weights == "tiny-mnist" else f", {args.weights}"  # the target, when not the default
             out.append(acc[row].row(case=case, batch=batch, attack=row,
                                     headline=bool(args.headline and row in HEADLINE)))
         path = write_results(args.name, out, prov, title=title, columns=COLUMNS, notes=notes)  # kept per cell

@@ -108,8 +108,9 @@ def main() -> None:
                       f"re-id {ev['reidentification']['attack']:.0%}, labels {ev['label_count_accuracy']:.0%}, "
                       f"{sec:.1f} s", flush=True)
         for i, a in enumerate(attacks):
-            rows.append(acc[a].row(case=f"MIP, {KIND_NAMES[kind]}, batch {b}" if a == "mip" else f"{a}, {kind}, "
-                                   f"batch {b}", peft=KIND_NAMES[kind], batch=b, attack=a,
+            case = f"MIP, {KIND_NAMES[kind]}, batch {b}" if a == "mip" else f"{a}, {kind}, batch {b}"
+            case += "" if args.weights == "tiny-mnist" else f", {args.weights}"  # the target, when not the default
+            rows.append(acc[a].row(case=case, peft=KIND_NAMES[kind], batch=b, attack=a,
                                    headline=bool(args.headline and i == 0)))
         path = write_results(args.name, rows, prov, title=title, columns=COLUMNS, notes=notes)  # kept per cell
     print()
