@@ -347,8 +347,11 @@ CLI = "import sys; from clipleak.cli import main; sys.exit(main(sys.argv[1:]))"
 def test_sigint_to_a_running_attack_exits_130_and_the_rerun_finishes(pair, tmp_path):
     out = tmp_path / "rec"
     cmd = [*_attack_cmd(pair[0], out)[:-4], "--restarts", "50", "--seed", "3"]
+    # SIGINT back to its default in the child: a job started in the background by a shell without job control
+    # (as CI runners may) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.perf_counter()
     while not (out / "checkpoint" / "latest").is_file() and proc.poll() is None and time.perf_counter() - t0 < 300:
         time.sleep(0.2)  # the first restart is in the checkpoint: the run is at work
