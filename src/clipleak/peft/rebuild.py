@@ -31,10 +31,11 @@ def rebuild_victim(obs: Observation, weights: str | Path | None = None, *, check
         w = None
     elif w is None:
         raise ClipleakError("the observation was made with a weights file; pass it with --weights")
-    if w is not None and weights_identity(meta["arch"], w) != sha:  # before the model is built: seconds
+    given = weights_identity(meta["arch"], w) if w is not None else sha  # before the model is built: seconds
+    if given != sha:
         raise ClipleakError(
-            f"weights {w} (sha256 {weights_identity(meta['arch'], w)[:12]}...) are not the ones the observation "
-            f"was made with (sha256 {sha[:12]}...)"
+            f"weights {w} (sha256 {given[:12]}...) are not the ones the observation was made with "
+            f"(sha256 {sha[:12]}...)"
         )
     clip = build_model(meta["arch"], w, init_seed=init_seed)
     if clip.weights_sha256 != sha:
