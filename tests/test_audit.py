@@ -362,6 +362,9 @@ def test_audit_folder_of_the_same_digits_gives_the_same_table(tmp_path):
     assert _untimed(mine["rows"]) == _untimed(ref["rows"])
     assert markdown_table(mine) == markdown_table(ref)
     assert mine["rows"][0]["reid"] is not None and mine["verdict"] == ref["verdict"]
+    # the page names the user's images as images, the mnist source's as digits
+    assert "Private images drawn" in (tmp_path / "folder" / "audit.md").read_text()
+    assert "Private digits drawn" in (tmp_path / "mnist" / "audit.md").read_text()
     saved = json.loads((tmp_path / "folder" / "cells.json").read_text())
     assert saved["config"]["data"] == f"folder:{tmp_path / 'digits'}" and saved["config"]["split_seed"] == 0
     assert saved["split"]["same_images_as"] == "mnist" and saved["split"]["private"] == 500

@@ -115,7 +115,8 @@ def chart_figure(summary: dict[str, Any]) -> Figure:
     ax.set_xticklabels(labels)
     cfg = summary["config"]
     sizes = " / ".join(str(b) for b in batches)
-    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private batches of {sizes} digit(s) per point\n"
+    fig.suptitle(f"clipleak audit: {cfg['attack']} on {cfg['images']} private batches of {sizes} {noun(cfg)}(s) per "
+                 "point\n"
                  "bars: 95% intervals over the images of each point")
     fig.tight_layout()
     return fig
@@ -129,22 +130,29 @@ def write_chart(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def noun(cfg: dict[str, Any]) -> str:
+    """What the audited images are called on the page: "digit" for the MNIST sets, "image" for the user's."""
+    return "digit" if str(cfg.get("data", "mnist")) in ("mnist", "digits") else "image"
+
+
 def _schedule(cfg: dict[str, Any]) -> str:
     ft = cfg["finetune"]
+    what = f"private {noun(cfg)}s"
     if cfg.get("defense"):
         return (f"Defense audit ({cfg['defense']}, no DP): the attacked observations are the plain gradient with "
                 f"the defense applied (recorded in them; attack {cfg['attack']}); accuracy after the client's "
                 f"{ft.get('steps')} steps, {ft.get('sampling')} sampling at expected batch {ft.get('batch_size')} "
-                "of the private digits, the defense applied to every step's gradient.")
+                f"of the {what}, the defense applied to every step's gradient.")
     return (f"Schedule: the client's {ft.get('steps')} DP-SGD steps, {ft.get('sampling')} sampling at expected "
-            f"batch {ft.get('batch_size')} of the private digits, clipping C {ft.get('clip')}, delta "
+            f"batch {ft.get('batch_size')} of the {what}, clipping C {ft.get('clip')}, delta "
             f"{cfg['delta']:g}, RDP accountant; the noise multiplier of each epsilon is calibrated for it.")
 
 
 def _draws(summary: dict[str, Any]) -> str:
     seeds = summary.get("draw_seeds") or []
     span = f"{seeds[0]}..{seeds[-1]}" if seeds else "none"
-    return (f"Private digits drawn with seeds {span} (--draw-seed {summary['config'].get('draw_seed', 0)}); "
+    cfg = summary["config"]
+    return (f"Private {noun(cfg)}s drawn with seeds {span} (--draw-seed {cfg.get('draw_seed', 0)}); "
             "intervals are 95% over the images of each point (Wilson for rates, bootstrap for PSNR).")
 
 
