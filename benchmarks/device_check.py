@@ -36,6 +36,7 @@ import torch
 from clipleak import api, artifacts
 from clipleak.devices import describe, resolve_device
 from clipleak.evaluation.stats import wilson
+from clipleak.peft import PeftConfig
 from clipleak.records import Observation, Reconstruction, Truth
 from clipleak.report.results import provenance, write_results
 
@@ -92,8 +93,8 @@ def share_attack_evaluate(size: str, method: str, batch: int, seed: int, root: P
     s = SIZES[key]
     d = root / f"{size}-{method}-b{batch}-s{seed}"
     (obs, truth), t_share = _timed(device, lambda: api.make_observation(
-        arch=s["arch"], weights=s["weights"], data=s["data"], method=method, batch_size=batch, seed=seed,
-        device=device))
+        arch=s["arch"], weights=s["weights"], data=s["data"], peft=PeftConfig(method=method), batch_size=batch,
+        seed=seed, device=device))
     obs_path, truth_path = obs.save(d / "observation"), truth.save(d / "truth")
     assert obs_path.is_file() and truth_path.is_file()
     loaded = Observation.load(obs_path)
@@ -139,16 +140,16 @@ def dp_sgd_step(size: str, device: torch.device) -> dict[str, Any]:
     from clipleak.data import DataSpec
     from clipleak.models import build_model
     from clipleak.peft import build_victim
-    from clipleak.training import FinetuneConfig
+    from clipleak.training import FinetuneConfig, finetune_dp
     from clipleak.training.finetune import FinetuneRun, encode
 
     s = SIZES[size]
     weights = artifacts.resolve_path(s["weights"]) if s["weights"] else None
     clip = build_model(s["arch"], weights, device=device)
     private = load_private(DataSpec.parse(s["data"]), clip.image_size, "private")
-    cfg = FinetuneConfig(method="adapter", steps=1, batch_size=8, sampling="fixed", dp="per-example",
-                         clip=0.1, noise_multiplier=1.0)
-    victim = build_victim(clip, private.classnames, cfg.peft())
+    cfg = FinetuneConfig(peft=PeftConfig(method="adapter"), steps=1, batch_size=8, sampling="fixed",
+                         dp=finetune_dp("per-example", clip=0.1, noise_multiplier=1.0))
+    victim = build_victim(clip, private.classnames, cfg.peft)
     raw = encode(victim, private.images[:8])
     run = FinetuneRun(cfg, victim, raw, private.labels[:8], cfg.dp_setting(8))
     before = {k: p.detach().clone() for k, p in run.params.items()}
@@ -167,7 +168,8 @@ def flower_round(root: Path, device: torch.device) -> dict[str, Any]:
     from clipleak.fl.server_app import finished_rounds
 
     out = root / "fl"
-    spec = RunSpec(out=str(out), clients=2, rounds=1, recipe=Recipe(method="adapter"), attack="featmatch",
+    spec = RunSpec(out=str(out), clients=2, rounds=1, recipe=Recipe(peft=PeftConfig(method="adapter")),
+                   attack="featmatch",
                    attack_settings={"iterations": 0, "decoder": "tiny-mnist-decoder"})
     data = ClientData(truth_dir=str((out / "clients").resolve()), device=str(device))
     state, t = _timed(device, lambda: run_federated(spec, data, engine="inprocess"))

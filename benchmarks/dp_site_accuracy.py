@@ -25,8 +25,9 @@ import torch
 
 from clipleak import api
 from clipleak.evaluation import rate_interval
+from clipleak.peft import PeftConfig
 from clipleak.report.results import markdown_table, provenance, write_results
-from clipleak.training import FinetuneConfig
+from clipleak.training import FinetuneConfig, finetune_dp
 
 COLUMNS = [("run", "run"), ("site", "DP site"), ("clip", "C"), ("seed", "seed"), ("sigma", "sigma"),
            ("epsilon_spent", "epsilon spent"), ("n_images", "n (validation)"),
@@ -56,15 +57,16 @@ def main() -> None:
     clips = [float(c) for c in args.clips.split(",") if c]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     runs: list[tuple[str, FinetuneConfig]] = []
-    base = dict(method="coop", steps=args.steps, batch_size=args.batch_size, lr=args.lr, sampling="poisson")
+    base: dict[str, Any] = dict(peft=PeftConfig(method="coop"), steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, sampling="poisson")
     for seed in seeds:
         if not args.no_plain:
             runs.append((f"plain-s{seed}", FinetuneConfig(**base, seed=seed)))
         for site in args.sites.split(","):
             for c in clips:
                 runs.append((f"{site}-C{c:g}-s{seed}",
-                             FinetuneConfig(**base, seed=seed, dp="per-example", dp_site=site, clip=c,
-                                            epsilon=args.epsilon, delta=1e-5)))
+                             FinetuneConfig(**base, seed=seed, dp=finetune_dp("per-example", site=site, clip=c,
+                                                                              epsilon=args.epsilon, delta=1e-5))))
     notes = (f"CoOp on the trained target, {args.steps} steps, Poisson sampling at expected batch "
              f"{args.batch_size}, lr {args.lr:g}, Adam with cosine decay; DP rows at epsilon {args.epsilon:g}, delta "
              "1e-5 (RDP). Accuracy on the validation split (where the settings are chosen), each with its 95% "

@@ -110,18 +110,18 @@ def train_rows(batch: int, repeats: int) -> dict[str, dict[str, float]]:
     """One step of ``clipleak train``'s CoOp loop (``training.finetune``: images encoded once, so a step is
     the text tower and the classifier; fixed batches of ``batch`` from 10 x batch encoded images; Adam):
     non-private vs per-example DP-SGD on the prompt vs per-example at the text features."""
-    from clipleak.training import FinetuneConfig, FinetuneRun
+    from clipleak.training import FinetuneConfig, FinetuneRun, finetune_dp
 
     clip = build_model("tiny-32", init_seed=0)
     g = torch.Generator().manual_seed(0)
     n = 10 * batch
     x = torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    base = dict(method="coop", steps=10**6, batch_size=batch, sampling="fixed", lr=1e-3)
+    base = dict(peft=PeftConfig(method="coop"), steps=10**6, batch_size=batch, sampling="fixed", lr=1e-3)
     cfgs = {"plain": FinetuneConfig(**base),
-            "per-example": FinetuneConfig(**base, dp="per-example", clip=1.0, noise_multiplier=1.0),
-            "per-example-text-features": FinetuneConfig(**base, dp="per-example", dp_site="text-features", clip=1.0,
-                                                        noise_multiplier=1.0)}
+            "per-example": FinetuneConfig(**base, dp=finetune_dp("per-example", clip=1.0, noise_multiplier=1.0)),
+            "per-example-text-features": FinetuneConfig(**base, dp=finetune_dp(
+                "per-example", site="text-features", clip=1.0, noise_multiplier=1.0))}
     fns: dict[str, Callable[[], object]] = {}
     for name, cfg in cfgs.items():
         v = build_victim(clip, NAMES, PeftConfig(method="coop"))

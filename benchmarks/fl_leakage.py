@@ -38,7 +38,7 @@ from clipleak.evaluation import bootstrap_mean, evaluate, pooled_rate, public_ne
 from clipleak.fl import ClientData, InProcessGrid, Recipe, RunSpec, make_client_app, server_identity, server_main
 from clipleak.fl.run import evaluate_run
 from clipleak.fl.server_app import Server
-from clipleak.peft import rebuild_victim
+from clipleak.peft import PeftConfig, rebuild_victim
 from clipleak.records import Observation, Reconstruction, Truth
 from clipleak.report.results import markdown_table, provenance, write_results
 
@@ -85,7 +85,7 @@ def one_round(tmp: Path, method: str, clients: int, n: int, steps: int, lr: floa
               part: str = "private") -> dict:
     out = tmp / f"{method}-n{n}-e{steps}-s{seed}"
     spec = RunSpec(out=str(out), clients=clients, rounds=1,
-                   recipe=Recipe(method=method, local_steps=steps, batch_size=1, lr=lr),
+                   recipe=Recipe(peft=PeftConfig(method=method), local_steps=steps, batch_size=1, lr=lr),
                    attack_settings={"decoder": "tiny-mnist-decoder", "iterations": 0})
     data = ClientData(client_size=n, seed=seed, truth_dir=str(out / "clients"), part=part)
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def compare(tmp: Path, method: str, clients: int, lr: float, seed: int) -> dict:
     row = one_round(tmp, method, clients, 1, 1, lr, seed)
     out = Path(row["out"])
     settings = {"decoder": str(artifacts.resolve_path("tiny-mnist-decoder")), "iterations": 0}
-    server = Server(RunSpec(out=str(out), recipe=Recipe(method=method)))
+    server = Server(RunSpec(out=str(out), recipe=Recipe(peft=PeftConfig(method=method))))
     res = {"update": [], "gradient": []}
     for upd in sorted((out / "rounds" / "round-001" / "updates").glob("node-*.safetensors")):
         node = int(upd.stem.split("-")[1])

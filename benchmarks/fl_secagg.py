@@ -32,6 +32,7 @@ import torch
 from clipleak.evaluation import bootstrap_mean, pooled_rate
 from clipleak.fl import ClientData, Recipe, RunSpec
 from clipleak.fl.run import evaluate_run, run_federated
+from clipleak.peft import PeftConfig
 from clipleak.report.results import markdown_table, provenance, write_results
 
 COLUMNS = [("case", "case"), ("clients", "clients k"), ("per_client", "digits per client"), ("E", "E"),
@@ -49,7 +50,7 @@ def one_round(tmp: Path, method: str, clients: int, per_client: int, steps: int,
     out = tmp / f"{method}-k{clients}-b{per_client}-e{steps}-s{seed}"
     secagg = None if clients < 2 else {"max_weight": float(per_client)}
     spec = RunSpec(out=str(out), clients=clients, rounds=1, secagg=secagg,
-                   recipe=Recipe(**METHODS[method], local_steps=steps, batch_size=per_client, lr=lr),
+                   recipe=Recipe(peft=PeftConfig(**METHODS[method]), local_steps=steps, batch_size=per_client, lr=lr),
                    attack_settings={"decoder": "tiny-mnist-decoder", "iterations": 0})
     data = ClientData(client_size=per_client, seed=seed, truth_dir=str(out / "clients"), part=part)
     run_federated(spec, data, engine="inprocess")

@@ -33,6 +33,7 @@ from clipleak.api import attack_observation, make_observation
 from clipleak.client import load_private
 from clipleak.data import public_for_observation
 from clipleak.evaluation import evaluate
+from clipleak.peft import PeftConfig
 from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
 ROWS = {
@@ -94,7 +95,8 @@ def main() -> None:
     for batch, row_names, draws in cells:
         acc = {row: Cell.new() for row in row_names}
         for draw in range(args.draw_seed, args.draw_seed + draws):
-            obs, truth = make_observation(arch=arch, weights=args.weights, method="full-visual", batch_size=batch,
+            obs, truth = make_observation(arch=arch, weights=args.weights, peft=PeftConfig(method="full-visual"),
+                                          batch_size=batch,
                                           seed=draw, part=args.part)
             spec, public = public_for_observation(obs.meta)
             private = load_private(spec, int(obs.meta["image_size"]), args.part)

@@ -26,7 +26,7 @@ from clipleak.api import attack_observation, make_observation
 from clipleak.client import load_private
 from clipleak.data import public_for_observation
 from clipleak.evaluation import evaluate, public_nearest_neighbour
-from clipleak.peft import rebuild_victim
+from clipleak.peft import PeftConfig, rebuild_victim
 from clipleak.recover import recovered_features
 from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
@@ -79,7 +79,7 @@ def main() -> None:
             acc = {row: Cell.new() for row in chosen}
             n_draws = max(1, args.images // batch)
             for draw in range(n_draws):
-                obs, truth = make_observation(weights=args.weights, method=method, batch_size=batch,
+                obs, truth = make_observation(weights=args.weights, peft=PeftConfig(method=method), batch_size=batch,
                                               seed=args.draw_seed + draw)
                 spec, public = public_for_observation(obs.meta)
                 private = load_private(spec, int(obs.meta["image_size"]))

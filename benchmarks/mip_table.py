@@ -21,6 +21,7 @@ import torch
 
 from clipleak import artifacts
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
+from clipleak.peft import PeftConfig
 from clipleak.report.results import Cell, markdown_table, provenance, write_results
 
 ATTACKS = {
@@ -93,7 +94,8 @@ def main() -> None:
         acc = {a: Cell.new() for a in attacks}
         for j in range(draws[b]):
             obs, truth = make_observation(arch=arch, weights=args.weights, batch_size=b, seed=args.draw_seed + j,
-                                          part=args.split, distinct_classes=args.distinct_classes, **KINDS[kind])
+                                          part=args.split, distinct_classes=args.distinct_classes,
+                                          peft=PeftConfig(**KINDS[kind]))
             for a in attacks:
                 kw = dict(ATTACKS[a])
                 name = kw.pop("name")

@@ -74,14 +74,14 @@ def run_case(kind: str, batch: int, weights: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     from clipleak.api import make_observation
     from clipleak.data.split import public_for_observation
-    from clipleak.peft import rebuild_victim
+    from clipleak.peft import PeftConfig, rebuild_victim
     from clipleak.recover import CoopGradientModel, coop_features, recovered_features, text_jacobian
     from clipleak.recover.bank import public_features
 
     row: dict = {}
     clock = Clock(row)
     obs, _ = make_observation(arch="ViT-B-32", weights=weights, data="skimage-photos", batch_size=batch, seed=0,
-                              **CASES[kind])
+                              peft=PeftConfig(**CASES[kind]))
     clock.lap("share")
     victim = rebuild_victim(obs)
     public = public_for_observation(obs.meta)[1]

@@ -15,6 +15,7 @@ from clipleak.audit import AuditConfig, canary_audit, epsilon_lower_bound, run_a
 from clipleak.client import load_private
 from clipleak.data import DataSpec, load_public
 from clipleak.evaluation import evaluate
+from clipleak.peft import PeftConfig
 
 DIGITS = range(4)
 
@@ -24,7 +25,8 @@ def _reid(sigma: float) -> float:
     private, protos = load_private(spec, 32), load_public(spec, 32).prototypes()
     rates = []
     for seed in DIGITS:
-        obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=seed, dp_seed=seed,
+        obs, truth = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), seed=seed,
+                                          dp_seed=seed,
                                           dp={"mechanism": "per-example", "clip": 0.01, "noise_multiplier": sigma})
         rec = api.attack_observation(obs, name="featmatch", decoder="tiny-mnist-decoder", iterations=0)
         rates.append(evaluate(rec, truth, protos, with_lpips=False, reid_pool=private)["reidentification"]["attack"])
@@ -38,7 +40,7 @@ def test_weak_noise_still_leaks_strong_noise_does_not():
 
 
 def test_report_prints_the_defense(tmp_path):
-    obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=0, dp_seed=0,
+    obs, truth = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), seed=0, dp_seed=0,
                                       dp={"mechanism": "per-example", "clip": 0.01, "noise_multiplier": 2.0})
     rec = api.attack_observation(obs, name="featmatch", decoder="tiny-mnist-decoder", iterations=0)
     report, ev = api.evaluate_reconstruction(rec, truth, tmp_path / "r", with_lpips=False)
@@ -49,7 +51,8 @@ def test_report_prints_the_defense(tmp_path):
 
 
 def _floor_case(method: str, batch: int, sigma: float, mechanism: str = "per-example", clip: float = 0.01):
-    obs, _ = api.make_observation(weights="tiny-mnist", method=method, seed=1, dp_seed=1, batch_size=batch,
+    obs, _ = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method=method), seed=1, dp_seed=1,
+                                  batch_size=batch,
                                   dp={"mechanism": mechanism, "clip": clip, "noise_multiplier": sigma})
     return obs
 
@@ -69,7 +72,7 @@ def test_fits_read_the_noise_scale():
     assert "almost no signal" in floor_note(1.1, 0.99, obs)  # a floor ~1: reaching it proves nothing
     assert "down to its noise" in floor_note(0.45, 0.4, obs) and "stays above" in floor_note(0.9, 0.4, obs)
     assert noise_std(_floor_case("adapter", 1, 3.0, "per-batch")) == 3.0 * 0.01
-    undefended, _ = api.make_observation(weights="tiny-mnist", method="adapter", seed=1)
+    undefended, _ = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), seed=1)
     assert noise_std(undefended) is None
     # C = 1 clips nothing here (per-example adapter gradients have norm ~0.01), so the fit's model holds
     # exactly and only the noise is left: sigma C / B = 5e-5 per coordinate, about 0.4 of the update's norm
@@ -104,7 +107,8 @@ def test_adapter_fit_models_the_clipping():
     from clipleak.recover.adapter import AdapterGradientModel, adapter_target
     from clipleak.recover.noise import modelled_clip
 
-    obs, truth = api.make_observation(weights="tiny-mnist", method="adapter", seed=1, dp_seed=1, batch_size=2,
+    obs, truth = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), seed=1, dp_seed=1,
+                                      batch_size=2,
                                       dp={"mechanism": "per-example", "clip": 0.002, "noise_multiplier": 0.0})
     assert modelled_clip(obs) == 0.002
     victim = rebuild_victim(obs, artifacts.resolve_path("tiny-mnist"))
@@ -120,7 +124,8 @@ def test_adapter_fit_models_the_clipping():
     assert rec.meta["feature_recovery"]["relative_residual"] < 1e-3
     cos = (F.normalize(rec.features.float(), dim=-1) @ true.t()).max(dim=0).values
     assert float(cos.min()) > 0.999
-    per_batch, _ = api.make_observation(weights="tiny-mnist", method="adapter", seed=1, dp_seed=1, batch_size=2,
+    per_batch, _ = api.make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), seed=1, dp_seed=1,
+                                        batch_size=2,
                                         dp={"mechanism": "per-batch", "clip": 0.002, "noise_multiplier": 0.0})
     assert modelled_clip(per_batch) is None
 
@@ -152,9 +157,10 @@ def test_audit_coop_options(tmp_path):
     base = {"steps": 2, "batch_size": 25, "clip": 0.01, "lr": 1e-2, "sampling": "poisson"}
     both = AuditConfig(epsilons=[3.0], methods=["adapter", "coop"],
                        finetune={**base, "class_specific": True, "dp_site": "text-features"})
-    assert both.ft("coop", 3.0).class_specific and both.ft("coop", 3.0).dp_site == "text-features"
-    assert not both.ft("adapter", 3.0).class_specific and both.ft("adapter", 3.0).dp_site == "parameters"
-    assert both.ft("coop", math.inf).dp == "none"
+    coop, adapter = both.ft("coop", 3.0), both.ft("adapter", 3.0)
+    assert coop.peft.class_specific and coop.dp is not None and coop.dp.site == "text-features"
+    assert not adapter.peft.class_specific and adapter.dp is not None and adapter.dp.site == "parameters"
+    assert both.ft("coop", math.inf).dp is None
     assert both.label("coop") == "coop class-specific, DP at the text-features" and both.label("adapter") == "adapter"
     with pytest.raises(ClipleakError):
         AuditConfig(methods=["coop"], finetune={**base, "dp_site": "nowhere"})
@@ -182,7 +188,8 @@ def test_audit_cli_passes_the_coop_options(tmp_path, audit_calls):
     r = CliRunner().invoke(app, [*args, "--class-specific", "--dp-site", "text-features", "--attack", "mip"])
     assert r.exit_code == 0, r.output
     assert seen[-1].attack == "mip" and seen[-1].finetune["class_specific"] is True
-    assert seen[-1].ft("coop", 3.0).dp_site == "text-features"
+    dp = seen[-1].ft("coop", 3.0).dp
+    assert dp is not None and dp.site == "text-features"
     assert CliRunner().invoke(app, args).exit_code == 0
     assert set(seen[-1].finetune) == {"steps", "batch_size", "clip", "lr", "sampling"}
 

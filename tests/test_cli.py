@@ -10,6 +10,7 @@ import torch
 from clipleak import client
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
 from clipleak.cli import main
+from clipleak.peft import PeftConfig
 from clipleak.records import Reconstruction, Truth
 
 
@@ -83,7 +84,8 @@ def test_attacker_cannot_reach_private_images(run, monkeypatch):
 
 
 def test_api_observation_matches_request():
-    obs, truth = make_observation(method="adapter", batch_size=3, classes=[4], seed=1, include_labels=True)
+    obs, truth = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, classes=[4], seed=1,
+                                  include_labels=True)
     assert obs.batch_size == 3 and torch.equal(obs.labels, torch.tensor([4, 4, 4]))
     assert torch.equal(truth.labels, obs.labels)
     assert obs.meta["data"]["name"] == "mnist" and obs.meta["data"]["grayscale"] is True

@@ -188,9 +188,9 @@ def test_training_defends_every_step(tiny, digits):
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(30, 3, 32, 32, generator=g), torch.randint(0, 10, (30,), generator=g)
     for method in ("adapter", "coop"):
-        cfg = FinetuneConfig(method=method, steps=3, batch_size=10, sampling="fixed", optimizer="sgd", lr=0.1,
-                             defense="prune:0.01")
-        victim = build_victim(tiny, digits, cfg.peft())
+        cfg = FinetuneConfig(peft=PeftConfig(method=method), steps=3, batch_size=10, sampling="fixed",
+                             optimizer="sgd", lr=0.1, defense="prune:0.01")
+        victim = build_victim(tiny, digits, cfg.peft)
         run = FinetuneRun(cfg, victim, encode(victim, images), labels, None)
         before = {n: p.detach().clone() for n, p in run.params.items()}
         run.step(0, None)  # SGD's first step moves exactly the entries of the shared (pruned) gradient

@@ -14,6 +14,7 @@ from clipleak.api import attack_observation, evaluate_reconstruction, make_obser
 from clipleak.cli import main
 from clipleak.devices import check_device_spec, describe, resolve_device
 from clipleak.errors import ClipleakError
+from clipleak.peft import PeftConfig
 from clipleak.records import Observation, Reconstruction
 
 
@@ -110,7 +111,7 @@ def _all_cpu(tensors) -> bool:
 
 @pytest.mark.parametrize("method", ["adapter", "coop", "full-visual"])
 def test_share_attack_evaluate_on_every_device(device, method, tmp_path):
-    obs, truth = make_observation(method=method, batch_size=2, seed=1, device=device)
+    obs, truth = make_observation(peft=PeftConfig(method=method), batch_size=2, seed=1, device=device)
     assert _all_cpu([*obs.gradients.values(), *obs.peft_state.values(), truth.images]), "records hold CPU tensors"
     assert all(torch.isfinite(g).all() for g in obs.gradients.values())
     path = obs.save(tmp_path / "obs")
@@ -126,9 +127,10 @@ def test_share_attack_evaluate_on_every_device(device, method, tmp_path):
 
 def test_dp_share_on_every_device(device):
     dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}
-    obs, _ = make_observation(method="adapter", batch_size=2, seed=1, dp=dp, dp_seed=5, device=device)
+    obs, _ = make_observation(peft=PeftConfig(method="adapter"), batch_size=2, seed=1, dp=dp, dp_seed=5, device=device)
     assert _all_cpu(obs.gradients.values()) and all(torch.isfinite(g).all() for g in obs.gradients.values())
-    again, _ = make_observation(method="adapter", batch_size=2, seed=1, dp=dp, dp_seed=5, device=device)
+    again, _ = make_observation(peft=PeftConfig(method="adapter"), batch_size=2, seed=1, dp=dp, dp_seed=5,
+                                device=device)
     assert obs.digest() == again.digest(), "seeded noise is reproducible on one device"
 
 
@@ -142,7 +144,7 @@ def test_cpu_is_the_default_path_bit_for_bit():
     from clipleak.privacy import DpSetting, dp_sgd, per_example_gradients
 
     dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 0.5}
-    obs, _ = make_observation(method="adapter", batch_size=3, seed=2, dp=dp, dp_seed=11, device="cpu")
+    obs, _ = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, seed=2, dp=dp, dp_seed=11, device="cpu")
     clip = build_model("tiny-32", None)
     private = load_private(DataSpec.parse("mnist"), clip.image_size, "private")
     victim = build_victim(clip, private.classnames, PeftConfig(method="adapter"))
@@ -157,7 +159,8 @@ def test_cpu_is_the_default_path_bit_for_bit():
 
 def test_mip_adapter_on_every_device(device, tmp_path):
     """MIP's read-out (float64 solvers) and decoder on the trained tiny target, on each device."""
-    obs, truth = make_observation(weights="tiny-mnist", method="adapter", batch_size=1, seed=0, device=device)
+    obs, truth = make_observation(weights="tiny-mnist", peft=PeftConfig(method="adapter"), batch_size=1, seed=0,
+                                  device=device)
     rec = attack_observation(obs, name="mip", weights="tiny-mnist", decoder="tiny-mnist-decoder", device=device)
     assert rec.images.device.type == "cpu" and rec.features is not None and rec.features.device.type == "cpu"
     assert int(rec.labels[0]) == int(truth.labels[0])
@@ -170,7 +173,8 @@ def test_mip_adapter_on_every_device(device, tmp_path):
 def test_mip_on_accelerators(device, method, tmp_path):
     if device.type == "cpu":
         pytest.skip("covered by test_mip.py")
-    obs, truth = make_observation(weights="tiny-mnist", method=method, batch_size=1, seed=0, device=device)
+    obs, truth = make_observation(weights="tiny-mnist", peft=PeftConfig(method=method), batch_size=1, seed=0,
+                                  device=device)
     rec = attack_observation(obs, name="mip", weights="tiny-mnist", decoder="tiny-mnist-decoder", device=device)
     _, ev = evaluate_reconstruction(rec, truth, tmp_path / "report", with_lpips=False, device=device)
     assert int(rec.labels[0]) == int(truth.labels[0])

@@ -10,6 +10,7 @@ from clipleak.api import attack_observation, make_observation
 from clipleak.data import DataSpec, load_public
 from clipleak.errors import ClipleakError
 from clipleak.models import build_model, save_weights
+from clipleak.peft import PeftConfig
 from clipleak.priors import decoder_images, save_prior
 from clipleak.training import train_decoder, train_vae
 
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
     dec = train_decoder(clip, small, steps=30, seed=0)
     vae_p = save_prior(vae, d / "vae.safetensors")
     dec_p = save_prior(dec, d / "dec.safetensors")
-    obs, truth = make_observation(weights=str(w), method="adapter", batch_size=1, seed=2)
+    obs, truth = make_observation(weights=str(w), peft=PeftConfig(method="adapter"), batch_size=1, seed=2)
     return d, w, clip, obs, truth, vae_p, dec_p, dec
 
 
@@ -55,14 +56,14 @@ def test_decoder_for_other_weights_is_refused(setup, tmp_path):
     d, w, clip, obs, truth, vae_p, dec_p, dec = setup
     other = tmp_path / "other.safetensors"
     save_weights(build_model("tiny-32", init_seed=9).model, other)
-    obs2, _ = make_observation(weights=str(other), method="adapter", batch_size=1, seed=2)
+    obs2, _ = make_observation(weights=str(other), peft=PeftConfig(method="adapter"), batch_size=1, seed=2)
     with pytest.raises(ClipleakError):
         attack_observation(obs2, name="featmatch", decoder=str(dec_p), iterations=0)
 
 
 def test_featmatch_reads_full_visual_features_off_the_projection():
     """A full-visual update has a rank-one visual-projection gradient: featmatch reads the feature off it."""
-    obs, truth = make_observation(method="full-visual", batch_size=1)
+    obs, truth = make_observation(peft=PeftConfig(method="full-visual"), batch_size=1)
     rec = attack_observation(obs, name="featmatch", iterations=1, restarts=1, prior="none")
     clip = build_model("tiny-32", init_seed=0)
     true_feat = F.normalize(clip.model.encode_image(clip.normalize(truth.images)), dim=-1).detach()

@@ -92,7 +92,7 @@ def test_coop_fit_recovers_feature_and_label_on_a_trained_target(short_run):
     public = public.subset(torch.arange(0, len(public), 4))  # 1,000 public starts keep the test fast
     cos, hits = [], 0
     for seed in range(3):
-        obs, truth = make_observation(weights=str(weights), method="coop", batch_size=1, seed=seed)
+        obs, truth = make_observation(weights=str(weights), peft=PeftConfig(method="coop"), batch_size=1, seed=seed)
         v = rebuild_victim(obs)
         fit = coop_features(obs, v, public_features(v.clip_info, public), public.labels)
         feats, labels, residual = fit.features, fit.labels, fit.residual

@@ -31,6 +31,8 @@ from clipleak.fl import (
 )
 from clipleak.fl.server_app import Server, finished_rounds, load_state
 from clipleak.fl.settings import CONFIG_KEY, ROUND_KEY
+from clipleak.peft import PeftConfig
+from clipleak.privacy import DpSetting
 from clipleak.records import Truth, distinct_images, gradient_view
 
 
@@ -59,7 +61,7 @@ def test_step_positions_and_distinct_images():
 
 
 def _setup(tmp_path, method="adapter", clients=3, **recipe_kw):
-    recipe = Recipe(method=method, weights=None, **recipe_kw)
+    recipe = Recipe(peft=PeftConfig(method=method), weights=None, **recipe_kw)
     data = ClientData(weights=None, client_size=5, seed=11, truth_dir=str(tmp_path / "truth"))
     spec = RunSpec(out=str(tmp_path / "out"), clients=clients, rounds=1, recipe=recipe, attack=None)
     return recipe, data, spec
@@ -216,7 +218,7 @@ def test_coop_update_fit_finds_the_feature_and_label_among_public_starts(tmp_pat
 
 
 def test_dp_update_records_defense_and_epsilon(tmp_path):
-    dp = {"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    dp = DpSetting("per-example", clip=1.0, noise_multiplier=1.0, delta=1e-5, awaiting_schedule=True)
     _, _, _, strategy, *_ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.1, dp=dp)
     d = strategy.observations[1][0].meta["defense"]
     assert d["mechanism"] == "per-example" and d["noise_multiplier"] == 1.0 and d["delta"] == 1e-5
@@ -240,7 +242,7 @@ def test_inprocess_run_resumes_without_recomputing(tmp_path):
     state = load_state(spec.out)
     assert finished_rounds(state) == 2 and len(state["rounds"]["2"]["attacked"]) == 2
     assert (tmp_path / "out" / "rounds" / "round-001" / "global.safetensors").stat().st_mtime_ns == first
-    spec.recipe = Recipe(method="adapter", weights=None, lr=0.01)
+    spec.recipe = Recipe(peft=PeftConfig(method="adapter"), weights=None, lr=0.01)
     from clipleak.errors import ClipleakError
 
     with pytest.raises(ClipleakError, match="different run"), server_identity():
@@ -341,9 +343,10 @@ import json, torch
 torch.set_num_threads(1)
 from clipleak.fl import ClientData, Recipe, RunSpec
 from clipleak.fl.run import evaluate_run, run_federated
+from clipleak.peft import PeftConfig
 spec = RunSpec(out={str(tmp_path / 'out')!r}, clients=2, rounds=1, attack='featmatch',
                attack_settings={{'iterations': 2, 'restarts': 1, 'prior': 'tv'}},
-               recipe=Recipe(method='adapter', weights=None, local_steps=1, batch_size=1, lr=0.5))
+               recipe=Recipe(peft=PeftConfig(method='adapter'), weights=None, local_steps=1, batch_size=1, lr=0.5))
 data = ClientData(weights=None, client_size=4, truth_dir={str(tmp_path / 'truth')!r})
 state = run_federated(spec, data, engine='simulation')
 m = evaluate_run(spec.out, data.truth_dir)
@@ -455,7 +458,7 @@ def test_secagg_server_reads_only_the_aggregate_and_attacks_it(tmp_path):
 
     out, truth = tmp_path / "out", tmp_path / "truth"
     spec = RunSpec(out=str(out), clients=3, rounds=1, secagg={"max_weight": 1.0},
-                   recipe=Recipe(method="adapter", weights=None, local_steps=1, batch_size=1, lr=0.5),
+                   recipe=Recipe(peft=PeftConfig(method="adapter"), weights=None, local_steps=1, batch_size=1, lr=0.5),
                    attack_settings={"iterations": 2, "restarts": 1, "prior": "tv"})
     data = ClientData(weights=None, client_size=1, truth_dir=str(truth))
     grid = _RecordingGrid(secagg_client_app(data), 3)
@@ -487,8 +490,10 @@ from safetensors.torch import load_file
 from clipleak.fl import ClientData, Recipe, RunSpec
 from clipleak.fl.run import run_federated
 from clipleak.fl.secagg import SecAggSettings
+from clipleak.peft import PeftConfig
 from clipleak.records import Observation
-recipe = Recipe(method='coop', class_specific=True, weights=None, local_steps=2, batch_size=2, lr=0.5)
+recipe = Recipe(peft=PeftConfig(method='coop', class_specific=True), weights=None, local_steps=2, batch_size=2,
+                lr=0.5)
 runs = {{}}
 for name, secagg, engine in (('secagg', {{'max_weight': 4.0, 'clipping_range': 4.0}}, 'simulation'),
                              ('plain', None, 'inprocess')):
@@ -542,7 +547,7 @@ def test_malicious_server_run_sends_crafted_weights_and_reads_the_batches(tmp_pa
     from clipleak.fl.run import evaluate_run, run_federated
     from clipleak.records import Observation, Reconstruction
 
-    recipe = Recipe(method="adapter", weights="tiny-mnist", local_steps=1, batch_size=8, lr=0.1)
+    recipe = Recipe(peft=PeftConfig(method="adapter"), weights="tiny-mnist", local_steps=1, batch_size=8, lr=0.1)
     data = ClientData(weights="tiny-mnist", client_size=8, seed=3, truth_dir=str(tmp_path / "truth"))
     spec = RunSpec(out=str(tmp_path / "out"), clients=2, rounds=1, recipe=recipe, attack=None,
                    attack_settings={"decoder": "tiny-mnist-decoder"}, malicious={"groups": 8})
@@ -557,6 +562,7 @@ def test_malicious_server_run_sends_crafted_weights_and_reads_the_batches(tmp_pa
     assert s["images"] == 16
     assert s["reid_interval"]["attack"]["value"] >= 0.6 > s["reid_interval"]["prototype"]["value"]
     with pytest.raises(ClipleakError, match="CLIP-Adapter"):
-        RunSpec(out=str(tmp_path / "o2"), recipe=Recipe(method="coop", weights=None), malicious={"groups": 1})
+        RunSpec(out=str(tmp_path / "o2"), recipe=Recipe(peft=PeftConfig(method="coop"), weights=None),
+                malicious={"groups": 1})
     with pytest.raises(ClipleakError, match="secagg"):
         RunSpec(out=str(tmp_path / "o3"), clients=2, recipe=recipe, malicious={"groups": 1}, secagg={})

@@ -272,7 +272,8 @@ def test_gradvit_from_the_neighbours_start_beats_the_prototype_at_batch4():
 
     psnr, reid = {"attack": [], "prototype": []}, {"attack": [], "prototype": []}
     for draw in (0, 1):
-        obs, truth = make_observation(weights="tiny-mnist", method="full-visual", batch_size=4, seed=draw)
+        obs, truth = make_observation(weights="tiny-mnist", peft=PeftConfig(method="full-visual"), batch_size=4,
+                                      seed=draw)
         spec, public = public_for_observation(obs.meta)
         rec = attack_observation(obs, name="gradvit", weights="tiny-mnist", start="neighbours", lr=0.01,
                                  start_noise=0.05, iterations=200, restarts=2)
@@ -299,7 +300,8 @@ def test_tiny64_projection_decoder_beats_the_prototype_at_batch1():
 
     psnr, proto, reid, labels = [], [], [], []
     for draw in range(4):
-        obs, truth = make_observation(arch="tiny-64", weights="tiny-mnist-64", method="full-visual", batch_size=1,
+        obs, truth = make_observation(arch="tiny-64", weights="tiny-mnist-64", peft=PeftConfig(method="full-visual"),
+                                      batch_size=1,
                                       seed=draw)
         spec, public = public_for_observation(obs.meta)
         rec = attack_observation(obs, name="projection", weights="tiny-mnist-64", decoder="tiny-mnist-64-decoder")

@@ -140,7 +140,7 @@ def test_strategy_sends_the_crafted_weights_and_attacks_the_replies(world):
     _, _, val, _ = world
     honest, malicious, server = setup(world, 4, 8)
     inner = Capture(fraction_evaluate=0.0)
-    strategy = MaliciousStrategy(server, malicious, Recipe(method="adapter", batch_size=8), {}, inner)
+    strategy = MaliciousStrategy(server, malicious, Recipe(peft=PeftConfig(method="adapter"), batch_size=8), {}, inner)
     strategy.configure_train(1, ArrayRecord(honest.peft_state()), ConfigRecord({}), grid=None)
     for k, v in server.payload().items():
         assert torch.equal(inner.sent[k], v) and torch.equal(strategy.global_states[1][k], v)
@@ -150,4 +150,4 @@ def test_strategy_sends_the_crafted_weights_and_attacks_the_replies(world):
     rec = strategy.attack(share(malicious, x, y))
     assert exact_share(rec.features, malicious, x) >= 0.75
     with pytest.raises(ClipleakError):
-        MaliciousStrategy(server, malicious, Recipe(method="coop"), {}, Capture())
+        MaliciousStrategy(server, malicious, Recipe(peft=PeftConfig(method="coop")), {}, Capture())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from clipleak.api import attack_observation, evaluate_reconstruction, make_observation
 from clipleak.errors import ClipleakError
-from clipleak.peft import rebuild_victim
+from clipleak.peft import PeftConfig, rebuild_victim
 from clipleak.recover import recovered_features
 
 # Validation draws (seed -> (zero-shot class, true class)) on which the short trained target's zero-shot
@@ -26,7 +26,7 @@ def _true_features(victim, images):
 def test_labels_read_off_the_gradient_where_zero_shot_is_wrong(short_run, method):
     weights, _ = short_run
     for seed in ZERO_SHOT_WRONG[method]:
-        obs, truth = make_observation(weights=str(weights), method=method, batch_size=1, seed=seed,
+        obs, truth = make_observation(weights=str(weights), peft=PeftConfig(method=method), batch_size=1, seed=seed,
                                       part="validation")
         v = rebuild_victim(obs)
         with torch.no_grad():
@@ -42,7 +42,7 @@ def test_labels_read_off_the_gradient_where_zero_shot_is_wrong(short_run, method
 
 
 def test_known_labels_need_shared_labels(short_run):
-    obs, _ = make_observation(weights=str(short_run[0]), method="adapter", batch_size=1, seed=0)
+    obs, _ = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="adapter"), batch_size=1, seed=0)
     with pytest.raises(ClipleakError, match="carries no labels"):
         recovered_features(obs, rebuild_victim(obs), labels="known")
 
@@ -52,7 +52,7 @@ def test_adapter_batch_features_one_to_one(short_run):
     and the label multiset. Measured on these draws: 0.995-1.000."""
     from scipy.optimize import linear_sum_assignment
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="adapter", batch_size=4, seed=1,
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="adapter"), batch_size=4, seed=1,
                                   part="validation")
     v = rebuild_victim(obs)
     est = recovered_features(obs, v, labels="predicted")
@@ -69,7 +69,8 @@ def test_mip_end_to_end_beats_the_prototype(short_run, short_decoder, tmp_path):
     re-identification, and the report carries each stage's figure."""
     psnrs, protos, reids = [], [], []
     for seed in range(3):
-        obs, truth = make_observation(weights=str(short_run[0]), method="adapter", batch_size=1, seed=seed)
+        obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="adapter"), batch_size=1,
+                                      seed=seed)
         rec = attack_observation(obs, name="mip", decoder=str(short_decoder))
         assert set(rec.meta["stages"]) == {"labels", "features", "image"}
         _, ev = evaluate_reconstruction(rec, truth, tmp_path / f"r{seed}", with_lpips=False)
@@ -84,7 +85,7 @@ def test_mip_end_to_end_beats_the_prototype(short_run, short_decoder, tmp_path):
 
 
 def test_mip_needs_a_decoder(short_run):
-    obs, _ = make_observation(weights=str(short_run[0]), method="adapter", batch_size=1)
+    obs, _ = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="adapter"), batch_size=1)
     with pytest.raises(ClipleakError, match="decoder"):
         attack_observation(obs, name="mip")
 
@@ -97,8 +98,8 @@ def test_class_specific_coop_batch_features(short_run):
 
     from clipleak.evaluation import label_count_accuracy
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=1,
-                                  class_specific=True, part="validation")
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=4, seed=1, part="validation")
     v = rebuild_victim(obs)
     est = recovered_features(obs, v, labels="predicted")
     cos = (est.features @ _true_features(v, truth.images).t()).numpy()
@@ -115,8 +116,8 @@ def test_rank_b_dl_dt_holds_the_batch_features(short_run):
     from clipleak.recover import CoopGradientModel
     from clipleak.recover.coop_batch import low_rank_dl_dt
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=2,
-                                  class_specific=True, part="validation")
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=4, seed=2, part="validation")
     v = rebuild_victim(obs)
     model = CoopGradientModel(v)
     z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
@@ -153,8 +154,8 @@ def test_class_specific_batch_prior_separates_same_label_images(short_run):
     from clipleak.recover import CoopGradientModel, coop_features
     from clipleak.recover.bank import public_features
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=0,
-                                  class_specific=True, part="validation")
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=4, seed=0, part="validation")
     v = rebuild_victim(obs)
     public = public_for_observation(obs.meta)[1]
     pf = public_features(v.clip_info, public)
@@ -184,7 +185,7 @@ def test_shared_context_batch_is_square_with_the_right_labels(short_run):
     from clipleak.recover import coop_features
     from clipleak.recover.bank import public_features
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=0,
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop"), batch_size=4, seed=0,
                                   part="validation")
     v = rebuild_victim(obs)
     public = public_for_observation(obs.meta)[1]
@@ -236,7 +237,8 @@ def test_shared_context_label_sets_from_the_public_subspace(short_run):
     from clipleak.recover.coop_batch import shared_label_sets
 
     for seed in (4, 5):
-        obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=seed,
+        obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop"), batch_size=4,
+                                      seed=seed,
                                       part="validation")
         v = rebuild_victim(obs)
         public = public_for_observation(obs.meta)[1]
@@ -259,8 +261,8 @@ def test_one_label_changes_finds_the_multiset_one_label_away(short_run):
     from clipleak.recover.bank import public_features
     from clipleak.recover.coop_batch import one_label_changes
 
-    obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=4, seed=5,
-                                  class_specific=True, part="validation")
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=4, seed=5, part="validation")
     v = rebuild_victim(obs)
     public = public_for_observation(obs.meta)[1]
     pf, pl = public_features(v.clip_info, public).double(), public.labels.long()
@@ -302,8 +304,8 @@ def test_signed_labels_mark_only_classes_in_the_batch(short_run):
     from clipleak.recover.coop_batch import low_rank_dl_dt, signed_labels
 
     for seed in (0, 1, 2):
-        obs, truth = make_observation(weights=str(short_run[0]), method="coop", batch_size=8, seed=seed,
-                                      class_specific=True, distinct_classes=True, part="validation")
+        obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                      batch_size=8, seed=seed, distinct_classes=True, part="validation")
         v = rebuild_victim(obs)
         model = CoopGradientModel(v)
         z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))

@@ -109,8 +109,8 @@ def test_observation_identifies_no_drawn_image(tmp_path):
     identical metadata, and neither the seed nor the private indices appear anywhere in it."""
     from clipleak.api import make_observation
 
-    obs_a, truth_a = make_observation(method="adapter", batch_size=2, seed=5)
-    obs_b, truth_b = make_observation(method="adapter", batch_size=2, seed=6)
+    obs_a, truth_a = make_observation(peft=PeftConfig(method="adapter"), batch_size=2, seed=5)
+    obs_b, truth_b = make_observation(peft=PeftConfig(method="adapter"), batch_size=2, seed=6)
     assert obs_a.meta == obs_b.meta
     assert truth_a.meta["private_indices"] != truth_b.meta["private_indices"]
     text = json.dumps(obs_a.meta)
@@ -132,9 +132,9 @@ def test_split_mismatch_is_refused(tmp_path):
     save_weights(build_model("tiny-32", init_seed=0).model, w)
     card_path(w).write_text(json.dumps({"data_spec": {"name": "mnist", "split_seed": 0, "private_fraction": 0.1,
                                                       "validation_fraction": 0.1}}))
-    obs, _ = make_observation(weights=str(w), method="adapter", split_seed=0)  # same split: fine
+    obs, _ = make_observation(weights=str(w), peft=PeftConfig(method="adapter"), split_seed=0)  # same split: fine
     with pytest.raises(ClipleakError, match="split"):
-        make_observation(weights=str(w), method="adapter", split_seed=1)
+        make_observation(weights=str(w), peft=PeftConfig(method="adapter"), split_seed=1)
     assert main(["share", "--out", str(tmp_path / "o"), "--weights", str(w), "--method", "adapter",
                  "--split-seed", "1"]) == 2
     obs.meta["data"]["split_seed"] = 1  # an observation that claims another split
@@ -208,9 +208,12 @@ def test_damaged_checkpoint_is_one_line(tmp_path):
 def test_make_observation_takes_a_peft_config():
     from clipleak.api import make_observation
 
-    short, _ = make_observation(method="coop", n_ctx=2, peft_seed=3, batch_size=1, seed=4)
+    default, _ = make_observation(batch_size=1, seed=4)  # PeftConfig(): CoOp with its defaults
+    coop, _ = make_observation(peft=PeftConfig(method="coop"), batch_size=1, seed=4)
+    assert default.meta["peft"] == coop.meta["peft"] == PeftConfig().to_dict()
+    assert all(torch.equal(default.gradients[k], coop.gradients[k]) for k in default.gradients)
     full, _ = make_observation(peft=PeftConfig(method="coop", n_ctx=2, init_seed=3), batch_size=1, seed=4)
-    assert short.meta["peft"] == full.meta["peft"]
-    assert all(torch.equal(short.gradients[k], full.gradients[k]) for k in short.gradients)
-    with pytest.raises(ClipleakError, match="not both"):
+    assert (full.meta["peft"]["n_ctx"], full.meta["peft"]["init_seed"]) == (2, 3)
+    assert not all(torch.equal(full.gradients[k], coop.gradients[k]) for k in full.gradients)
+    with pytest.raises(TypeError, match="method"):  # the flat PEFT keywords are gone: one PeftConfig
         make_observation(peft=PeftConfig(method="coop"), method="adapter")

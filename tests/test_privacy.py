@@ -409,7 +409,7 @@ def test_defended_observation_records_its_defense_and_undefended_is_unchanged(tm
     from clipleak.models import build_model
     from clipleak.records import Observation
 
-    plain, truth = make_observation(method="adapter", batch_size=3, seed=1)
+    plain, truth = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, seed=1)
     assert set(plain.meta) == PLAIN_META_KEYS and "dp_seed" not in truth.meta  # as before DP existed
     victim = build_victim(build_model("tiny-32", init_seed=0), plain.classnames, PeftConfig(method="adapter"))
     direct = victim.gradient(truth.images, truth.labels)
@@ -417,7 +417,7 @@ def test_defended_observation_records_its_defense_and_undefended_is_unchanged(tm
 
     dp = {"mechanism": "per-example", "clip": 0.05, "noise_multiplier": 1.1, "delta": 1e-5, "sample_rate": 0.01,
           "steps": 100}
-    obs, dtruth = make_observation(method="adapter", batch_size=3, seed=1, dp=dp, dp_seed=1234)
+    obs, dtruth = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, seed=1, dp=dp, dp_seed=1234)
     d = obs.meta["defense"]
     assert {k: d[k] for k in ("mechanism", "clip", "noise_multiplier", "delta", "accountant", "sample_rate",
                               "steps", "clipping")} == {**dp, "accountant": "rdp", "clipping": "flat"}
@@ -425,8 +425,8 @@ def test_defended_observation_records_its_defense_and_undefended_is_unchanged(tm
     assert dtruth.meta["dp_seed"] == 1234 and "1234" not in json.dumps(obs.meta)
     assert {k: v for k, v in obs.meta.items() if k != "defense"} == plain.meta
     assert not any(torch.equal(obs.gradients[k], plain.gradients[k]) for k in plain.gradients)
-    again, _ = make_observation(method="adapter", batch_size=3, seed=1, dp=dp, dp_seed=1234)
-    other, _ = make_observation(method="adapter", batch_size=3, seed=1, dp=dp, dp_seed=99)
+    again, _ = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, seed=1, dp=dp, dp_seed=1234)
+    other, _ = make_observation(peft=PeftConfig(method="adapter"), batch_size=3, seed=1, dp=dp, dp_seed=99)
     assert all(torch.equal(again.gradients[k], obs.gradients[k]) for k in obs.gradients)
     assert not any(torch.equal(other.gradients[k], obs.gradients[k]) for k in obs.gradients)
     loaded = Observation.load(obs.save(tmp_path / "o"))

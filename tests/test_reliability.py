@@ -21,6 +21,7 @@ from clipleak import api
 from clipleak.api import make_observation
 from clipleak.cli import main, quiet_warnings
 from clipleak.errors import ClipleakError
+from clipleak.peft import PeftConfig
 from clipleak.records import Observation, Reconstruction, Truth
 
 
@@ -28,7 +29,7 @@ from clipleak.records import Observation, Reconstruction, Truth
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     """A random-init tiny-32 CoOp observation of 2 digits (labels included) and its truth, on disk."""
     d = tmp_path_factory.mktemp("pair")
-    obs, truth = make_observation(method="coop", batch_size=2, seed=1, include_labels=True)
+    obs, truth = make_observation(peft=PeftConfig(method="coop"), batch_size=2, seed=1, include_labels=True)
     return obs.save(d / "obs"), truth.save(d / "obs.truth")
 
 
@@ -131,7 +132,7 @@ def test_edited_observation_is_one_line_naming_file_and_field(pair, tmp_path, ch
 
 
 def test_class_specific_context_must_match_the_class_names(tmp_path):
-    obs, _ = make_observation(method="coop", class_specific=True, batch_size=1)
+    obs, _ = make_observation(peft=PeftConfig(method="coop", class_specific=True), batch_size=1)
     p = obs.save(tmp_path / "cs")
     meta = json.loads(p.with_suffix(".json").read_text())
     meta["classnames"] = meta["classnames"][:9]
@@ -162,7 +163,7 @@ def test_truth_and_reconstruction_files_are_checked(tmp_path):
 
 def test_truth_of_another_observation_is_refused(pair, tmp_path):
     obs = Observation.load(pair[0])
-    other_obs, other_truth = make_observation(method="coop", batch_size=2, seed=5, include_labels=True)
+    other_obs, other_truth = make_observation(peft=PeftConfig(method="coop"), batch_size=2, seed=5, include_labels=True)
     truth = Truth.load(pair[1])
     assert truth.meta["observation_digest"] == obs.digest() != other_obs.digest()
     rec = Reconstruction(images=truth.images.clone(), labels=truth.labels.clone(), label_source="test",
@@ -180,7 +181,7 @@ def test_interrupted_observation_save_never_leaves_a_pair_that_loads(pair, tmp_p
     p = tmp_path / "o.safetensors"
     p.write_bytes(pair[0].read_bytes())
     p.with_suffix(".json").write_text(pair[0].with_suffix(".json").read_text())
-    other, _ = make_observation(method="coop", batch_size=1, seed=9)
+    other, _ = make_observation(peft=PeftConfig(method="coop"), batch_size=1, seed=9)
 
     def killed(*_a, **_k):
         raise KeyboardInterrupt
@@ -254,7 +255,7 @@ def weights_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
     mine, other = d / "mine.safetensors", d / "other.safetensors"
     save_weights(build_model("tiny-32", init_seed=0).model, mine)
     save_weights(build_model("tiny-32", init_seed=1).model, other)
-    obs, _ = make_observation(weights=str(mine), method="coop", batch_size=1, seed=0)
+    obs, _ = make_observation(weights=str(mine), peft=PeftConfig(method="coop"), batch_size=1, seed=0)
     return obs.save(d / "obs"), mine, other
 
 

@@ -11,8 +11,16 @@ from safetensors.torch import load_file
 
 from clipleak.data import DataSpec, ImageSet, load_validation
 from clipleak.errors import ClipleakError
-from clipleak.privacy import epsilon
-from clipleak.training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
+from clipleak.peft import PeftConfig
+from clipleak.privacy import DpSetting, epsilon
+from clipleak.training import (
+    ContrastiveConfig,
+    FinetuneConfig,
+    contrastive_dp,
+    contrastive_finetune,
+    finetune,
+    finetune_dp,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +38,10 @@ def _peft(out) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method,sampling", [("adapter", "poisson"), ("adapter", "fixed"), ("coop", "fixed")])
 def test_dp_without_noise_or_clipping_is_plain_training(tmp_path, sets, method, sampling):
     train, held = sets
-    base = dict(method=method, steps=4, batch_size=8, sampling=sampling, lr=1e-2, checkpoint_every=100)
+    base = dict(peft=PeftConfig(method=method), steps=4, batch_size=8, sampling=sampling, lr=1e-2,
+                checkpoint_every=100)
     plain = finetune(FinetuneConfig(**base), train, held, tmp_path / "plain")
-    dp = finetune(FinetuneConfig(**base, dp="per-example", clip=1e9, noise_multiplier=0.0), train, held,
+    dp = finetune(FinetuneConfig(**base, dp=finetune_dp("per-example", clip=1e9, noise_multiplier=0.0)), train, held,
                   tmp_path / "dp")
     a, b = _peft(tmp_path / "plain"), _peft(tmp_path / "dp")
     for k in a:
@@ -46,8 +55,8 @@ def test_dp_without_noise_or_clipping_is_plain_training(tmp_path, sets, method, 
 
 def test_epsilon_spent_matches_the_accountant(tmp_path, sets):
     train, held = sets
-    cfg = FinetuneConfig(method="adapter", steps=10, batch_size=6, dp="per-example", clip=0.1, noise_multiplier=1.3,
-                         delta=1e-5, eval_points=2)
+    cfg = FinetuneConfig(peft=PeftConfig(method="adapter"), steps=10, batch_size=6,
+                         dp=finetune_dp("per-example", clip=0.1, noise_multiplier=1.3, delta=1e-5), eval_points=2)
     res = finetune(cfg, train, held, tmp_path / "ft")
     pv = res["privacy"]
     q = 6 / 60
@@ -62,8 +71,8 @@ def test_epsilon_spent_matches_the_accountant(tmp_path, sets):
 
 def test_resume_is_exact(tmp_path, sets):
     train, held = sets
-    cfg = FinetuneConfig(method="adapter", steps=8, batch_size=6, dp="per-example", clip=0.1, noise_multiplier=1.0,
-                         checkpoint_every=3, canaries=20)
+    cfg = FinetuneConfig(peft=PeftConfig(method="adapter"), steps=8, batch_size=6,
+                         dp=finetune_dp("per-example", clip=0.1, noise_multiplier=1.0), checkpoint_every=3, canaries=20)
     full = finetune(cfg, train, held, tmp_path / "full")
     part = finetune(cfg, train, held, tmp_path / "res", stop_after=5)
     assert part == {"completed": False, "stopped_after": 5}
@@ -77,7 +86,7 @@ def test_resume_is_exact(tmp_path, sets):
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path, sets):
     train, held = sets
-    cfg = FinetuneConfig(method="adapter", steps=4, batch_size=6, checkpoint_every=2)
+    cfg = FinetuneConfig(peft=PeftConfig(method="adapter"), steps=4, batch_size=6, checkpoint_every=2)
     finetune(cfg, train, held, tmp_path / "res", stop_after=3)
     ckpt = tmp_path / "res" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-0000002"]  # no temporary file left
@@ -91,16 +100,18 @@ def test_bad_settings_are_refused():
     from clipleak.errors import ClipleakError
 
     with pytest.raises(ClipleakError):
-        FinetuneConfig(method="full")
+        FinetuneConfig(peft=PeftConfig(method="full"))
     with pytest.raises(ClipleakError):
-        FinetuneConfig(dp="per-example")  # neither sigma nor epsilon
+        FinetuneConfig(dp=finetune_dp("per-example"))  # neither sigma nor epsilon
     with pytest.raises(ClipleakError):
-        FinetuneConfig(dp="per-batch", noise_multiplier=1.0)
+        FinetuneConfig(dp=finetune_dp("per-batch", noise_multiplier=1.0))
+    with pytest.raises(ClipleakError):  # the same, given as a DpSetting
+        FinetuneConfig(dp=DpSetting("per-batch", clip=1.0, noise_multiplier=1.0))
 
 
 def test_contrastive_dp_clip_records_privacy(tmp_path, sets):
     train, _ = sets
-    cfg = ContrastiveConfig(steps=2, batch_size=8, dp="per-batch", clip=1.0, epsilon=50.0)
+    cfg = ContrastiveConfig(steps=2, batch_size=8, dp=contrastive_dp("per-batch", clip=1.0, epsilon=50.0))
     card = contrastive_finetune(cfg, train, tmp_path / "m.safetensors", weights=None)
     pv = card["privacy"]
     assert pv["mechanism"] == "per-batch" and pv["sensitivity"] == pytest.approx(2.0)
@@ -127,9 +138,11 @@ def test_text_feature_site_in_training(tmp_path, sets):
     from clipleak.training.finetune import encode
 
     train, held = sets
-    base = dict(method="coop", steps=3, batch_size=8, sampling="fixed", lr=1e-2, checkpoint_every=100)
+    base = dict(peft=PeftConfig(method="coop"), steps=3, batch_size=8, sampling="fixed", lr=1e-2,
+                checkpoint_every=100)
     finetune(FinetuneConfig(**base), train, held, tmp_path / "plain")
-    site = finetune(FinetuneConfig(**base, dp="per-example", dp_site="text-features", clip=1e9, noise_multiplier=0.0),
+    site = finetune(FinetuneConfig(**base, dp=finetune_dp("per-example", site="text-features", clip=1e9,
+                                                          noise_multiplier=0.0)),
                     train, held, tmp_path / "site")
     a, b = _peft(tmp_path / "plain"), _peft(tmp_path / "site")
     for k in a:
@@ -147,29 +160,31 @@ def test_text_feature_site_in_training(tmp_path, sets):
     assert float(clipped.max()) <= c * (1 + 1e-6) and bool((f < 1).any()) and bool((f == 1).any())
     assert torch.allclose(summed, (f.view(-1, 1, 1) * per).sum(0), atol=1e-7)
 
-    noisy = finetune(FinetuneConfig(**{**base, "sampling": "poisson"}, dp="per-example", dp_site="text-features",
-                                    clip=0.01, noise_multiplier=1.1, canaries=10), train, held, tmp_path / "noisy")
+    noisy = finetune(FinetuneConfig(**{**base, "sampling": "poisson"}, canaries=10,
+                                    dp=finetune_dp("per-example", site="text-features", clip=0.01,
+                                                   noise_multiplier=1.1)), train, held, tmp_path / "noisy")
     pv = noisy["privacy"]
     assert pv["epsilon_spent"] == pytest.approx(epsilon(1.1, 8 / 60, 3, 1e-5))
     assert noisy["canaries"]["space"].startswith("text features")
     assert not all(torch.allclose(a[k], _peft(tmp_path / "noisy")[k]) for k in a)  # the noise moved it
     with pytest.raises(ClipleakError):
-        FinetuneConfig(method="adapter", dp="per-example", dp_site="text-features", noise_multiplier=1.0)
+        FinetuneConfig(peft=PeftConfig(method="adapter"),
+                       dp=finetune_dp("per-example", site="text-features", noise_multiplier=1.0))
     with pytest.raises(ClipleakError):
-        FinetuneConfig(method="coop", dp_site="text-features")
+        FinetuneConfig(peft=PeftConfig(method="coop"), dp=finetune_dp("none", site="text-features"))
 
 
 def test_configs_compose_the_one_peft_config_and_dp_setting():
-    from clipleak.peft import PeftConfig
-
-    cfg = FinetuneConfig(method="coop", n_ctx=2, class_specific=True, peft_seed=3, steps=10, batch_size=5,
-                         dp="per-example", clip=0.5, noise_multiplier=1.0)
-    assert cfg.peft() == PeftConfig(method="coop", n_ctx=2, class_specific=True, init_seed=3)
+    peft = PeftConfig(method="coop", n_ctx=2, class_specific=True, init_seed=3)
+    cfg = FinetuneConfig(peft=peft, steps=10, batch_size=5,
+                         dp=DpSetting("per-example", clip=0.5, noise_multiplier=1.0, delta=1e-5,
+                                      awaiting_schedule=True))
+    assert cfg.peft == PeftConfig(method="coop", n_ctx=2, class_specific=True, init_seed=3)
     s = cfg.dp_setting(50)
     assert s is not None and (s.mechanism, s.clip, s.sample_rate, s.steps) == ("per-example", 0.5, 0.1, 10)
     assert s.epsilon is not None and s.epsilon > 0
-    assert FinetuneConfig(method="adapter").dp_setting(50) is None
-    c = ContrastiveConfig(steps=10, batch_size=5, clip=1.0, noise_multiplier=2.0).dp_setting(50)
+    assert FinetuneConfig(peft=PeftConfig(method="adapter")).dp_setting(50) is None
+    c = ContrastiveConfig(steps=10, batch_size=5, dp=contrastive_dp(clip=1.0, noise_multiplier=2.0)).dp_setting(50)
     assert c is not None and (c.mechanism, c.sample_rate) == ("per-batch", 0.1)
     with pytest.raises(ClipleakError, match="larger than"):
-        ContrastiveConfig(steps=10, batch_size=60, clip=1.0, noise_multiplier=2.0).dp_setting(50)
+        ContrastiveConfig(steps=10, batch_size=60, dp=contrastive_dp(clip=1.0, noise_multiplier=2.0)).dp_setting(50)

@@ -1,6 +1,6 @@
 """The small public API the CLI is built on: one function per stage of the data path.
 
-    obs, truth = make_observation(method="coop", batch_size=2)          # client side
+    obs, truth = make_observation(peft=PeftConfig("coop"), batch_size=2)  # client side
     obs.save("runs/obs"); truth.save("runs/obs.truth")
     rec = attack_observation("runs/obs.safetensors", name="ig")          # attacker side
     rec.save("runs/rec")
@@ -69,16 +69,12 @@ def make_observation(
     data: str = "mnist",
     split_seed: int = 0,
     peft: PeftConfig | None = None,
-    method: str = "coop",
-    n_ctx: int = 4,
-    class_specific: bool = False,
     classnames: list[str] | None = None,
     batch_size: int = 1,
     classes: list[int] | None = None,
     distinct_classes: bool = False,
     seed: int = 0,
     include_labels: bool = False,
-    peft_seed: int = 0,
     part: str = "private",
     dp: DpSetting | dict[str, Any] | None = None,
     dp_seed: int | None = None,
@@ -94,9 +90,8 @@ def make_observation(
     ``distinct_classes`` gives every image of the batch a different label (``batch_size`` classes drawn
     at random, among ``classes`` if given, and one image of each).
 
-    ``peft`` (a :class:`~clipleak.peft.PeftConfig`) is what the client fine-tunes; ``method``, ``n_ctx``,
-    ``class_specific`` and ``peft_seed`` are its short form (``PeftConfig(method, n_ctx, class_specific,
-    init_seed=peft_seed)``), for use without ``peft``.
+    ``peft`` (a :class:`~clipleak.peft.PeftConfig`; default ``PeftConfig()``, CoOp) is what the client
+    fine-tunes.
 
     ``dp`` (a :class:`~clipleak.privacy.DpSetting` or its fields as a dict, e.g.
     ``{"mechanism": "per-example", "clip": 1.0, "noise_multiplier": 1.0}``) privatises the shared
@@ -108,7 +103,7 @@ def make_observation(
     check_range("batch size", batch_size, low=1, high=4096, integer=True)
     dev = resolve_device(device)
     weights = _weights_name(weights)
-    cfg = _peft_config(peft, method=method, n_ctx=n_ctx, class_specific=class_specific, init_seed=peft_seed)
+    cfg = peft if peft is not None else PeftConfig()
     setting = DpSetting.from_dict(dp) if isinstance(dp, dict) else dp
     update_defense = parse_defense(defense) if isinstance(defense, str) else defense
     if setting is not None:
@@ -141,17 +136,6 @@ def make_observation(
         truth_meta["dp_seed"] = dp_seed
     truth = Truth(images=images, labels=labels, meta=truth_meta)
     return obs, truth
-
-
-def _peft_config(peft: PeftConfig | None, **short: Any) -> PeftConfig:
-    """``peft``, or the config the short-form keywords describe; both at once is an error."""
-    if peft is None:
-        return PeftConfig(**short)
-    defaults = PeftConfig()
-    given = sorted(k for k, v in short.items() if v != getattr(defaults, k))
-    if given:
-        raise ClipleakError(f"give the PEFT settings as peft=PeftConfig(...) or as keywords, not both ({given})")
-    return peft
 
 
 def _resolve_prior(prior: str, progress: ProgressFn | None) -> str:

@@ -7,13 +7,15 @@ import from here; neither imports the other's internals.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..attacks import attack_spec
 from ..errors import ClipleakError, check_range
+from ..peft import PeftConfig
 from ..privacy import Defense, level_defense, parse_defense_sweep
-from ..training import FinetuneConfig
+from ..training import FinetuneConfig, finetune_dp
+from ..training.finetune import FLAT_DEFAULTS, FLAT_PEFT_KEYS
 
 MAX_IMAGES = 10_000
 """Observations per point at most: a larger audit is refused before any cell list is built."""
@@ -148,20 +150,29 @@ class AuditConfig:
 
     def ft(self, method: str, eps: float, canaries: int = 0) -> FinetuneConfig:
         """The fine-tuning of a point: DP at epsilon ``eps``, or in a defense audit (``eps`` then the level)
-        the defense on every step and no DP."""
+        the defense on every step and no DP. ``finetune`` holds the schedule and the flat options the audit
+        takes (``clip``, ``class_specific``, ``dp_site``, ``n_ctx``, ...): they become the config's
+        PeftConfig and DpSetting here."""
         ft = dict(self.finetune)
         site = ft.pop("dp_site", "parameters")
+        clip = float(ft.pop("clip", FLAT_DEFAULTS["clip"]))
+        accountant = str(ft.pop("accountant", FLAT_DEFAULTS["accountant"]))
+        peft = {k: ft.pop(k) for k in FLAT_PEFT_KEYS if k in ft}
         if method != "coop":  # CoOp-only options
-            ft.pop("class_specific", None)
+            peft.pop("class_specific", None)
             site = "parameters"
-        base = FinetuneConfig(**{**ft, "method": method, "seed": self.seed})
+        cfg = PeftConfig(method=method, n_ctx=int(peft.get("n_ctx", 4)),
+                         class_specific=bool(peft.get("class_specific", False)),
+                         init_seed=int(peft.get("peft_seed", 0)))
+        base = FinetuneConfig(**{**ft, "peft": cfg, "seed": self.seed})
         if self.defense is not None:
             d = self.point_defense(eps)
-            return base if d is None else FinetuneConfig(**{**base.to_dict(), "defense": d.spec})
+            return base if d is None else replace(base, defense=d.spec)
         if math.isinf(eps):
             return base
-        return FinetuneConfig(**{**base.to_dict(), "dp": "per-example", "dp_site": site, "epsilon": float(eps),
-                                 "delta": self.delta, "canaries": canaries})
+        dp = finetune_dp("per-example", clip=clip, epsilon=float(eps), delta=self.delta, accountant=accountant,
+                         site=site)
+        return replace(base, dp=dp, canaries=canaries)
 
 
 def saved_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -163,7 +163,7 @@ class AuditContext:
         if self.same_as != self.spec:
             self.split["same_images_as"] = self.same_as.name
         self.victims = {m: build_victim(self.clip, list(self.private.classnames),
-                                        PeftConfig(method=m, class_specific=bool(cfg.ft(m, math.inf).class_specific),
+                                        PeftConfig(method=m, class_specific=cfg.ft(m, math.inf).peft.class_specific,
                                                    template=cfg.prompt_template), device=device)
                         for m in cfg.methods}
         # what the observations record as their data: the data set the folder is identical to, if it is one

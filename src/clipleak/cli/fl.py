@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..records import ProgressEvent, ProgressFn
 from .common import DeviceOpt, check_writable, command, console, helptext, progress_bar
+
+if TYPE_CHECKING:
+    from ..privacy import DpSetting
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -108,10 +111,11 @@ def run(
     from ..devices import resolve_device
     from ..fl import ClientData, Recipe, RunSpec
     from ..fl.run import evaluate_run, run_federated
+    from ..peft import PeftConfig
 
     dev = resolve_device(device)  # the clients' device
     check_writable(out, folder=True)
-    recipe = Recipe(method=method, local_steps=local_steps, batch_size=batch_size, lr=lr,
+    recipe = Recipe(peft=PeftConfig(method=method), local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
     settings: dict[str, Any] = {"iterations": iterations}
     if attack == "featmatch" and decoder:
@@ -151,7 +155,7 @@ def secagg_config(on: bool, shares: float, threshold: float, clip: float, levels
 
 
 def _dp_config(dp: str | None, clip: float | None, noise_multiplier: float | None,
-               delta: float) -> dict[str, Any] | None:
+               delta: float) -> DpSetting | None:
     """The recipe's DP setting from the DP options (None without ``--dp``); a half-given setting is an error."""
     from ..errors import ClipleakError
 
@@ -161,7 +165,9 @@ def _dp_config(dp: str | None, clip: float | None, noise_multiplier: float | Non
         return None
     if clip is None or noise_multiplier is None:
         raise ClipleakError("--dp needs --clip and --noise-multiplier")
-    return {"mechanism": dp, "clip": clip, "noise_multiplier": noise_multiplier, "delta": delta}
+    from ..privacy import DpSetting
+
+    return DpSetting(dp, clip=clip, noise_multiplier=noise_multiplier, delta=delta, awaiting_schedule=True)
 
 
 def _round_events(cb: ProgressFn, rounds: int) -> EventFn:

@@ -163,6 +163,8 @@ def train(
     defense: Annotated[str | None, typer.Option(
         help="PEFT: update defense on each step's gradient, after any DP: prune:FRACTION | quantize:BITS "
              "(1 = sign) | quantize:sign | clip:C (no noise)")] = None,
+    prompt_template: Annotated[str, typer.Option(help="PEFT: class prompt, {} is the class name")]
+    = "a photo of a {}.",
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune a client's CoOp or CLIP-Adapter on its images (optionally with per-example DP-SGD), or
@@ -179,7 +181,8 @@ def train(
     """  # noqa: E501
     from .. import api
     from ..devices import resolve_device
-    from ..training import ContrastiveConfig, FinetuneConfig
+    from ..peft import PeftConfig
+    from ..training import ContrastiveConfig, FinetuneConfig, contrastive_dp, finetune_dp
 
     dev = resolve_device(device)
     check_writable(out, folder=True)
@@ -193,10 +196,12 @@ def train(
             raise ClipleakError("--defense is for PEFT fine-tuning, not --contrastive")
         if dp_site != "parameters":
             raise ClipleakError("--dp-site is for per-example DP-SGD of CoOp, not contrastive fine-tuning")
-        cdp = "none" if dp == "none" else dp
-        ccfg = ContrastiveConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else 1e-5, dp=cdp,
-                                 clip=clip if clip is not None else 1.0, noise_multiplier=noise_multiplier,
-                                 epsilon=epsilon, delta=delta, accountant=accountant, seed=seed)
+        if prompt_template != PeftConfig().template:
+            raise ClipleakError("--prompt-template is for PEFT fine-tuning, not --contrastive")
+        cdp = contrastive_dp(dp, clip=clip if clip is not None else 1.0, noise_multiplier=noise_multiplier,
+                             epsilon=epsilon, delta=delta, accountant=accountant)
+        ccfg = ContrastiveConfig(dp=cdp, steps=steps, batch_size=batch_size, lr=lr if lr is not None else 1e-5,
+                                 seed=seed)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as cb:
             card = api.contrastive_finetune_client(ccfg, out / "model.safetensors", weights=weights, data=data,
@@ -216,11 +221,11 @@ def train(
     if dp == "per-batch":
         raise ClipleakError("PEFT fine-tuning uses per-example DP-SGD (--dp per-example); per-batch is for "
                             "--contrastive")
-    cfg = FinetuneConfig(method=method, steps=steps, batch_size=batch_size, sampling=sampling, optimizer=optimizer,
-                         lr=lr if lr is not None else 1e-2, dp=dp, dp_site=dp_site,
-                         clip=clip if clip is not None else 0.1,
-                         noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta, accountant=accountant,
-                         seed=seed, defense=defense)
+    pdp = finetune_dp(dp, clip=clip if clip is not None else 0.1, noise_multiplier=noise_multiplier,
+                      epsilon=epsilon, delta=delta, accountant=accountant, site=dp_site)
+    cfg = FinetuneConfig(peft=PeftConfig(method=method, template=prompt_template), dp=pdp, steps=steps,
+                         batch_size=batch_size, sampling=sampling, optimizer=optimizer,
+                         lr=lr if lr is not None else 1e-2, seed=seed, defense=defense)
     with progress_bar() as cb:
         res = api.finetune_client(cfg, out, weights=weights, data=data, part=part, resume=resume, progress=cb,
                                   threads=threads, device=dev)

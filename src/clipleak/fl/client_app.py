@@ -48,7 +48,7 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     data = ClientData.from_config({**own, **shared, **node_cfg})
     pid, nparts = int(node_cfg.get("partition-id", 0)), int(node_cfg.get("num-partitions", 1))
     torch.set_num_threads(int(node_cfg.get("threads", 1)))
-    peft = recipe.peft().to_dict()
+    peft = recipe.peft.to_dict()
     victim, private, shard, _facts = client_setup(data, peft, pid, nparts)
     global_state = {k: v.detach().clone() for k, v in msg.content.array_records["arrays"].to_torch_state_dict().items()}
     victim.load_peft_state(global_state)

@@ -108,7 +108,7 @@ class MaliciousStrategy(AttackingStrategy):
 
     def __init__(self, server: MaliciousServer, victim: Victim, recipe: Recipe, base_meta: dict[str, Any],
                  inner: Strategy | None = None, **kwargs: Any) -> None:
-        if recipe.method != "adapter":
+        if recipe.peft.method != "adapter":
             raise ClipleakError("the malicious server crafts CLIP-Adapter weights: run the federation with "
                                 "--method adapter")
         super().__init__(recipe, base_meta, inner, attack=lambda obs: server.attack(obs, victim), **kwargs)

@@ -38,6 +38,7 @@ from .client_app import make_client_app, truth_path
 from .inprocess import InProcessGrid, server_identity
 from .local import ClientData
 from .server_app import EventFn, RunSpec, finished_rounds, load_state, make_server_app, server_main
+from .settings import Recipe
 
 ENGINES = ("simulation", "inprocess")
 
@@ -303,10 +304,11 @@ def _update_section(c: dict[str, Any], chance: float) -> Section:
 def write_run_page(path: Path, m: dict[str, Any]) -> Path:
     """The federated run's ``report.html`` from its metrics (:func:`evaluate_run`)."""
     run = m["run"]
-    rec = run["recipe"]
+    rec = Recipe.from_dict(run["recipe"])  # the composed form, or a run's flat one saved before it
     s = m["summary"]
-    intro = paragraph(f"E = {rec['local_steps']} local steps, B = {rec['batch_size']}, eta = {rec['lr']}, "
-                      f"DP: {json.dumps(rec['dp'])}; attack {run['attack']} {json.dumps(run['attack_settings'])}"
+    dp = rec.to_dict()["dp"]
+    intro = paragraph(f"E = {rec.local_steps} local steps, B = {rec.batch_size}, eta = {rec.lr}, "
+                      f"DP: {json.dumps(dp)}; attack {run['attack']} {json.dumps(run['attack_settings'])}"
                       + ("" if not run.get("secagg") else f"; secure aggregation (SecAgg+ {json.dumps(run['secagg'])}):"
                          " the server read only each round's aggregate and attacked it as one batch"))
     cd = m.get("client_data")
@@ -316,6 +318,6 @@ def write_run_page(path: Path, m: dict[str, Any]) -> Path:
         paragraph(f"Over the run ({s['images']} images): {_leakage_text(s)}."),
         paragraph("Rows of each figure: the client's truth, the reconstruction, the class prototype, the public "
                   "nearest neighbour.", "note")])
-    return write_page(path, f"Federated run: {run['clients']} clients, {run['rounds']} rounds, {rec['method']}", [
+    return write_page(path, f"Federated run: {run['clients']} clients, {run['rounds']} rounds, {rec.peft.method}", [
         Section(None, [intro, *who]), _accuracy_section(m), _rounds_section(m), updates,
         *(_update_section(c, s["chance"]) for c in m["clients"])])

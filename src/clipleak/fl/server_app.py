@@ -61,7 +61,7 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
-            self.recipe = Recipe(**self.recipe)
+            self.recipe = Recipe.from_dict(self.recipe)
         if self.clients < 1 or self.rounds < 1:
             raise ClipleakError("need at least one client and one round")
         if self.attack_clients is not None and self.attack_clients < 0:
@@ -78,7 +78,7 @@ class RunSpec:
             SecAggSettings(**self.secagg).check_clients(self.clients)
         if self.malicious is not None:
             groups = int(self.malicious.get("groups", 1))
-            if self.recipe.method != "adapter":
+            if self.recipe.peft.method != "adapter":
                 raise ClipleakError("the malicious server crafts CLIP-Adapter weights: use --method adapter")
             if self.secagg is not None:
                 raise ClipleakError("--malicious reads each client's update; under --secagg the server has none")
@@ -87,11 +87,16 @@ class RunSpec:
             self.malicious = {"groups": groups, "seed": int(self.malicious.get("seed", 0))}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "recipe": self.recipe.to_dict()}
 
     def same_run(self, other: dict[str, Any]) -> bool:
         """Whether ``other`` (a saved spec) describes the same run; the number of rounds may grow."""
         a, b = self.to_dict(), dict(other)
+        if isinstance(b.get("recipe"), dict):  # a run saved before the recipe was composed: its flat form
+            try:
+                b["recipe"] = Recipe.from_dict(b["recipe"]).to_dict()
+            except (ClipleakError, TypeError, ValueError):
+                return False
         b.setdefault("strategy", "fedavg")  # runs saved before the strategy was a setting
         b.setdefault("secagg", None)  # runs saved before secure aggregation was a setting
         b.setdefault("malicious", None)  # runs saved before the malicious server was a setting
@@ -103,10 +108,11 @@ class RunSpec:
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> RunSpec:
         """From a Flower run config (deployment: ``[tool.flwr.app.config]`` / ``flwr run --run-config``)."""
-        recipe = Recipe(method=str(cfg.get("method", "adapter")), local_steps=int(cfg.get("local-steps", 1)),
-                        batch_size=int(cfg.get("batch-size", 1)), lr=float(cfg.get("lr", 0.1)),
-                        weights=str(cfg.get("weights", "tiny-mnist")) or None,
-                        dp=json.loads(str(cfg["dp"])) if cfg.get("dp") else None)
+        recipe = Recipe.from_dict({"method": str(cfg.get("method", "adapter")),
+                                   "local_steps": int(cfg.get("local-steps", 1)),
+                                   "batch_size": int(cfg.get("batch-size", 1)), "lr": float(cfg.get("lr", 0.1)),
+                                   "weights": str(cfg.get("weights", "tiny-mnist")) or None,
+                                   "dp": json.loads(str(cfg["dp"])) if cfg.get("dp") else None})
         attack = str(cfg.get("attack", "featmatch")) or None
         sample = int(cfg.get("attack-clients", -1))
         return cls(out=str(cfg.get("out", "runs/fl")), clients=int(cfg.get("clients", 2)),
@@ -147,7 +153,7 @@ class Server:
         clip = build_model(r.arch, self.weights)
         ds = DataSpec.parse(spec.data, split_seed=spec.split_seed)
         self.validation = load_validation(ds, clip.image_size)
-        self.victim: Victim = build_victim(clip, self.validation.classnames, r.peft())
+        self.victim: Victim = build_victim(clip, self.validation.classnames, r.peft)
         with torch.no_grad():
             self.val_raw = self.victim.raw_image_features(self.validation.images)
         self.base_meta: dict[str, Any] = {

@@ -7,7 +7,7 @@ learning rate eta and the DP setting. What only clients know lives in :class:`cl
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ClipleakError
@@ -20,49 +20,84 @@ ROUND_KEY = "clipleak-round"
 """The absolute round number (a resumed run starts Flower's own counter at 1 again)."""
 
 
+FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_seed")
+"""The PEFT fields a recipe spelled flat before it held a :class:`~clipleak.peft.PeftConfig`."""
+
+
 @dataclass
 class Recipe:
-    """The local training every client runs in a round."""
+    """The local training every client runs in a round: ``peft`` (coop or adapter), E local steps, batch
+    size B, learning rate eta and ``dp``, the per-step mechanism with a noise multiplier (``delta``, when
+    given, is the server's: it accounts the epsilon spent over the rounds; a training config's DP setting,
+    so it awaits a schedule: :meth:`setting` is the mechanism each step runs)."""
 
-    method: str = "adapter"
-    n_ctx: int = 4
-    class_specific: bool = False
-    peft_seed: int = 0
+    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="adapter"))
     local_steps: int = 1
     batch_size: int = 1
     lr: float = 0.1
-    dp: dict[str, Any] | None = None
+    dp: DpSetting | None = None
     weights: str | None = "tiny-mnist"
     arch: str = "tiny-32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in ("coop", "adapter"):
-            raise ClipleakError(f"federated runs train coop or adapter, not {self.method!r} "
+        method = self.peft.method
+        if method not in ("coop", "adapter"):
+            raise ClipleakError(f"federated runs train coop or adapter, not {method!r} "
                                 f"(known methods: {', '.join(METHODS)})")
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ClipleakError("local steps, batch size and learning rate must be positive")
         if self.dp is not None:
+            if not self.dp.awaiting_schedule:  # the rounds are the schedule: a given sample rate or steps is unused
+                self.dp = replace(self.dp, sample_rate=None, steps=None, awaiting_schedule=True)
             s = self.setting()
             assert s is not None
-            if s.mechanism == "per-example" and self.method not in PER_EXAMPLE_METHODS:
+            if s.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
                 raise ClipleakError(f"per-example DP needs one of {', '.join(PER_EXAMPLE_METHODS)}")
 
-    def peft(self) -> PeftConfig:
-        return PeftConfig(method=self.method, n_ctx=self.n_ctx, class_specific=self.class_specific,
-                          init_seed=self.peft_seed)
-
     def setting(self) -> DpSetting | None:
-        """The per-step DP mechanism. ``dp["delta"]`` is not part of it: the server uses it to account the
-        epsilon spent over the rounds (``AttackingFedAvg``)."""
+        """The per-step DP mechanism: ``dp`` without delta and epsilon (the server accounts those over the
+        rounds, ``AttackingFedAvg``)."""
         if self.dp is None:
             return None
-        return DpSetting.from_dict({k: v for k, v in self.dp.items() if k not in ("delta", "sample_rate", "steps",
-                                                                                 "epsilon")}).resolve()
+        return replace(self.dp, delta=None, epsilon=None, awaiting_schedule=False).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["peft"] = self.peft.to_dict()
+        d["dp"] = None if self.dp is None else self.dp.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """From :meth:`to_dict`'s form, or the flat form written before the recipe held a PeftConfig and a
+        DpSetting (``method``, ``n_ctx``, ``class_specific``, ``peft_seed``; ``dp`` a dict)."""
+        d = dict(d)
+        if "peft" not in d or any(k in d for k in FLAT_PEFT_KEYS):
+            d = _from_flat(d)
+        if isinstance(d.get("peft"), dict):
+            d["peft"] = PeftConfig.from_dict(d["peft"])
+        if isinstance(d.get("dp"), dict):
+            d["dp"] = DpSetting.from_dict({**d["dp"], "awaiting_schedule": True})
+        return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        return cls(**json.loads(text))
+        return cls.from_dict(json.loads(text))
+
+
+def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A flat recipe (``method``, ``n_ctx``, ``class_specific``, ``peft_seed`` beside the schedule; ``dp`` a
+    DpSetting dict whose ``sample_rate``, ``steps`` and ``epsilon`` the rounds ignored) as the composed form's
+    dict: ``peft`` a PeftConfig, ``dp`` a DpSetting awaiting its schedule; the other keys pass through."""
+    peft = PeftConfig(method=str(d.get("method", "adapter")), n_ctx=int(d.get("n_ctx", 4)),
+                      class_specific=bool(d.get("class_specific", False)), init_seed=int(d.get("peft_seed", 0)))
+    rest = {k: v for k, v in d.items() if k not in FLAT_PEFT_KEYS}
+    dp = rest.get("dp")
+    if isinstance(dp, dict):
+        kept = {k: v for k, v in dp.items() if k not in ("sample_rate", "steps", "epsilon")}
+        rest["dp"] = DpSetting.from_dict({**kept, "awaiting_schedule": True})
+    return {**rest, "peft": peft}

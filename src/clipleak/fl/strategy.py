@@ -198,7 +198,7 @@ class AttackingStrategy(Strategy):
         self.aggregate_reconstructions: dict[int, Reconstruction] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
         s = recipe.setting()
-        self.defense = None if s is None else {**s.record(), "delta": (recipe.dp or {}).get("delta"),
+        self.defense = None if s is None else {**s.record(), "delta": None if recipe.dp is None else recipe.dp.delta,
                                                "per": f"local step ({recipe.local_steps} per round)"}
 
     def absolute(self, server_round: int) -> int:

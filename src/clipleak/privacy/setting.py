@@ -54,6 +54,10 @@ class DpSetting:
     training schedule the budget is spent over); with ``noise_multiplier``, giving all three also
     reports the epsilon. :meth:`resolve` fills in the missing one. When both are given the noise
     multiplier wins and epsilon is recomputed from it (what the setting actually spends).
+
+    ``awaiting_schedule``: a setting held by a training config (fine-tuning, a federated recipe), whose
+    sample rate and steps come from that training's schedule: it takes ``delta`` without them, and
+    :meth:`scheduled` fills them in before it is resolved.
     """
 
     mechanism: str
@@ -66,6 +70,7 @@ class DpSetting:
     accountant: str = "rdp"
     clipping: str = "flat"
     site: str = "parameters"
+    awaiting_schedule: bool = False
     resolved: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,9 +91,14 @@ class DpSetting:
         if self.noise_multiplier is not None and (not _finite(self.noise_multiplier) or self.noise_multiplier < 0):
             raise ClipleakError(f"the noise multiplier must be >= 0, got {self.noise_multiplier!r}")
         schedule = (self.delta, self.sample_rate, self.steps)
-        if self.epsilon is not None and any(v is None for v in schedule):
+        if self.awaiting_schedule:
+            if self.sample_rate is not None or self.steps is not None:
+                raise ClipleakError("a DP setting awaiting its training schedule takes no sample rate or steps")
+            if self.epsilon is not None and self.delta is None:
+                raise ClipleakError("a target epsilon needs delta, the sample rate and the number of steps")
+        elif self.epsilon is not None and any(v is None for v in schedule):
             raise ClipleakError("a target epsilon needs delta, the sample rate and the number of steps")
-        if any(v is None for v in schedule) and any(v is not None for v in schedule):
+        elif any(v is None for v in schedule) and any(v is not None for v in schedule):
             raise ClipleakError("give delta, the sample rate and the number of steps together (or none of them)")
 
     @property
@@ -96,12 +106,22 @@ class DpSetting:
         """Sensitivity over C: 1 for per-example DP-SGD, 2 for the per-batch mechanism."""
         return 1.0 if self.mechanism == "per-example" else 2.0
 
+    def scheduled(self, sample_rate: float, steps: int) -> DpSetting:
+        """This setting with its training schedule filled in (without ``delta`` nothing is accounted: the
+        schedule is left out)."""
+        if self.delta is None:
+            return replace(self, awaiting_schedule=False)
+        return replace(self, sample_rate=float(sample_rate), steps=int(steps), awaiting_schedule=False)
+
     def resolve(self) -> DpSetting:
         """A copy with both ``noise_multiplier`` and (when a schedule is given) ``epsilon`` filled in.
 
         Calibration and accounting run once: a resolved setting returns itself."""
         if self.resolved:
             return self
+        if self.awaiting_schedule:
+            raise ClipleakError("this DP setting awaits its training schedule (sample rate and steps): "
+                                "fill it in with scheduled()")
         k = self.sensitivity_factor
         if self.noise_multiplier is None:
             assert self.epsilon is not None
@@ -118,7 +138,8 @@ class DpSetting:
         """The ``defense`` entry of an observation (resolved: sigma and epsilon filled in where possible)."""
         s = self.resolve()
         assert s.noise_multiplier is not None
-        d: dict[str, Any] = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "resolved"}
+        d: dict[str, Any] = {f.name: getattr(s, f.name) for f in fields(s)
+                             if f.name not in ("resolved", "awaiting_schedule")}
         d["accountant"] = s.accountant if s.epsilon is not None else None
         d["noise_std"] = s.noise_multiplier * s.clip
         d["sensitivity"] = s.sensitivity_factor * s.clip
@@ -132,8 +153,17 @@ class DpSetting:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DpSetting:
         keys = {"mechanism", "clip", "noise_multiplier", "epsilon", "delta", "sample_rate", "steps",
-                "accountant", "clipping", "site"}
+                "accountant", "clipping", "site", "awaiting_schedule"}
         return cls(**{k: v for k, v in d.items() if k in keys})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The setting as given (not resolved), for configs: :meth:`from_dict` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("resolved", "awaiting_schedule")}
+        if self.awaiting_schedule:
+            d.pop("sample_rate")
+            d.pop("steps")
+            d["awaiting_schedule"] = True
+        return d
 
 
 def _finite(x: object) -> bool:

@@ -7,8 +7,10 @@ from .finetune import (
     FinetuneConfig,
     FinetuneRun,
     accuracy_from_raw,
+    contrastive_dp,
     contrastive_finetune,
     finetune,
+    finetune_dp,
 )
 from .loop import Budget, LoopState, train_loop
 from .pretrain import EVAL_PROMPT, PretrainConfig, checkpoint_dir, load_caption_csv, lr_at, pretrain
@@ -27,6 +29,6 @@ from .priors import (
 __all__ = [
     "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "ContrastiveConfig",
     "FinetuneConfig", "FinetuneRun", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior",
-    "checkpoint_dir", "cnn_quality", "contrastive_finetune", "derive_seed", "finetune",
+    "checkpoint_dir", "cnn_quality", "contrastive_dp", "contrastive_finetune", "derive_seed", "finetune", "finetune_dp",
     "load_caption_csv", "lr_at", "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

@@ -14,11 +14,11 @@ a step runs only the PEFT head. Each step:
   drawn batch of exactly ``batch_size`` images per step, *accounted as if* Poisson with the same q (the
   common approximation, not a guarantee; the result says so).
 * **gradient** -- the sum over the batch of the per-example cross-entropy gradients, divided by the
-  *expected* batch size ``q N`` (Opacus's normalisation; for ``fixed`` it is the batch size). With
-  ``dp="per-example"`` each per-example gradient is first clipped to C (flat L2 over the PEFT tensors)
+  *expected* batch size ``q N`` (Opacus's normalisation; for ``fixed`` it is the batch size). With a
+  per-example ``dp`` setting each per-example gradient is first clipped to C (flat L2 over the PEFT tensors)
   and N(0, (sigma C)^2) is added to the sum: DP-SGD, sensitivity C, accountant noise multiplier sigma.
   sigma is given or calibrated from a target epsilon for this schedule (q, steps, delta).
-  ``dp_site="text-features"`` (CoOp only) clips and noises each example's gradient w.r.t. the K x E class
+  Its site ``text-features`` (CoOp only) clips and noises each example's gradient w.r.t. the K x E class
   text features instead (closed form, no text backward per example) and maps the noisy sum to the
   prompt with one backward pass of the text encoder: the same Gaussian mechanism and accounting, the
   map is post-processing (:func:`clipleak.privacy.coop_text_feature_dp`), at the plain step's cost
@@ -49,7 +49,7 @@ import hashlib
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,56 +94,91 @@ SAMPLING_NOTES = {
 }
 
 
+FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_seed")
+"""The PEFT fields a fine-tuning config spelled flat before it held a :class:`~clipleak.peft.PeftConfig`."""
+FLAT_DP_KEYS: tuple[str, ...] = ("dp", "dp_site", "clip", "noise_multiplier", "epsilon", "delta", "accountant")
+"""The DP fields it spelled flat before it held a :class:`~clipleak.privacy.DpSetting`."""
+FLAT_DEFAULTS: dict[str, Any] = {"method": "adapter", "n_ctx": 4, "class_specific": False, "peft_seed": 0,
+                                 "dp": "none", "dp_site": "parameters", "clip": 0.1, "noise_multiplier": None,
+                                 "epsilon": None, "delta": 1e-5, "accountant": "rdp"}
+"""The flat fields' defaults (a flat config without DP still named a C, a delta and an accountant)."""
+_NO_DP_KEYS = ("clip", "noise_multiplier", "epsilon", "delta", "accountant")
+
+
+def finetune_dp(dp: str = "none", *, clip: float = 0.1, noise_multiplier: float | None = None,
+                epsilon: float | None = None, delta: float | None = 1e-5, accountant: str = "rdp",
+                site: str = "parameters") -> DpSetting | None:
+    """The DP setting of PEFT fine-tuning from its options (``dp``: ``none`` or ``per-example``; the CLI's
+    ``--dp``, ``--clip``, ...): ``None`` without DP, else a per-example setting awaiting its schedule."""
+    if dp not in DP_MODES:
+        raise ClipleakError(f"PEFT fine-tuning takes dp 'none' or 'per-example', got {dp!r} "
+                            "(per-batch: contrastive fine-tuning)")
+    if site not in SITES:
+        raise ClipleakError(f"unknown DP site {site!r}; choose one of {', '.join(SITES)}")
+    if dp == "none":
+        if site != "parameters":
+            raise ClipleakError(f"the {site!r} DP site is for CoOp with dp='per-example'")
+        if noise_multiplier is not None or epsilon is not None:
+            raise ClipleakError("a noise multiplier, an epsilon or canaries need dp='per-example'")
+        return None
+    if noise_multiplier is None and epsilon is None:
+        raise ClipleakError("DP fine-tuning needs a noise multiplier or a target epsilon")
+    return DpSetting("per-example", clip=float(clip), noise_multiplier=noise_multiplier, epsilon=epsilon,
+                     delta=delta, accountant=accountant, site=site, awaiting_schedule=True)
+
+
+def _unscheduled(dp: DpSetting) -> DpSetting:
+    """``dp`` as a training config holds it: awaiting the schedule that sets its sample rate and steps."""
+    if dp.awaiting_schedule:
+        return dp
+    if dp.sample_rate is not None or dp.steps is not None:
+        raise ClipleakError("the training schedule sets the DP sample rate and steps: leave them out of the "
+                            "DP setting")
+    return replace(dp, awaiting_schedule=True)
+
+
 @dataclass
 class FinetuneConfig:
-    """How a client fine-tunes its PEFT module. ``batch_size`` is the expected batch size (Poisson) or
-    the batch size (fixed); ``noise_multiplier`` or ``epsilon`` (calibrated for this schedule) with
-    ``dp="per-example"``."""
+    """How a client fine-tunes its PEFT module: ``peft`` (coop or adapter), ``dp`` (a per-example
+    :class:`~clipleak.privacy.DpSetting` with a noise multiplier or a target epsilon, calibrated for this
+    schedule; ``None`` without DP; :func:`finetune_dp` builds one from the CLI's options) and the schedule.
+    ``batch_size`` is the expected batch size (Poisson) or the batch size (fixed)."""
 
-    method: str = "adapter"
+    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="adapter"))
+    dp: DpSetting | None = None
     steps: int = 200
     batch_size: int = 25
     sampling: str = "poisson"
     optimizer: str = "adam"
     lr: float = 1e-3
-    dp: str = "none"
-    dp_site: str = "parameters"
-    clip: float = 0.1
-    noise_multiplier: float | None = None
-    epsilon: float | None = None
-    delta: float = 1e-5
-    accountant: str = "rdp"
     seed: int = 0
-    n_ctx: int = 4
-    class_specific: bool = False
-    peft_seed: int = 0
     checkpoint_every: int = 50
     eval_points: int = 5
     canaries: int = 0
     defense: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in PER_EXAMPLE_METHODS:
-            raise ClipleakError(f"fine-tuning trains {' or '.join(PER_EXAMPLE_METHODS)}, not {self.method!r} "
+        method = self.peft.method
+        if method not in PER_EXAMPLE_METHODS:
+            raise ClipleakError(f"fine-tuning trains {' or '.join(PER_EXAMPLE_METHODS)}, not {method!r} "
                                 "(contrastive fine-tuning of the whole target: --contrastive)")
         if self.sampling not in SAMPLINGS:
             raise ClipleakError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ClipleakError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.dp not in DP_MODES:
-            raise ClipleakError(f"PEFT fine-tuning takes dp 'none' or 'per-example', got {self.dp!r} "
-                                "(per-batch: contrastive fine-tuning)")
+        if self.dp is not None:
+            if self.dp.mechanism not in DP_MODES:
+                raise ClipleakError(f"PEFT fine-tuning takes dp 'none' or 'per-example', got {self.dp.mechanism!r} "
+                                    "(per-batch: contrastive fine-tuning)")
+            self.dp = _unscheduled(self.dp)
         if isinstance(self.steps, bool) or int(self.steps) < 1 or int(self.batch_size) < 1:
             raise ClipleakError("steps and batch size must be positive integers")
         if not float(self.lr) > 0:
             raise ClipleakError(f"learning rate must be positive, got {self.lr!r}")
-        if self.dp_site not in SITES:
-            raise ClipleakError(f"unknown DP site {self.dp_site!r}; choose one of {', '.join(SITES)}")
-        if self.dp_site != "parameters" and (self.dp != "per-example" or self.method != "coop"):
-            raise ClipleakError(f"the {self.dp_site!r} DP site is for CoOp with dp='per-example'")
-        if self.dp == "per-example" and self.noise_multiplier is None and self.epsilon is None:
-            raise ClipleakError("DP fine-tuning needs a noise multiplier or a target epsilon")
-        if self.dp == "none" and (self.noise_multiplier is not None or self.epsilon is not None or self.canaries):
+        site = "parameters" if self.dp is None else self.dp.site
+        if site != "parameters" and method != "coop":
+            raise ClipleakError(f"the {site!r} DP site is for CoOp with dp='per-example'")
+        if self.dp is None and self.canaries:
             raise ClipleakError("a noise multiplier, an epsilon or canaries need dp='per-example'")
         if int(self.canaries) < 0 or int(self.eval_points) < 1 or int(self.checkpoint_every) < 1:
             raise ClipleakError("canaries must be >= 0, eval points and checkpoint interval >= 1")
@@ -153,33 +188,63 @@ class FinetuneConfig:
         """The :class:`~clipleak.privacy.Defense` applied to each step's gradient (``None``: none)."""
         return parse_defense(self.defense)
 
-    def peft(self) -> PeftConfig:
-        """The PEFT module this config trains (the one :class:`~clipleak.peft.PeftConfig` it stands for)."""
-        return PeftConfig(method=self.method, n_ctx=self.n_ctx, class_specific=self.class_specific,
-                          init_seed=self.peft_seed)
-
     def dp_setting(self, n_images: int) -> DpSetting | None:
         """The per-example :class:`~clipleak.privacy.DpSetting` of this schedule over ``n_images`` images,
         resolved (sigma calibrated from epsilon if needed); ``None`` without DP."""
-        if self.dp == "none":
+        if self.dp is None:
             return None
-        return DpSetting("per-example", clip=float(self.clip), noise_multiplier=self.noise_multiplier,
-                         epsilon=self.epsilon, delta=self.delta, sample_rate=sample_rate(self, n_images),
-                         steps=int(self.steps), accountant=self.accountant, site=self.dp_site).resolve()
+        return self.dp.scheduled(sample_rate(self, n_images), int(self.steps)).resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["peft"] = self.peft.to_dict()
+        d["dp"] = None if self.dp is None else self.dp.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """From :meth:`to_dict`'s form, or the flat form written before the config held a PeftConfig and a
+        DpSetting (``method``, ``n_ctx``, ..., ``dp: "none" | "per-example"``, ``clip``, ...)."""
+        if _is_flat(d):
+            d = _from_flat(d)
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ClipleakError(f"unknown fine-tuning config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if isinstance(d.get("peft"), dict):
+            d["peft"] = PeftConfig.from_dict(d["peft"])
+        if isinstance(d.get("dp"), dict):
+            d["dp"] = DpSetting.from_dict({**d["dp"], "awaiting_schedule": True})
         return cls(**d)
 
+    def flat(self) -> dict[str, Any]:
+        """The config in the flat form written before it held a PeftConfig and a DpSetting (what
+        :meth:`training_key` is built from). Without DP the flat DP fields take their defaults; PEFT and DP
+        settings the flat form had no field for are added as ``peft_<name>`` / ``dp_<name>`` where they are
+        not the defaults."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("peft", "dp")}
+        p = self.peft
+        d.update(method=p.method, n_ctx=p.n_ctx, class_specific=p.class_specific, peft_seed=p.init_seed)
+        if self.dp is None:
+            d.update({k: FLAT_DEFAULTS[k] for k in FLAT_DP_KEYS})
+        else:
+            s = self.dp
+            d.update(dp=s.mechanism, dp_site=s.site, clip=s.clip, noise_multiplier=s.noise_multiplier,
+                     epsilon=s.epsilon, delta=s.delta, accountant=s.accountant)
+            if s.clipping != "flat":
+                d["dp_clipping"] = s.clipping
+        default = PeftConfig(method=p.method)
+        for f in fields(PeftConfig):
+            if f.name not in ("method", "n_ctx", "class_specific", "init_seed") \
+                    and getattr(p, f.name) != getattr(default, f.name):
+                d[f"peft_{f.name}"] = getattr(p, f.name)
+        return d
+
     def training_key(self) -> dict[str, Any]:
-        d = self.to_dict()
+        """What a checkpoint must have been started with to be resumed: the flat form (:meth:`flat`), so a
+        checkpoint written before the config was composed resumes."""
+        d = self.flat()
         for k in ("checkpoint_every", "eval_points"):
             d.pop(k)
         if d["dp_site"] == "parameters":  # checkpoints written before the site existed stay resumable
@@ -187,6 +252,42 @@ class FinetuneConfig:
         if d["defense"] is None:  # likewise before the defense existed
             d.pop("defense")
         return d
+
+
+def _is_flat(d: dict[str, Any]) -> bool:
+    return "peft" not in d or isinstance(d.get("dp"), str) or any(k in d for k in FLAT_PEFT_KEYS)
+
+
+def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A flat fine-tuning config (``method``, ``n_ctx``, ``class_specific``, ``peft_seed``, ``dp``,
+    ``dp_site``, ``clip``, ``noise_multiplier``, ``epsilon``, ``delta``, ``accountant``) as the composed
+    form's dict: ``peft`` a PeftConfig, ``dp`` a DpSetting or None; the other keys pass through."""
+    flat = {**FLAT_DEFAULTS, **{k: d[k] for k in (*FLAT_PEFT_KEYS, *FLAT_DP_KEYS) if k in d}}
+    rest = {k: v for k, v in d.items() if k not in FLAT_PEFT_KEYS and k not in FLAT_DP_KEYS}
+    peft = PeftConfig(method=flat["method"], n_ctx=int(flat["n_ctx"]), class_specific=bool(flat["class_specific"]),
+                      init_seed=int(flat["peft_seed"]))
+    if rest.get("canaries") and flat["dp"] == "none":
+        raise ClipleakError("a noise multiplier, an epsilon or canaries need dp='per-example'")
+    dp = finetune_dp(flat["dp"], clip=flat["clip"], noise_multiplier=flat["noise_multiplier"],
+                     epsilon=flat["epsilon"], delta=flat["delta"], accountant=flat["accountant"],
+                     site=flat["dp_site"])
+    return {"peft": peft, "dp": dp, **rest}
+
+
+def same_training_key(saved: Any, key: dict[str, Any]) -> bool:
+    """Whether a checkpoint's stored key is ``key``: without DP on both sides, the DP fields the flat form
+    carried without effect (C, delta, accountant) are not compared."""
+    if saved == key:
+        return True
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return False
+    a, b = dict(saved["config"]), dict(key["config"])
+    if a.get("dp", "none") != "none" or b.get("dp", "none") != "none":
+        return False
+    for c in (a, b):
+        for k in _NO_DP_KEYS:
+            c.pop(k, None)
+    return {**saved, "config": a} == {**key, "config": b}
 
 
 def sample_rate(cfg: FinetuneConfig, n_images: int) -> float:
@@ -341,7 +442,7 @@ def _load(root: Path, run: FinetuneRun, key: dict[str, Any]) -> dict[str, Any] |
     if saved is None:
         return None
     state, (peft, opt, scores) = saved
-    if state.get("format") != CKPT_FORMAT or state.get("key") != key:
+    if state.get("format") != CKPT_FORMAT or not same_training_key(state.get("key"), key):
         raise ClipleakError(f"cannot resume from {root}: it was started with different settings or images; "
                             "use the same ones or start over without --resume")
     run.victim.load_peft_state(peft)
@@ -372,7 +473,7 @@ def finetune(
     task: str = "finetune",
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Fine-tune ``cfg.method`` of the target on ``train``; accuracy on ``held_out``; returns the result.
+    """Fine-tune ``cfg.peft`` of the target on ``train``; accuracy on ``held_out``; returns the result.
 
     Writes ``out_dir/peft.safetensors`` (the trained PEFT state) and ``out_dir/finetune.json`` (config,
     schedule, sigma, epsilon spent along the way and at the end, accuracy before / during / after,
@@ -402,7 +503,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
     if progress is not None:
         progress(ProgressEvent(task, 0, cfg.steps, phase="load", note="encoding images"))
     clip = build_model(arch, weights, device=device)
-    victim = build_victim(clip, list(train.classnames), cfg.peft())
+    victim = build_victim(clip, list(train.classnames), cfg.peft)
     raw_train, raw_val = encode(victim, train.images), encode(victim, held_out.images)
     run = FinetuneRun(cfg, victim, raw_train, train.labels, setting)
     val_labels = held_out.labels.to(raw_val.device)
@@ -424,9 +525,9 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
     eval_steps = {min(cfg.steps, every * i) for i in range(1, cfg.eval_points + 1)} | {cfg.steps}
 
     def spent(steps: int) -> float | None:
-        if setting is None or not setting.noise_multiplier or steps < 1:
+        if setting is None or not setting.noise_multiplier or setting.delta is None or steps < 1:
             return None
-        return epsilon(setting.noise_multiplier, run.q, steps, cfg.delta, cfg.accountant)
+        return epsilon(setting.noise_multiplier, run.q, steps, setting.delta, setting.accountant)
 
     def step(s: int, total: int | None) -> float:
         loss = run.step(s, total)
@@ -462,7 +563,7 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
                      "sampling": cfg.sampling, "sampling_note": SAMPLING_NOTES[cfg.sampling],
                      "normalisation": "sum of (clipped) per-example gradients (+ noise) / expected batch size"},
         "privacy": None if setting is None else {**setting.record(), "epsilon_spent": spent(st.step),
-                                                 "accountant": cfg.accountant},
+                                                 "accountant": setting.accountant},
         "defense": None if run.defense is None else run.defense.record(),
         "accuracy_before": acc0,
         "accuracy": acc,
@@ -489,39 +590,52 @@ def _finetune(cfg: FinetuneConfig, train: ImageSet, held_out: ImageSet, out: Pat
 # ------------------------------------------------------------------------------- contrastive (Dp-CLIP)
 
 
+def contrastive_dp(dp: str = "per-batch", *, clip: float = 1.0, noise_multiplier: float | None = None,
+                   epsilon: float | None = None, delta: float | None = 1e-5,
+                   accountant: str = "rdp") -> DpSetting | None:
+    """The DP setting of contrastive fine-tuning from its options (``dp``: ``per-batch`` or ``none``):
+    ``None`` without DP, else a per-batch (Dp-CLIP) setting awaiting its schedule."""
+    if dp not in ("per-batch", "none"):
+        raise ClipleakError(f"contrastive fine-tuning takes dp 'per-batch' or 'none', got {dp!r} "
+                            "(the contrastive loss does not split into per-example terms)")
+    if dp == "none":
+        return None
+    if noise_multiplier is None and epsilon is None:
+        raise ClipleakError("Dp-CLIP fine-tuning needs a noise multiplier or a target epsilon")
+    return DpSetting("per-batch", clip=float(clip), noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta,
+                     accountant=accountant, awaiting_schedule=True)
+
+
 @dataclass
 class ContrastiveConfig:
-    """Dp-CLIP fine-tuning of the whole target on a client's images (per-batch clipping and noise)."""
+    """Dp-CLIP fine-tuning of the whole target on a client's images: ``dp`` a per-batch
+    :class:`~clipleak.privacy.DpSetting` (per-batch clipping and noise; :func:`contrastive_dp` builds one
+    from the CLI's options), ``None`` without DP."""
 
+    dp: DpSetting | None = None
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-5
-    dp: str = "per-batch"  # "per-batch" | "none"
-    clip: float = 1.0
-    noise_multiplier: float | None = None
-    epsilon: float | None = None
-    delta: float = 1e-5
-    accountant: str = "rdp"
     seed: int = 0
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.dp not in ("per-batch", "none"):
-            raise ClipleakError(f"contrastive fine-tuning takes dp 'per-batch' or 'none', got {self.dp!r} "
-                                "(the contrastive loss does not split into per-example terms)")
-        if self.dp == "per-batch" and self.noise_multiplier is None and self.epsilon is None:
-            raise ClipleakError("Dp-CLIP fine-tuning needs a noise multiplier or a target epsilon")
+        if self.dp is not None:
+            if self.dp.mechanism != "per-batch":
+                raise ClipleakError(f"contrastive fine-tuning takes dp 'per-batch' or 'none', got "
+                                    f"{self.dp.mechanism!r} (the contrastive loss does not split into per-example "
+                                    "terms)")
+            self.dp = _unscheduled(self.dp)
 
     def dp_setting(self, n_images: int) -> DpSetting | None:
         """The per-batch :class:`~clipleak.privacy.DpSetting` of this schedule over ``n_images`` images
         (fixed-size batches accounted as Poisson with q = B / N), resolved; ``None`` without DP."""
-        if self.dp == "none":
+        if self.dp is None:
             return None
         q = self.batch_size / n_images
         if q > 1:
             raise ClipleakError(f"batch size {self.batch_size} is larger than the {n_images} training images")
-        return DpSetting("per-batch", clip=self.clip, noise_multiplier=self.noise_multiplier, epsilon=self.epsilon,
-                         delta=self.delta, sample_rate=q, steps=self.steps, accountant=self.accountant).resolve()
+        return self.dp.scheduled(q, int(self.steps)).resolve()
 
 
 def contrastive_finetune(cfg: ContrastiveConfig, train: ImageSet, out_path: str | Path, *,
