@@ -27,6 +27,7 @@ from ..models import ClipModel
 from ..priors import check_prior, load_prior, save_prior
 from ..records import ProgressFn
 from ..training import build_prior
+from .cells import AUTO_DECODER, DEFAULT_TARGET
 
 RECIPE: dict[str, Any] = {"kind": "decoder", "seed": 0, "augment_copies": 0, "base": 64, "feature_noise": 0.0}
 """The automatic decoder's recipe: ``tiny-mnist-decoder``'s (L1 + MSE, Adam, cosine decay, batch 64,
@@ -95,3 +96,33 @@ def auto_decoder(clip: ClipModel, weights: str, spec: DataSpec, public: ImageSet
     if not _usable(path, clip, spec):
         raise ClipleakError(f"training the audit's decoder did not produce a usable file at {path}")
     return path
+
+
+def choose_decoder(name: str, *, clip: ClipModel, weights: str | None, path: str | None, spec: DataSpec,
+                   same_as: DataSpec, public: ImageSet, seconds: float, progress: ProgressFn | None = None) -> str:
+    """The decoder file ``name`` stands for, checked against the target before any attack.
+
+    ``auto``: the shipped ``tiny-mnist-decoder`` for ``tiny-mnist`` on the mnist digits (``same_as``: the data
+    set a folder holds exactly, see :func:`clipleak.audit.sweep.same_data`), else :func:`auto_decoder` on
+    ``spec``'s ``public`` split (trained weights needed: ``path``, the resolved ``weights``). A registered name
+    must be a decoder for ``clip``'s architecture; any file must fit the weights and the data."""
+    if name == AUTO_DECODER and (weights, same_as.name) == DEFAULT_TARGET and same_as.split_seed == 0 \
+            and clip.arch == "tiny-32":
+        name = "tiny-mnist-decoder"  # a folder holding exactly the mnist digits: the shipped decoder fits
+    if name == AUTO_DECODER:
+        if path is None:
+            raise ClipleakError("--decoder auto needs trained weights: a random-init CLIP gives every image "
+                                "nearly the same feature (give --weights, or --decoder '' for none)")
+        return str(auto_decoder(clip, path, spec, public, seconds=seconds, progress=progress))
+    if artifacts.is_artifact(name) and not Path(name).exists():
+        recipe = artifacts.get(name).recipe
+        made_for = getattr(recipe, "arch", None)
+        if getattr(recipe, "kind", None) != "decoder" or made_for != clip.arch:
+            raise ClipleakError(f"--decoder {name} is a {getattr(recipe, 'kind', 'target')} for "
+                                f"{made_for}, not a decoder for {clip.arch}; use --decoder auto")
+    found = artifacts.resolve_path(name, progress)
+    if found is None or not Path(found).is_file():
+        raise ClipleakError(f"--decoder {name}: no such file or registered decoder")
+    check_prior(load_prior(found), clip.image_size, weights_sha256=clip.weights_sha256, kind="decoder",
+                data=same_as.to_dict())
+    return found

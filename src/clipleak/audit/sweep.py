@@ -53,14 +53,13 @@ from ..errors import ClipleakError
 from ..evaluation import evaluate
 from ..models import build_model, read_card
 from ..peft import PeftConfig, build_victim, rebuild_victim
-from ..priors import check_prior, load_prior
 from ..privacy import DpSetting
 from ..records import ProgressEvent, ProgressFn, Truth, write_json_atomic
 from ..training import derive_seed, finetune
 from .canary import canary_audit
-from .cells import AUTO_DECODER, DEFAULT_TARGET, AuditConfig, Key, cell_keys, eps_text, key_text, saved_config
+from .cells import AuditConfig, Key, cell_keys, eps_text, key_text, saved_config
 from .chart import write_outputs
-from .decoder import auto_decoder
+from .decoder import choose_decoder
 from .summary import summarise
 
 RANDOM_INIT = ("none", "random")
@@ -88,7 +87,7 @@ class _Store:
             old = saved_config(saved.get("config") or {})
             if old.get("draw_seed") != config.get("draw_seed"):
                 raise ClipleakError(f"{path} holds an audit of draw seed {old.get('draw_seed')}, not "
-                                    f"{config.get('draw_seed')}; use another --out for other digits")
+                                    f"{config.get('draw_seed')}; use another --out for other images")
             if (old.get("data"), old.get("split_seed")) != (config.get("data"), config.get("split_seed")):
                 raise ClipleakError(f"{path} holds an audit of data {old.get('data')} split seed "
                                     f"{old.get('split_seed')}, not {config.get('data')} split seed "
@@ -181,29 +180,8 @@ class AuditContext:
                 raise ClipleakError("MIP's image stage needs a feature-to-image decoder (--decoder auto trains one "
                                     "on the public split)")
             return None
-        name = cfg.decoder
-        if name == AUTO_DECODER and (cfg.weights, self.same_as.name) == DEFAULT_TARGET \
-                and self.same_as.split_seed == 0 and self.arch == "tiny-32":
-            name = "tiny-mnist-decoder"  # a folder holding exactly the mnist digits: the shipped decoder fits
-        if name == AUTO_DECODER:
-            if self.path is None:
-                raise ClipleakError("--decoder auto needs trained weights: a random-init CLIP gives every image "
-                                    "nearly the same feature (give --weights, or --decoder '' for none)")
-            return str(auto_decoder(self.clip, self.path, self.spec, public, seconds=cfg.decoder_seconds,
-                                    progress=progress))
-        if artifacts.is_artifact(name) and not Path(name).exists():
-            recipe = artifacts.get(name).recipe
-            made_for = getattr(recipe, "arch", None)
-            if getattr(recipe, "kind", None) != "decoder" or made_for != self.arch:
-                raise ClipleakError(f"--decoder {name} is a {getattr(recipe, 'kind', 'target')} for "
-                                    f"{made_for}, not a decoder for {self.arch}; use --decoder auto")
-        path = artifacts.resolve_path(name, progress)
-        assert path is not None
-        if not Path(path).is_file():
-            raise ClipleakError(f"--decoder {name}: no such file or registered decoder")
-        check_prior(load_prior(path), self.clip.image_size, weights_sha256=self.clip.weights_sha256, kind="decoder",
-                    data=self.same_as.to_dict())
-        return path
+        return choose_decoder(cfg.decoder, clip=self.clip, weights=cfg.weights, path=self.path, spec=self.spec,
+                              same_as=self.same_as, public=public, seconds=cfg.decoder_seconds, progress=progress)
 
     def setting(self, method: str, eps: float) -> DpSetting | None:
         return self.cfg.ft(method, eps).dp_setting(len(self.private))

@@ -38,8 +38,12 @@ def run(
     delta: Annotated[float, typer.Option(help="DP: delta for the epsilon spent so far")] = 1e-5,
     attack: Annotated[str, typer.Option(help="the server's attack on each update: featmatch | ig | none")]
     = "featmatch",
-    decoder: Annotated[str | None, typer.Option(help="featmatch: feature-to-image decoder (artifact or file)")]
-    = "tiny-mnist-decoder",
+    decoder: Annotated[str | None, typer.Option(
+        help="featmatch: feature-to-image decoder: auto (tiny-mnist-decoder for tiny-mnist on mnist, else one "
+             "trained on the public split for these weights within --decoder-seconds and cached), a file or a "
+             "registered name; '' for none")] = "auto",
+    decoder_seconds: Annotated[float, typer.Option(
+        help="--decoder auto: training time budget of a decoder that is not cached yet")] = 300.0,
     iterations: Annotated[int, typer.Option(help="attack iterations (featmatch with a decoder: 0 = its "
                                             "output)")] = 0,
     attack_clients: Annotated[int | None, typer.Option(help="attack this many updates per round (a seeded "
@@ -118,8 +122,10 @@ def run(
     recipe = Recipe(peft=PeftConfig(method=method), local_steps=local_steps, batch_size=batch_size, lr=lr,
                     dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
     settings: dict[str, Any] = {"iterations": iterations}
-    if attack == "featmatch" and decoder:
-        settings["decoder"] = decoder
+    found = _check_target(recipe.weights, recipe.arch, data_name, split_seed,
+                          decoder if attack == "featmatch" else None, decoder_seconds)
+    if found:
+        settings["decoder"] = found
     if attack != "none":
         make_config(attack, **settings)  # an unknown attack or setting is refused before round 1
     images = DataSpec.parse(data_name, split_seed=split_seed)  # a folder is recorded by its absolute path
@@ -137,6 +143,31 @@ def run(
     with progress_bar() as cb:
         state = run_federated(spec, data, engine=engine, parallel=parallel, on_event=_round_events(cb, rounds))
     _print_outcome(state, evaluate_run(out, tdir), out)
+
+
+def _check_target(weights: str | None, arch: str, data_name: str, split_seed: int, decoder: str | None,
+                  seconds: float) -> str | None:
+    """Before round 1: the target must not have been trained on another split of the clients' data (its card
+    says), and the attack's decoder must fit the target and the data (``auto``: the shipped one or one trained
+    on the public split, :func:`clipleak.audit.decoder.choose_decoder`). Returns what the run records as its
+    decoder (a registered name stays a name, so that runs started before ``auto`` existed still resume)."""
+    from .. import artifacts
+    from ..audit.decoder import choose_decoder
+    from ..data import DataSpec, check_same_split, load_public
+    from ..models import build_model, read_card
+
+    with progress_bar() as cb:
+        path = artifacts.resolve_path(weights, cb)
+        spec = DataSpec.parse(data_name, split_seed=split_seed)
+        if path is not None:
+            check_same_split(spec, read_card(path), f"the target {Path(path).name}")
+        if not decoder:
+            return None
+        clip = build_model(arch, path)
+        found = choose_decoder(decoder, clip=clip, weights=weights, path=path, spec=spec, same_as=spec,
+                               public=load_public(spec, clip.image_size), seconds=seconds, progress=cb)
+    shipped = "tiny-mnist-decoder"
+    return shipped if decoder in ("auto", shipped) and found == str(artifacts.path_of(shipped)) else found
 
 
 def _whole(x: float) -> int | float:

@@ -94,7 +94,7 @@ def remember_client_data(data: ClientData) -> None:
         if differ:
             diff = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in differ.items())
             raise ClipleakError(f"{path.parent} holds the truth of clients with {diff}; use another --out or "
-                                "--truth-dir for other digits")
+                                "--truth-dir for other images")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mine, indent=2, sort_keys=True))
