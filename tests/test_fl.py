@@ -566,3 +566,30 @@ def test_malicious_server_run_sends_crafted_weights_and_reads_the_batches(tmp_pa
                 malicious={"groups": 1})
     with pytest.raises(ClipleakError, match="secagg"):
         RunSpec(out=str(tmp_path / "o3"), clients=2, recipe=recipe, malicious={"groups": 1}, secagg={})
+
+
+@pytest.mark.parametrize("defense", ["prune:0.05", "quantize:sign"])
+def test_clients_apply_the_recipes_update_defense_and_the_server_records_it(tmp_path, defense):
+    """`fl run --defense`: every client defends its round's update (a pruned update keeps the stated fraction of
+    its entries, a sign-quantised one one magnitude per tensor) and the server's observation records it."""
+    import math
+
+    from clipleak.errors import ClipleakError
+
+    recipe, _, _, strategy, start, _, _, _ = _one_round(tmp_path, clients=2, local_steps=2, batch_size=1, lr=0.5,
+                                                        defense=defense)
+    assert recipe.defense == defense and Recipe.from_json(recipe.to_json()).defense == defense
+    obs = strategy.observations[1]
+    assert len(obs) == 2
+    for o in obs:
+        assert o.meta["defense"]["spec"] == defense and o.meta["defense"]["kind"] == defense.split(":")[0]
+        flat = torch.cat([v.flatten() for v in o.gradients.values()])
+        if defense.startswith("prune"):
+            assert 0 < int((flat != 0).sum()) <= math.ceil(0.05 * flat.numel())
+        else:
+            for v in o.gradients.values():  # (new - start) in float32: one magnitude up to rounding, or 0
+                mags = v.abs()[v != 0]  # (0 where the gradient was exactly 0: an adapter unit that never fired)
+                assert mags.numel() > v.numel() // 4
+                assert float(mags.max() - mags.min()) <= 1e-3 * float(mags.max())  # a plain update spreads widely
+    with pytest.raises(ClipleakError):
+        Recipe(peft=PeftConfig(method="adapter"), defense="prune:2")

@@ -36,6 +36,9 @@ def run(
     clip: Annotated[float | None, typer.Option(help="DP: clipping norm C")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="DP: noise standard deviation / C")] = None,
     delta: Annotated[float, typer.Option(help="DP: delta for the epsilon spent so far")] = 1e-5,
+    defense: Annotated[str | None, typer.Option(
+        help="an update defense every client applies to its round's update (after DP): prune:FRACTION, "
+             "quantize:BITS (1 = sign), clip:NORM")] = None,
     attack: Annotated[str, typer.Option(help="the server's attack on each update: featmatch | ig | none")]
     = "featmatch",
     decoder: Annotated[str | None, typer.Option(
@@ -109,6 +112,8 @@ def run(
     Example: clipleak fl run --clients 4 --rounds 1 --batch-size 2 --client-size 2 --method adapter --secagg --out runs/fl-secagg
 
     Example: clipleak fl run --clients 2 --rounds 1 --batch-size 16 --client-size 16 --method adapter --malicious 1 --out runs/fl-malicious
+
+    Example: clipleak fl run --clients 2 --rounds 1 --method adapter --defense prune:0.01 --out runs/fl-pruned
     """  # noqa: E501
     from ..attacks import make_config
     from ..data import DataSpec
@@ -120,7 +125,8 @@ def run(
     dev = resolve_device(device)  # the clients' device
     check_writable(out, folder=True)
     recipe = Recipe(peft=PeftConfig(method=method), local_steps=local_steps, batch_size=batch_size, lr=lr,
-                    dp=_dp_config(dp, clip, noise_multiplier, delta), weights=None if weights == "random" else weights)
+                    dp=_dp_config(dp, clip, noise_multiplier, delta), defense=defense,
+                    weights=None if weights == "random" else weights)
     settings: dict[str, Any] = {"iterations": iterations}
     found = _check_target(recipe.weights, recipe.arch, data_name, split_seed,
                           decoder if attack == "featmatch" else None, decoder_seconds)

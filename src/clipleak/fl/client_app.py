@@ -55,7 +55,8 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     images, labels = private.images.index_select(0, shard), private.labels.index_select(0, shard)
     res = local_update(victim, images, labels, local_steps=recipe.local_steps, batch_size=recipe.batch_size,
                        lr=recipe.lr, seed=derive_seed(data.seed, "batches", pid, rnd),
-                       dp=recipe.setting(), dp_seed=derive_seed(data.seed, "dp-noise", pid, rnd))
+                       dp=recipe.setting(), dp_seed=derive_seed(data.seed, "dp-noise", pid, rnd),
+                       defense=recipe.update_defense())
     victim.load_peft_state(global_state)  # the cached victim goes back to a neutral state
     if data.truth_dir:
         used = res.used()

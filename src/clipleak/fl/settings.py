@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ClipleakError
 from ..peft import METHODS, PeftConfig
-from ..privacy import PER_EXAMPLE_METHODS, DpSetting
+from ..privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, parse_defense
 
 CONFIG_KEY = "clipleak"
 """The ConfigRecord entry that carries the recipe (a JSON string)."""
@@ -27,15 +27,17 @@ FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_se
 @dataclass
 class Recipe:
     """The local training every client runs in a round: ``peft`` (coop or adapter), E local steps, batch
-    size B, learning rate eta and ``dp``, the per-step mechanism with a noise multiplier (``delta``, when
-    given, is the server's: it accounts the epsilon spent over the rounds; a training config's DP setting,
-    so it awaits a schedule: :meth:`setting` is the mechanism each step runs)."""
+    size B, learning rate eta, ``defense`` (an update defense's spec, e.g. ``prune:0.1``, applied to the
+    round's update) and ``dp``, the per-step mechanism with a noise multiplier (``delta``, when given, is the
+    server's: it accounts the epsilon spent over the rounds; a training config's DP setting, so it awaits a
+    schedule: :meth:`setting` is the mechanism each step runs)."""
 
     peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="adapter"))
     local_steps: int = 1
     batch_size: int = 1
     lr: float = 0.1
     dp: DpSetting | None = None
+    defense: str | None = None
     weights: str | None = "tiny-mnist"
     arch: str = "tiny-32"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +49,8 @@ class Recipe:
                                 f"(known methods: {', '.join(METHODS)})")
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ClipleakError("local steps, batch size and learning rate must be positive")
+        found = parse_defense(self.defense)  # an unknown or bad defense is refused here
+        self.defense = None if found is None else found.spec
         if self.dp is not None:
             if not self.dp.awaiting_schedule:  # the rounds are the schedule: a given sample rate or steps is unused
                 self.dp = replace(self.dp, sample_rate=None, steps=None, awaiting_schedule=True)
@@ -54,6 +58,11 @@ class Recipe:
             assert s is not None
             if s.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
                 raise ClipleakError(f"per-example DP needs one of {', '.join(PER_EXAMPLE_METHODS)}")
+
+    def update_defense(self) -> Defense | None:
+        """The update defense every client applies to its round's update after its local steps (after DP):
+        pruning, quantisation or clipping (:mod:`clipleak.privacy.defenses`); ``None``: none."""
+        return parse_defense(self.defense)
 
     def setting(self) -> DpSetting | None:
         """The per-step DP mechanism: ``dp`` without delta and epsilon (the server accounts those over the

@@ -200,6 +200,18 @@ class AttackingStrategy(Strategy):
         s = recipe.setting()
         self.defense = None if s is None else {**s.record(), "delta": None if recipe.dp is None else recipe.dp.delta,
                                                "per": f"local step ({recipe.local_steps} per round)"}
+        self.update_defense = recipe.update_defense()
+
+    def defense_record(self, epsilon_spent: float | None) -> dict[str, Any] | None:
+        """What an observation records under ``meta["defense"]``: the DP mechanism with the epsilon spent so
+        far, and the update defense every client applied (as :func:`clipleak.client.share` records them);
+        ``None`` when the clients apply neither."""
+        out: dict[str, Any] = {}
+        if self.defense is not None:
+            out = {**self.defense, "epsilon_so_far": epsilon_spent}
+        if self.update_defense is not None:
+            out.update(self.update_defense.record())
+        return out or None
 
     def absolute(self, server_round: int) -> int:
         return self.round_offset + int(server_round)
@@ -248,9 +260,9 @@ class AttackingStrategy(Strategy):
                 "lr": r.lr, "num_examples": n, "distinct_images": distinct_images(r.local_steps, r.batch_size, n),
                 "round": rnd, "node_id": int(reply.metadata.src_node_id), "labels_included": False,
                 "param_shapes": {k: list(v.shape) for k, v in update.items()}}
-        if self.defense is not None:
-            meta["defense"] = {**self.defense,
-                               "epsilon_so_far": epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n)}
+        defended = self.defense_record(epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n))
+        if defended is not None:
+            meta["defense"] = defended
         return Observation(gradients=update, meta=meta, peft_state={k: v.clone() for k, v in start.items()})
 
     def observe_aggregate(self, rnd: int, state: dict[str, torch.Tensor],
@@ -279,9 +291,10 @@ class AttackingStrategy(Strategy):
                 "param_shapes": {k: list(v.shape) for k, v in update.items()},
                 "secure_aggregation": {"clients": nodes, "num_examples": ns,
                                        "fedavg_weights": [n / sum(ns) for n in ns]}}
-        if self.defense is not None:
-            eps = [epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n) for n in ns]
-            meta["defense"] = {**self.defense, "epsilon_so_far": max((e for e in eps if e is not None), default=None)}
+        eps = [epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n) for n in ns]
+        defended = self.defense_record(max((e for e in eps if e is not None), default=None))
+        if defended is not None:
+            meta["defense"] = defended
         return Observation(gradients=update, meta=meta, peft_state={k: v.clone() for k, v in start.items()})
 
     def attack_aggregate(self, rnd: int, obs: Observation) -> None:
@@ -327,7 +340,7 @@ class AttackingStrategy(Strategy):
         chosen = self.choose(rnd, obs)
         info: dict[str, Any] = {"clients": [int(o.meta["node_id"]) for o in obs], "attacked": [],
                                 "attack_seconds": 0.0}
-        eps = [o.meta["defense"]["epsilon_so_far"] for o in obs if o.meta.get("defense")]
+        eps = [o.meta["defense"].get("epsilon_so_far") for o in obs if o.meta.get("defense")]
         info["epsilon_so_far"] = max((e for e in eps if e is not None), default=None)
         if self.attack is not None:
             for i, o in enumerate(chosen):
