@@ -77,3 +77,25 @@ def audit_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(api, "audit", fake)
     return seen
+
+
+def _three_class_folder(root: Path, n: int = 30) -> list[str]:
+    """``root/<class>/<i>.png``: 3 classes of ``n`` small RGB images, each class a bright patch in its own colour
+    channel over dim noise. Returns the class names as a folder data set reads them (sorted, "_" as " ")."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["red_square", "green_bar", "blue_dot"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = (rng.random((40, 48, 3)) * 60).astype(np.uint8)
+            img[8 + i % 7: 28, 10: 30 + i % 9, k] = 255
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return ["blue dot", "green bar", "red square"]
+
+
+@pytest.fixture
+def image_folder():
+    """A function that writes a small 3-class image folder (``folder:PATH`` data) under the path it is given."""
+    return _three_class_folder

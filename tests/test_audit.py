@@ -427,26 +427,18 @@ def test_audit_verdict_in_words():
 
 
 @pytest.mark.slow
-def test_one_command_audit_on_a_folder_with_a_local_vit_b_32(tmp_path):
+def test_one_command_audit_on_a_folder_with_a_local_vit_b_32(tmp_path, image_folder):
     """`clipleak audit --arch ViT-B-32 --weights FILE --data folder:PATH --device cpu` end to end: a random-init
     ViT-B-32 saved by open_clip as a state dict, 3 classes of 30 small images, the decoder trained from the
     folder's public split within a few seconds and cached (a rerun reuses it), one observation per point."""
-    import numpy as np
     import open_clip
-    from PIL import Image
     from typer.testing import CliRunner
 
     from clipleak.cli import app
 
     weights = tmp_path / "vitb32.pt"
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights)
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(["red_square", "green_bar", "blue_dot"]):
-        (tmp_path / "imgs" / name).mkdir(parents=True)
-        for i in range(30):
-            img = (rng.random((40, 48, 3)) * 60).astype(np.uint8)
-            img[8 + i % 7: 28, 10: 30 + i % 9, k] = 255
-            Image.fromarray(img).save(tmp_path / "imgs" / name / f"{i}.png")
+    image_folder(tmp_path / "imgs")
     args = ["audit", "--arch", "ViT-B-32", "--weights", str(weights), "--data", f"folder:{tmp_path / 'imgs'}",
             "--methods", "adapter", "--epsilons", "inf,1", "--images", "1", "--canaries", "0", "--steps", "2",
             "--batch-size", "4", "--reid-k", "3", "--decoder-seconds", "3", "--device", "cpu", "--threads", "1"]

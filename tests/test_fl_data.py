@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-from PIL import Image
 from typer.testing import CliRunner
 
 from clipleak.cli import app
@@ -13,22 +11,11 @@ from clipleak.data import DataSpec
 from clipleak.errors import ClipleakError
 
 
-def _folder(root):
-    """3 classes of 30 small RGB images, each class a bright patch in its own colour channel."""
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(["red_square", "green_bar", "blue_dot"]):
-        (root / name).mkdir(parents=True)
-        for i in range(30):
-            img = (rng.random((40, 48, 3)) * 60).astype(np.uint8)
-            img[8 + i % 7: 28, 10: 30 + i % 9, k] = 255
-            Image.fromarray(img).save(root / name / f"{i}.png")
-
-
-def test_fl_run_on_a_folder_records_its_split_and_refuses_another(tmp_path):
+def test_fl_run_on_a_folder_records_its_split_and_refuses_another(tmp_path, image_folder):
     """Two clients, one round on a folder of images: the server's observations and the clients' truth files
     name the folder (by its absolute path), its split seed and its class names, and each client trained on one
     image of the folder's private split; a rerun on another split seed is refused before any round."""
-    _folder(tmp_path / "imgs")
+    image_folder(tmp_path / "imgs")
     data = f"folder:{tmp_path / 'imgs'}"
     args = ["fl", "run", "--data", data, "--split-seed", "3", "--clients", "2", "--rounds", "1",
             "--weights", "random", "--batch-size", "1", "--client-size", "1", "--method", "adapter",
@@ -59,12 +46,12 @@ def test_fl_run_on_a_folder_records_its_split_and_refuses_another(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "rounds").iterdir()) == ["round-001"]
 
 
-def test_fl_run_checks_the_target_and_decoder_before_round_one(tmp_path, capsys):
+def test_fl_run_checks_the_target_and_decoder_before_round_one(tmp_path, capsys, image_folder):
     """A target trained on another data set than the clients' folder, or a decoder for another target, is
     refused in one line with exit 2 before any round (no round folder written)."""
     from clipleak.cli import main
 
-    _folder(tmp_path / "imgs")
+    image_folder(tmp_path / "imgs")
     base = ["fl", "run", "--data", f"folder:{tmp_path / 'imgs'}", "--clients", "2", "--rounds", "1",
             "--engine", "inprocess"]
     cases = [([], "trained on data set 'mnist'"),  # the default target, tiny-mnist

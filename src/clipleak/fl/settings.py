@@ -7,12 +7,12 @@ learning rate eta and the DP setting. What only clients know lives in :class:`cl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ClipleakError
 from ..peft import METHODS, PeftConfig
-from ..privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, parse_defense
+from ..privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, composed_from_dict, composed_to_dict, parse_defense
 
 CONFIG_KEY = "clipleak"
 """The ConfigRecord entry that carries the recipe (a JSON string)."""
@@ -72,10 +72,7 @@ class Recipe:
         return replace(self.dp, delta=None, epsilon=None, awaiting_schedule=False).resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["peft"] = self.peft.to_dict()
-        d["dp"] = None if self.dp is None else self.dp.to_dict()
-        return d
+        return composed_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -84,11 +81,7 @@ class Recipe:
         d = dict(d)
         if "peft" not in d or any(k in d for k in FLAT_PEFT_KEYS):
             d = _from_flat(d)
-        if isinstance(d.get("peft"), dict):
-            d["peft"] = PeftConfig.from_dict(d["peft"])
-        if isinstance(d.get("dp"), dict):
-            d["dp"] = DpSetting.from_dict({**d["dp"], "awaiting_schedule": True})
-        return cls(**d)
+        return cls(**composed_from_dict(d))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -40,7 +40,7 @@ from .per_example import (
     text_feature_gradients,
     text_feature_gradients_from_raw,
 )
-from .setting import MECHANISMS, SITES, DpSetting, privatise
+from .setting import MECHANISMS, SITES, DpSetting, composed_from_dict, composed_to_dict, privatise
 
 __all__ = [
     "ACCOUNTANTS",
@@ -56,6 +56,8 @@ __all__ = [
     "clip_gradient",
     "clip_per_example",
     "clipped_sum",
+    "composed_from_dict",
+    "composed_to_dict",
     "coop_text_feature_dp",
     "dp_clip",
     "dp_sgd",

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import ClipleakError
-from ..peft import Victim
+from ..peft import PeftConfig, Victim
 from .accountant import ACCOUNTANTS, epsilon, noise_multiplier
 from .mechanisms import CLIPPINGS, dp_clip, dp_sgd
 from .per_example import coop_text_feature_dp, per_example_gradients
@@ -164,6 +164,26 @@ class DpSetting:
             d.pop("steps")
             d["awaiting_schedule"] = True
         return d
+
+
+def composed_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config that holds ``peft`` (a :class:`~clipleak.peft.PeftConfig`) and ``dp`` (a
+    :class:`DpSetting` or None) as a plain dict: every field, those two as their own dicts."""
+    d = {f.name: getattr(config, f.name) for f in fields(config)}
+    d["peft"] = config.peft.to_dict()
+    d["dp"] = None if config.dp is None else config.dp.to_dict()
+    return d
+
+
+def composed_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """:func:`composed_to_dict`'s dict with ``peft`` and ``dp`` back as objects (a training config's DP
+    setting awaits its schedule); the other keys pass through."""
+    d = dict(d)
+    if isinstance(d.get("peft"), dict):
+        d["peft"] = PeftConfig.from_dict(d["peft"])
+    if isinstance(d.get("dp"), dict):
+        d["dp"] = DpSetting.from_dict({**d["dp"], "awaiting_schedule": True})
+    return d
 
 
 def _finite(x: object) -> bool:

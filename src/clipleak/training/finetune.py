@@ -70,6 +70,8 @@ from ..privacy import (
     DpSetting,
     apply_defense,
     clipped_sum,
+    composed_from_dict,
+    composed_to_dict,
     epsilon,
     gaussian_noise,
     parse_defense,
@@ -196,10 +198,7 @@ class FinetuneConfig:
         return self.dp.scheduled(sample_rate(self, n_images), int(self.steps)).resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["peft"] = self.peft.to_dict()
-        d["dp"] = None if self.dp is None else self.dp.to_dict()
-        return d
+        return composed_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
@@ -211,12 +210,7 @@ class FinetuneConfig:
         unknown = set(d) - names
         if unknown:
             raise ClipleakError(f"unknown fine-tuning config keys: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if isinstance(d.get("peft"), dict):
-            d["peft"] = PeftConfig.from_dict(d["peft"])
-        if isinstance(d.get("dp"), dict):
-            d["dp"] = DpSetting.from_dict({**d["dp"], "awaiting_schedule": True})
-        return cls(**d)
+        return cls(**composed_from_dict(d))
 
     def flat(self) -> dict[str, Any]:
         """The config in the flat form written before it held a PeftConfig and a DpSetting (what
