@@ -129,3 +129,31 @@ def test_readme_headline_table_is_the_rendering_of_the_results() -> None:
     for path, text in rendered.items():
         if path != readme:
             assert path.exists() and path.read_text() == text, f"{path} is stale: run python benchmarks/render.py"
+
+
+def test_provenance_marks_code_changes_not_results_files(tmp_path: Path) -> None:
+    """A run's commit is marked "+uncommitted" when tracked code differs from it, but not for results files and
+    their rendered pages (a chain of benchmarks in one checkout writes them as it goes)."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for rel in ("src/a.py", "benchmarks/results/r.json", "docs/results/r.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+
+    def commit() -> str:
+        return provenance(split="private", draw_seeds=[0], images=1, threads=1, command=["b"], repo=tmp_path)["commit"]
+
+    assert not commit().endswith("+uncommitted")
+    (tmp_path / "benchmarks/results/r.json").write_text("1\n")
+    (tmp_path / "docs/results/r.md").write_text("1\n")
+    (tmp_path / "untracked.sh").write_text("1\n")
+    assert not commit().endswith("+uncommitted")
+    (tmp_path / "src/a.py").write_text("1\n")
+    assert commit().endswith("+uncommitted")

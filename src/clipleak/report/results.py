@@ -41,6 +41,10 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
+RESULTS_PATHS = (":(top,exclude)benchmarks/results", ":(top,exclude)docs/results")
+"""What the "+uncommitted" mark of a run's commit leaves out of ``git status``."""
+
+
 def provenance(*, split: str, draw_seeds: Sequence[int], images: int, threads: int, device: str = "cpu",
                command: Sequence[str] | None = None, repo: str | Path = ".") -> dict[str, Any]:
     """What a reader needs to trust (or rerun) a row: taken at the start of the run."""
@@ -48,7 +52,9 @@ def provenance(*, split: str, draw_seeds: Sequence[int], images: int, threads: i
 
     root = Path(repo)
     commit = _git(root, "rev-parse", "--short=12", "HEAD")
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    # results files and their rendered pages do not change what a run computes: a chain of benchmarks in one
+    # checkout writes them as it goes, and the later runs are still on the commit
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *RESULTS_PATHS)
     try:
         load = os.getloadavg()[0]
     except OSError:
