@@ -16,6 +16,7 @@ the aggregate is then within about 1e-6 of plain FedAvg's, :meth:`clipleak.fl.se
 
     python benchmarks/fl_secagg.py --threads 1                       # the grid: 2 methods x E x B x k
     python benchmarks/fl_secagg.py --methods adapter --steps 1 --per-client 1 --clients 1,2
+    python benchmarks/fl_secagg.py --cells "coop-cs:2:1:2;coop-cs:2:4:1" --name fl_secagg-coop   # chosen cells
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--part", default="private", help="the clients' split: private (reported) or validation")
     ap.add_argument("--name", default="fl_secagg", help="results file: benchmarks/results/NAME.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cells", help="instead of the grid: METHOD:E:B:K cells separated by ';' (e.g. coop-cs:2:1:4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ints = [[int(x) for x in text.split(",") if x.strip()] for text in (args.clients, args.per_client, args.steps)]
@@ -104,9 +106,16 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m.strip()]
     # the attack's cost grows with the batch k B (and CoOp's with E, its exact replay): the cheap cells first,
     # aggregates of 16 digits or more last, so a run cut short has the rest
-    cells = sorted(((m, e, b, k) for m in methods for e in es for b in bs for k in ks),
-                   key=lambda c: (c[2] * c[3] >= 16, methods.index(c[0]), c[1] if c[0] != "adapter" else 0,
-                                  c[2] * c[3], c[2], c[1]))
+    if args.cells:
+        picked = [part.strip().split(":") for part in args.cells.split(";") if part.strip()]
+        grid = [(m, int(e), int(b), int(k)) for m, e, b, k in picked]
+        methods = list(dict.fromkeys(m for m, _, _, _ in grid))
+        if any(m not in METHODS for m in methods):
+            raise SystemExit(f"--cells: methods are {', '.join(METHODS)}")
+    else:
+        grid = [(m, e, b, k) for m in methods for e in es for b in bs for k in ks]
+    cells = sorted(grid, key=lambda c: (c[2] * c[3] >= 16, methods.index(c[0]), c[1] if c[0] != "adapter" else 0,
+                                        c[2] * c[3], c[2], c[1]))
     prov = provenance(split=args.part, draw_seeds=list(range(args.draw_seed, args.draw_seed + args.min_images)),
                       images=max(max(args.min_images, k * b) for _, _, b, k in cells), threads=args.threads)
     notes = ("One FedAvg round per draw on the in-process grid, SecAgg+ (Flower's workflow and client mod; "
