@@ -164,3 +164,16 @@ def test_help_paragraphs_wrap_to_the_terminal(monkeypatch):
     res = CliRunner().invoke(app, ["attack", "--help"], env={"COLUMNS": "80"})
     assert res.exit_code == 0
     assert max(len(line) for line in res.output.splitlines()) <= 80
+
+
+def test_prior_train_decoder_at_a_working_side(tmp_path):
+    """`prior train --kind decoder --work-size`: the decoder's convolutions work at that side (its card says so)
+    and it still makes full-size images."""
+    from clipleak.cli import main
+    from clipleak.priors import load_prior
+
+    out = tmp_path / "d.safetensors"
+    assert main(["prior", "train", "--kind", "decoder", "--weights", "tiny-mnist", "--steps", "2", "--work-size", "16",
+                 "--out", str(out)]) == 0
+    dec = load_prior(out)
+    assert dec.work_size == 16 and dec.image_size == 32

@@ -86,6 +86,9 @@ def prior_train(
         help="decoder: add this many small random affine copies of every public image (2 with --steps 4000 "
              "and --base 128: 21.5 dB on tiny-mnist's validation digits against 20.3 without)")] = 0,
     base: Annotated[int, typer.Option(help="decoder: widest channel count")] = 64,
+    work_size: Annotated[int | None, typer.Option(
+        help="decoder: the side its convolutions work at, its output resized to the image size (e.g. 28 for "
+             "MNIST digits at 224 px; default: the image size)")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
     device: DeviceOpt = "auto",
@@ -93,6 +96,8 @@ def prior_train(
     """Train an image prior on the PUBLIC split and save it with a card (quality on the validation split).
 
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
+
+    Example: clipleak prior train --kind decoder --weights tiny-mnist-224 --arch tiny-224 --work-size 28 --steps 600 --out runs/decoder224.safetensors
 
     Example: clipleak prior train --kind vae --out runs/vae.safetensors --steps 2000
 
@@ -112,7 +117,8 @@ def prior_train(
     with progress_bar() as cb:
         prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
                             steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
-                            augment_copies=augment_copies, base=base, progress=cb, device=dev)
+                            augment_copies=augment_copies, base=base, work_size=work_size, progress=cb,
+                            device=dev)
     path = save_prior(prior, out)
     tr = prior.card["training"]
     console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
