@@ -152,12 +152,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         self.templates = list(self.templates)
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
-        if self.steps is None and self.time_budget_s is None:
-            raise ClipleakError("give the number of steps, a time budget, or both")
-        if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) < 1):
-            raise ClipleakError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.time_budget_s is not None and not float(self.time_budget_s) > 0:
-            raise ClipleakError(f"time budget must be positive, got {self.time_budget_s!r} s")
+        Budget(self.steps, self.time_budget_s)  # the training loop's own checks of a schedule and a budget
         if int(self.batch_size) < 2:
             raise ClipleakError("batch size must be at least 2 (a contrastive loss needs negatives)")
         if not float(self.lr) > 0:
