@@ -12,10 +12,10 @@ from typing import Any
 
 from ..attacks import attack_spec
 from ..errors import ClipleakError, check_range
-from ..peft import PeftConfig
+from ..peft import FLAT_PEFT_KEYS, PeftConfig
 from ..privacy import Defense, level_defense, parse_defense_sweep
 from ..training import FinetuneConfig, finetune_dp
-from ..training.finetune import FLAT_DEFAULTS, FLAT_PEFT_KEYS
+from ..training.finetune import FLAT_DEFAULTS
 
 MAX_IMAGES = 10_000
 """Observations per point at most: a larger audit is refused before any cell list is built."""
@@ -161,9 +161,7 @@ class AuditConfig:
         if method != "coop":  # CoOp-only options
             peft.pop("class_specific", None)
             site = "parameters"
-        cfg = PeftConfig(method=method, n_ctx=int(peft.get("n_ctx", 4)),
-                         class_specific=bool(peft.get("class_specific", False)),
-                         init_seed=int(peft.get("peft_seed", 0)))
+        cfg = PeftConfig.from_flat(peft, method=method)
         base = FinetuneConfig(**{**ft, "peft": cfg, "seed": self.seed})
         if self.defense is not None:
             d = self.point_defense(eps)

@@ -306,7 +306,7 @@ def write_run_page(path: Path, m: dict[str, Any]) -> Path:
     run = m["run"]
     rec = Recipe.from_dict(run["recipe"])  # the composed form, or a run's flat one saved before it
     s = m["summary"]
-    dp = rec.to_dict()["dp"]
+    dp = None if rec.dp is None else rec.dp.to_dict()
     intro = paragraph(f"E = {rec.local_steps} local steps, B = {rec.batch_size}, eta = {rec.lr}, "
                       f"DP: {json.dumps(dp)}; attack {run['attack']} {json.dumps(run['attack_settings'])}"
                       + ("" if not run.get("secagg") else f"; secure aggregation (SecAgg+ {json.dumps(run['secagg'])}):"

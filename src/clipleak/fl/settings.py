@@ -11,17 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ClipleakError
-from ..peft import METHODS, PeftConfig
+from ..peft import FLAT_PEFT_KEYS, METHODS, PeftConfig
 from ..privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, composed_from_dict, composed_to_dict, parse_defense
 
 CONFIG_KEY = "clipleak"
 """The ConfigRecord entry that carries the recipe (a JSON string)."""
 ROUND_KEY = "clipleak-round"
 """The absolute round number (a resumed run starts Flower's own counter at 1 again)."""
-
-
-FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_seed")
-"""The PEFT fields a recipe spelled flat before it held a :class:`~clipleak.peft.PeftConfig`."""
 
 
 @dataclass
@@ -52,8 +48,7 @@ class Recipe:
         found = parse_defense(self.defense)  # an unknown or bad defense is refused here
         self.defense = None if found is None else found.spec
         if self.dp is not None:
-            if not self.dp.awaiting_schedule:  # the rounds are the schedule: a given sample rate or steps is unused
-                self.dp = replace(self.dp, sample_rate=None, steps=None, awaiting_schedule=True)
+            self.dp = self.dp.unscheduled(drop=True)  # the rounds are the schedule: a given one is unused
             s = self.setting()
             assert s is not None
             if s.mechanism == "per-example" and method not in PER_EXAMPLE_METHODS:
@@ -95,8 +90,7 @@ def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
     """A flat recipe (``method``, ``n_ctx``, ``class_specific``, ``peft_seed`` beside the schedule; ``dp`` a
     DpSetting dict whose ``sample_rate``, ``steps`` and ``epsilon`` the rounds ignored) as the composed form's
     dict: ``peft`` a PeftConfig, ``dp`` a DpSetting awaiting its schedule; the other keys pass through."""
-    peft = PeftConfig(method=str(d.get("method", "adapter")), n_ctx=int(d.get("n_ctx", 4)),
-                      class_specific=bool(d.get("class_specific", False)), init_seed=int(d.get("peft_seed", 0)))
+    peft = PeftConfig.from_flat(d)
     rest = {k: v for k, v in d.items() if k not in FLAT_PEFT_KEYS}
     dp = rest.get("dp")
     if isinstance(dp, dict):

@@ -41,3 +41,16 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PeftConfig:
         return cls(**d)
+
+    @classmethod
+    def from_flat(cls, d: dict[str, Any], method: str | None = None) -> PeftConfig:
+        """The PEFT module a flat config spelled with :data:`FLAT_PEFT_KEYS` (fine-tuning configs, federated
+        recipes and audit options written before they held a PeftConfig); ``method`` overrides the flat one."""
+        return cls(method=str(method if method is not None else d.get("method", "adapter")),
+                   n_ctx=int(d.get("n_ctx", 4)), class_specific=bool(d.get("class_specific", False)),
+                   init_seed=int(d.get("peft_seed", 0)))
+
+
+FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_seed")
+"""The PEFT fields configs spelled flat before they held a :class:`PeftConfig` (``peft_seed`` is its
+``init_seed``)."""

@@ -113,6 +113,16 @@ class DpSetting:
             return replace(self, awaiting_schedule=False)
         return replace(self, sample_rate=float(sample_rate), steps=int(steps), awaiting_schedule=False)
 
+    def unscheduled(self, *, drop: bool = False) -> DpSetting:
+        """This setting as a training config holds it, awaiting the schedule that sets its sample rate and
+        steps (:meth:`scheduled`); a sample rate or steps given is refused, or with ``drop`` left out."""
+        if self.awaiting_schedule:
+            return self
+        if not drop and (self.sample_rate is not None or self.steps is not None):
+            raise ClipleakError("the training schedule sets the DP sample rate and steps: leave them out of the "
+                                "DP setting")
+        return replace(self, sample_rate=None, steps=None, awaiting_schedule=True)
+
     def resolve(self) -> DpSetting:
         """A copy with both ``noise_multiplier`` and (when a schedule is given) ``epsilon`` filled in.
 

@@ -49,7 +49,7 @@ import hashlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from .. import __version__
 from ..data import ImageSet
 from ..errors import ClipleakError
 from ..models import build_model
-from ..peft import PeftConfig, Victim, build_victim
+from ..peft import FLAT_PEFT_KEYS, PeftConfig, Victim, build_victim
 from ..privacy import (
     PER_EXAMPLE_METHODS,
     SITES,
@@ -96,8 +96,6 @@ SAMPLING_NOTES = {
 }
 
 
-FLAT_PEFT_KEYS: tuple[str, ...] = ("method", "n_ctx", "class_specific", "peft_seed")
-"""The PEFT fields a fine-tuning config spelled flat before it held a :class:`~clipleak.peft.PeftConfig`."""
 FLAT_DP_KEYS: tuple[str, ...] = ("dp", "dp_site", "clip", "noise_multiplier", "epsilon", "delta", "accountant")
 """The DP fields it spelled flat before it held a :class:`~clipleak.privacy.DpSetting`."""
 FLAT_DEFAULTS: dict[str, Any] = {"method": "adapter", "n_ctx": 4, "class_specific": False, "peft_seed": 0,
@@ -127,16 +125,6 @@ def finetune_dp(dp: str = "none", *, clip: float = 0.1, noise_multiplier: float 
         raise ClipleakError("DP fine-tuning needs a noise multiplier or a target epsilon")
     return DpSetting("per-example", clip=float(clip), noise_multiplier=noise_multiplier, epsilon=epsilon,
                      delta=delta, accountant=accountant, site=site, awaiting_schedule=True)
-
-
-def _unscheduled(dp: DpSetting) -> DpSetting:
-    """``dp`` as a training config holds it: awaiting the schedule that sets its sample rate and steps."""
-    if dp.awaiting_schedule:
-        return dp
-    if dp.sample_rate is not None or dp.steps is not None:
-        raise ClipleakError("the training schedule sets the DP sample rate and steps: leave them out of the "
-                            "DP setting")
-    return replace(dp, awaiting_schedule=True)
 
 
 @dataclass
@@ -172,7 +160,7 @@ class FinetuneConfig:
             if self.dp.mechanism not in DP_MODES:
                 raise ClipleakError(f"PEFT fine-tuning takes dp 'none' or 'per-example', got {self.dp.mechanism!r} "
                                     "(per-batch: contrastive fine-tuning)")
-            self.dp = _unscheduled(self.dp)
+            self.dp = self.dp.unscheduled()
         if isinstance(self.steps, bool) or int(self.steps) < 1 or int(self.batch_size) < 1:
             raise ClipleakError("steps and batch size must be positive integers")
         if not float(self.lr) > 0:
@@ -258,10 +246,7 @@ def _from_flat(d: dict[str, Any]) -> dict[str, Any]:
     form's dict: ``peft`` a PeftConfig, ``dp`` a DpSetting or None; the other keys pass through."""
     flat = {**FLAT_DEFAULTS, **{k: d[k] for k in (*FLAT_PEFT_KEYS, *FLAT_DP_KEYS) if k in d}}
     rest = {k: v for k, v in d.items() if k not in FLAT_PEFT_KEYS and k not in FLAT_DP_KEYS}
-    peft = PeftConfig(method=flat["method"], n_ctx=int(flat["n_ctx"]), class_specific=bool(flat["class_specific"]),
-                      init_seed=int(flat["peft_seed"]))
-    if rest.get("canaries") and flat["dp"] == "none":
-        raise ClipleakError("a noise multiplier, an epsilon or canaries need dp='per-example'")
+    peft = PeftConfig.from_flat(flat)
     dp = finetune_dp(flat["dp"], clip=flat["clip"], noise_multiplier=flat["noise_multiplier"],
                      epsilon=flat["epsilon"], delta=flat["delta"], accountant=flat["accountant"],
                      site=flat["dp_site"])
@@ -619,7 +604,7 @@ class ContrastiveConfig:
                 raise ClipleakError(f"contrastive fine-tuning takes dp 'per-batch' or 'none', got "
                                     f"{self.dp.mechanism!r} (the contrastive loss does not split into per-example "
                                     "terms)")
-            self.dp = _unscheduled(self.dp)
+            self.dp = self.dp.unscheduled()
 
     def dp_setting(self, n_images: int) -> DpSetting | None:
         """The per-batch :class:`~clipleak.privacy.DpSetting` of this schedule over ``n_images`` images
