@@ -156,7 +156,8 @@ def _check_target(weights: str | None, arch: str, data_name: str, split_seed: in
     """Before round 1: the target must not have been trained on another split of the clients' data (its card
     says), and the attack's decoder must fit the target and the data (``auto``: the shipped one or one trained
     on the public split, :func:`clipleak.audit.decoder.choose_decoder`). Returns what the run records as its
-    decoder (a registered name stays a name, so that runs started before ``auto`` existed still resume)."""
+    decoder: a registered artifact by its name (as runs started before ``auto`` existed recorded it, so they
+    still resume), any other file by its path."""
     from .. import artifacts
     from ..audit.decoder import choose_decoder
     from ..data import DataSpec, check_same_split, load_public
@@ -172,8 +173,8 @@ def _check_target(weights: str | None, arch: str, data_name: str, split_seed: in
         clip = build_model(arch, path)
         found = choose_decoder(decoder, clip=clip, weights=weights, path=path, spec=spec, same_as=spec,
                                public=load_public(spec, clip.image_size), seconds=seconds, progress=cb)
-    shipped = "tiny-mnist-decoder"
-    return shipped if decoder in ("auto", shipped) and found == str(artifacts.path_of(shipped)) else found
+    registered = {str(artifacts.path_of(name)): name for name in artifacts.names()}
+    return registered.get(found, found)
 
 
 def _whole(x: float) -> int | float:
