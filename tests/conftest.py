@@ -96,6 +96,21 @@ def _three_class_folder(root: Path, n: int = 30) -> list[str]:
 
 
 @pytest.fixture
+def refusal(capsys):
+    """A function that runs ``clipleak ARGS``, asserts it exits 2 with one line on stderr, and returns that line."""
+    from clipleak.cli import main
+
+    def run(args: list[str]) -> str:
+        capsys.readouterr()
+        code = main(args)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, (args, code, err)
+        return err
+
+    return run
+
+
+@pytest.fixture
 def image_folder():
     """A function that writes a small 3-class image folder (``folder:PATH`` data) under the path it is given."""
     return _three_class_folder
