@@ -314,3 +314,23 @@ def test_signed_labels_mark_only_classes_in_the_batch(short_run):
         assert len(true) == 8
         assert len(present) >= 4 and set(present.tolist()) <= true, (seed, present, true)
         assert len(set(torch.argsort(score)[:8].tolist()) & true) >= 6, seed
+
+
+def test_dl_dt_of_a_batch_larger_than_the_classes(short_run):
+    """A class-specific CoOp gradient of more images than classes (a SecAgg+ aggregate of 16 digits of 10
+    classes): dL/dT has rank K - 1 at most (its rows sum to zero), so its completion has that rank instead
+    of failing on a factor of rank B (it raised a shape error before)."""
+    from clipleak.recover import CoopGradientModel
+    from clipleak.recover.coop_batch import low_rank_dl_dt
+
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=12, seed=3, part="validation")
+    v = rebuild_victim(obs)
+    model = CoopGradientModel(v)
+    z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
+    a = low_rank_dl_dt(model, z, 12)
+    a_true = model.a_matrix(_true_features(v, truth.images).double(), truth.labels)
+    assert a.shape == a_true.shape
+    assert int(torch.linalg.matrix_rank(a_true, rtol=1e-9)) <= model.k - 1
+    assert float(a.sum(0).norm() / a.norm()) < 1e-3
+    assert float((a - a_true).norm() / a_true.norm()) < 0.5

@@ -84,6 +84,7 @@ def low_rank_dl_dt(model: CoopGradientModel, z: torch.Tensor, b: int, iterations
     ridge = 1e-12 * float(gram.diagonal().max())
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     a0 = torch.linalg.solve(gram + ridge * eye, m.t() @ rhs).view(k, e)
+    b = min(b, k - 1, e)  # its rows sum to zero: a batch larger than the classes gives A of rank K - 1 at most
     u, sv, vh = torch.linalg.svd(a0, full_matrices=False)
     x0 = torch.cat([(u[:, :b] * sv[:b]).reshape(-1), vh[:b].reshape(-1)])
     x, _ = levenberg_marquardt(partial(_factor_residual, m, rhs, k, b, e), x0, iterations, tol=0.0,
