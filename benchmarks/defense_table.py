@@ -102,8 +102,10 @@ def main() -> None:
                       if k.startswith("acc|") and c.get("accuracy_before") is not None})
     before = " / ".join(befores) or "not recorded"
     notes = (f"Update defense {args.defense} (no DP) on observations of private digits, attacked with `{args.attack}` "
-             "(featmatch with the decoder; the observation records the defense, and no fit models pruning or "
-             f"quantisation) and scored one-to-one among K = {cfg.reid_k} same-class candidates "
+             "(featmatch with the decoder; the observation records the defense and the feature fit models it: "
+             "each pruned or quantised entry bounds the true one to an interval, and the features are fitted to "
+             "those intervals from the read-out's estimate and from public features, clipleak.recover.defended) "
+             f"and scored one-to-one among K = {cfg.reid_k} same-class candidates "
              f"(chance {cfg.chance:.0%}); n = attacked images per point "
              "(a batch of 4 counts four). Accuracy: fine-tuning (200 steps, Poisson "
              "sampling at expected batch 25 of the private digits, Adam lr 1e-2) with the defense applied to every "

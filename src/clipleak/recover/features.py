@@ -14,12 +14,22 @@ from ..data import public_for_observation
 from ..errors import ClipleakError
 from ..peft import Victim
 from ..records import Observation
-from .adapter import AdapterGradientModel, adapter_features, adapter_labels, adapter_target, fit_adapter_batch
+from .adapter import (
+    SMOOTH_BETA,
+    AdapterGradientModel,
+    adapter_features,
+    adapter_labels,
+    adapter_target,
+    fit_adapter_batch,
+)
 from .bank import public_features
 from .coop import coop_features
+from .coop_model import CoopGradientModel
 from .coop_update import coop_update_features
+from .defended import PUBLIC_STARTS, DefendedFit, defense_intervals, fit_defended
 from .labels import predict_labels
-from .noise import NOISE_MARGIN, floor_note, modelled_clip, relative_noise_floor
+from .noise import NOISE_MARGIN, floor_note, modelled_clip, noise_std, relative_noise_floor
+from .solvers import whitening
 from .vit import FULL_METHODS, projection_features
 
 
@@ -99,8 +109,48 @@ def _recover(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> F
     if key not in _FITS:
         if len(_FITS) >= 8:
             _FITS.pop(next(iter(_FITS)))
-        _FITS[key] = _fit(obs, victim, shared)
+        est = _fit(obs, victim, shared)
+        _FITS[key] = _model_defense(obs, victim, shared, est)
     return _FITS[key].copy()
+
+
+def _model_defense(obs: Observation, victim: Victim, shared: torch.Tensor | None,
+                   est: FeatureEstimate) -> FeatureEstimate:
+    """The estimate refitted to what a pruned or quantised update still says (:mod:`.defended`), from the
+    read-out's estimate and from public features; ``est`` as it is for other observations (undefended,
+    clipping only, DP noise, which the intervals do not model, a multi-step update, or no public data)."""
+    names = list(victim.trainable())
+    steps = int((obs.meta.get("from_update") or {}).get("local_steps", 1))
+    if (victim.cfg.method not in ("adapter", "coop") or steps > 1 or noise_std(obs) is not None
+            or not obs.meta.get("data")):
+        return est
+    intervals = defense_intervals(obs, names)
+    if intervals is None:
+        return est
+    public = public_for_observation(obs.meta)[1]
+    pub_feats, pub_labels = public_features(victim.clip_info, public), public.labels
+    if shared is not None:  # shared labels: public starts of those labels only
+        keep = torch.isin(pub_labels, shared)
+        pub_feats, pub_labels = pub_feats[keep], pub_labels[keep]
+    model: AdapterGradientModel | CoopGradientModel
+    if victim.cfg.method == "adapter":
+        model = adapter = AdapterGradientModel(victim, modelled_clip(obs))
+
+        def smooth(on: bool) -> None:  # the ReLUs as softplus while a start is fitted smooth first
+            adapter.smooth = SMOOTH_BETA if on else None
+    else:
+        model = CoopGradientModel(victim)
+    public_starts = PUBLIC_STARTS if shared is None or obs.batch_size == 1 else 0
+    fit: DefendedFit = fit_defended(model.gradient, intervals, whitening(pub_feats), est.features,
+                                    est.labels if shared is None else shared, pub_feats, pub_labels,
+                                    smooth=smooth if victim.cfg.method == "adapter" else None,
+                                    public_starts=public_starts)
+    spec = intervals.defense.spec
+    note = (f"the fit models the defense ({spec}: {intervals.describe()}); relative distance to those intervals "
+            f"{fit.residual:.1e}, from the {'read-out' if fit.start == 'read-out' else 'public features'}' start")
+    source = est.label_source if shared is not None else f"fitted to the {spec} update's intervals"
+    return FeatureEstimate(fit.features, fit.labels, source, est.separated, residual=fit.residual,
+                           notes=[*est.notes, note], noise_floor=est.noise_floor)
 
 
 def _fit(obs: Observation, victim: Victim, shared: torch.Tensor | None) -> FeatureEstimate:
