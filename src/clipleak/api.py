@@ -280,7 +280,8 @@ def evaluate_reconstruction(
     spec, public = public_for_observation(meta)
     private = load_private(spec, int(meta["image_size"]), str(tru.meta.get("part", "private")))
     # attacker-side baselines and diagnostics need the target model (rebuilt exactly as the attacker does)
-    victim = rebuild_victim(Observation(gradients={}, meta=meta), weights, check_gradients=False, device=dev)
+    victim = rebuild_victim(Observation(gradients={}, meta=meta), artifacts.resolve_path(weights),
+                            check_gradients=False, device=dev)
     with torch.no_grad():
         est = rec.features if rec.features is not None else victim.raw_image_features(rec.images)
     nn_images, _ = public_nearest_neighbour(victim, public, est, rec.labels)
