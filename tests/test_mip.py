@@ -109,18 +109,26 @@ def test_class_specific_coop_batch_features(short_run):
     assert label_count_accuracy(est.labels, truth.labels) == 1.0
 
 
+def _class_specific_batch(short_run, batch: int, seed: int):
+    """A class-specific CoOp observation of ``batch`` validation digits: observation, truth, victim, its
+    gradient model and the observed gradient in reduced coordinates."""
+    from clipleak.recover import CoopGradientModel
+
+    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
+                                  batch_size=batch, seed=seed, part="validation")
+    v = rebuild_victim(obs)
+    model = CoopGradientModel(v)
+    z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
+    return obs, truth, v, model, z
+
+
 def test_rank_b_dl_dt_holds_the_batch_features(short_run):
     """The rank-B completion of dL/dT (with its zero-sum equations) has rank B, rows summing to zero, and a
     row space holding the true features of the batch (class-specific context, batch 4). Measured on this
     draw of the weak fixture: the true features lie 0.88-0.9997 inside the row space, dL/dT within 28%."""
-    from clipleak.recover import CoopGradientModel
     from clipleak.recover.coop_batch import low_rank_dl_dt
 
-    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
-                                  batch_size=4, seed=2, part="validation")
-    v = rebuild_victim(obs)
-    model = CoopGradientModel(v)
-    z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
+    obs, truth, v, model, z = _class_specific_batch(short_run, 4, 2)
     a = low_rank_dl_dt(model, z, 4)
     sv = torch.linalg.svdvals(a)
     assert float(sv[4] / sv[0]) < 1e-9
@@ -320,14 +328,9 @@ def test_dl_dt_of_a_batch_larger_than_the_classes(short_run):
     """A class-specific CoOp gradient of more images than classes (a SecAgg+ aggregate of 16 digits of 10
     classes): dL/dT has rank K - 1 at most (its rows sum to zero), so its completion has that rank instead
     of failing on a factor of rank B (it raised a shape error before)."""
-    from clipleak.recover import CoopGradientModel
     from clipleak.recover.coop_batch import low_rank_dl_dt
 
-    obs, truth = make_observation(weights=str(short_run[0]), peft=PeftConfig(method="coop", class_specific=True),
-                                  batch_size=12, seed=3, part="validation")
-    v = rebuild_victim(obs)
-    model = CoopGradientModel(v)
-    z = model.reduce(torch.cat([obs.gradients[n].reshape(-1) for n in v.trainable()]))
+    _, truth, v, model, z = _class_specific_batch(short_run, 12, 3)
     a = low_rank_dl_dt(model, z, 12)
     a_true = model.a_matrix(_true_features(v, truth.images).double(), truth.labels)
     assert a.shape == a_true.shape
