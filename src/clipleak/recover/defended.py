@@ -23,13 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from ..privacy import Defense
 from ..records import Observation
-from .solvers import Whitening, levenberg_marquardt
+from .solvers import Whitening, greedy_pursuit, levenberg_marquardt
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """The modelled flat update (float64) of features ``(B, E)`` and labels ``(B,)``."""
@@ -131,14 +130,8 @@ def interval_fit(predict: Callable[[torch.Tensor], torch.Tensor], intervals: Int
     def resid(u: torch.Tensor) -> torch.Tensor:
         return torch.cat([data(u), w * u])
 
-    u, cost = levenberg_marquardt(resid, u0, iterations, tol=1e-10,
-                                  jacobian=partial(_jacobian, data, w))
+    u, cost = levenberg_marquardt(resid, u0, iterations, tol=1e-10)
     return whiten.features(u, e), cost, float(data(u).norm())
-
-
-def _jacobian(data: Callable[[torch.Tensor], torch.Tensor], w: float, u: torch.Tensor) -> torch.Tensor:
-    jac = torch.func.jacfwd(data)(u)
-    return torch.cat([jac, w * torch.eye(u.numel(), dtype=u.dtype, device=u.device)])
 
 
 @dataclass
@@ -169,15 +162,17 @@ def fit_defended(predict: Predict, intervals: Intervals, whiten: Whitening, star
     b = start.shape[0]
     pf, pl = public_feats.double(), public_labels.long()
     starts: list[tuple[str, torch.Tensor, torch.Tensor]] = [("read-out", start.double(), start_labels.long())]
-    one = torch.func.vmap(lambda f, y: predict(f[None], y[None]))
-    cand = torch.cat([one(pf[i:i + 256], pl[i:i + 256]) for i in range(0, pf.shape[0], 256)])
-    if b == 1:
-        cost = intervals.residual(cand).norm(dim=-1)
-        for i in torch.argsort(cost)[:public_starts].tolist():
-            starts.append(("public", pf[i:i + 1], pl[i:i + 1]))
-    elif public_starts > 0:
-        chosen = _pursue(intervals, cand, b)
-        starts.append(("public", pf[chosen], pl[chosen]))
+    if public_starts > 0:
+        one = torch.func.vmap(lambda f, y: predict(f[None], y[None]))
+        cand = torch.cat([one(pf[i:i + 256], pl[i:i + 256]) for i in range(0, pf.shape[0], 256)])
+        if b == 1:
+            cost = intervals.residual(cand).norm(dim=-1)
+            for i in torch.argsort(cost)[:public_starts].tolist():
+                starts.append(("public", pf[i:i + 1], pl[i:i + 1]))
+        else:
+            chosen = greedy_pursuit(torch.zeros_like(cand[0]), cand, b, divisor=b,
+                                    distance=lambda g: intervals.residual(g).norm(dim=-1))
+            starts.append(("public", pf[chosen], pl[chosen]))
 
     def fit(feats: torch.Tensor, labels: torch.Tensor, prior: float, n: int) -> tuple[torch.Tensor, float, float]:
         def model(x: torch.Tensor) -> torch.Tensor:
@@ -201,16 +196,3 @@ def fit_defended(predict: Predict, intervals: Intervals, whiten: Whitening, star
     f, _, data = fit(f, labels, POLISH_PRIOR, iterations)
     return DefendedFit(torch.nn.functional.normalize(f.float(), dim=-1), labels, data, name)
 
-
-def _pursue(intervals: Intervals, cand: torch.Tensor, b: int) -> list[int]:
-    """``b`` distinct candidates whose mean modelled update lies closest to the intervals, picked greedily."""
-    chosen: list[int] = []
-    total = torch.zeros_like(cand[0])
-    for _ in range(b):
-        cost = intervals.residual((total[None] + cand) / b).norm(dim=-1)
-        if chosen:
-            cost[chosen] = float("inf")
-        j = int(cost.argmin())
-        chosen.append(j)
-        total = total + cand[j]
-    return chosen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,18 +134,19 @@ def _model_defense(obs: Observation, victim: Victim, shared: torch.Tensor | None
         keep = torch.isin(pub_labels, shared)
         pub_feats, pub_labels = pub_feats[keep], pub_labels[keep]
     model: AdapterGradientModel | CoopGradientModel
+    smooth: Callable[[bool], None] | None = None
     if victim.cfg.method == "adapter":
         model = adapter = AdapterGradientModel(victim, modelled_clip(obs))
 
-        def smooth(on: bool) -> None:  # the ReLUs as softplus while a start is fitted smooth first
+        def softplus(on: bool) -> None:  # the ReLUs as softplus while a start is fitted smooth first
             adapter.smooth = SMOOTH_BETA if on else None
+        smooth = softplus
     else:
         model = CoopGradientModel(victim)
     public_starts = PUBLIC_STARTS if shared is None or obs.batch_size == 1 else 0
     fit: DefendedFit = fit_defended(model.gradient, intervals, whitening(pub_feats), est.features,
                                     est.labels if shared is None else shared, pub_feats, pub_labels,
-                                    smooth=smooth if victim.cfg.method == "adapter" else None,
-                                    public_starts=public_starts)
+                                    smooth=smooth, public_starts=public_starts)
     spec = intervals.defense.spec
     note = (f"the fit models the defense ({spec}: {intervals.describe()}); relative distance to those intervals "
             f"{fit.residual:.1e}, from the {'read-out' if fit.start == 'read-out' else 'public features'}' start")

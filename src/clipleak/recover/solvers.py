@@ -71,6 +71,7 @@ def greedy_pursuit(
     target: torch.Tensor, cand: torch.Tensor, picks: int, *, divisor: float = 1.0, start: torch.Tensor | None = None,
     cand_labels: torch.Tensor | None = None, slot_labels: torch.Tensor | None = None,
     label_counts: torch.Tensor | None = None, empty: str | None = None,
+    distance: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy pursuit: ``picks`` distinct candidates whose contributions ``cand`` ``(N, D)``, added to
     ``start`` (default zero) and divided by ``divisor`` (a mean over the batch), best explain ``target``
@@ -79,6 +80,8 @@ def greedy_pursuit(
     Labels restrict the picks (``cand_labels``: each candidate's label): ``slot_labels`` gives the label of
     each pick in turn, ``label_counts`` ``(K,)`` a multiset of labels that the picks draw from in any order.
     A pick with no allowed candidate raises ``empty`` when given (otherwise it takes the first candidate).
+    ``distance`` maps the ``(N, D)`` sums (divided) to ``(N,)`` costs in place of the norm of their difference
+    to ``target`` (e.g. the distance of a pruned update's intervals, :mod:`.defended`).
     """
     chosen: list[int] = []
     total = torch.zeros_like(target) if start is None else start
@@ -93,7 +96,8 @@ def greedy_pursuit(
             ok[chosen] = False
         if empty is not None and not bool(ok.any()):
             raise ClipleakError(empty)
-        res = ((total[None] + cand) / divisor - target).norm(dim=1)
+        mean = (total[None] + cand) / divisor
+        res = distance(mean) if distance is not None else (mean - target).norm(dim=1)
         res[~ok] = float("inf")
         j = int(res.argmin())
         chosen.append(j)
