@@ -293,6 +293,16 @@ def test_run_report_carries_intervals_and_the_clients_seed(tmp_path):
     page = (tmp_path / "out" / "report" / "report.html").read_text()
     assert "Leakage per round" in page and "(n=4)" in page and "chance 20%" in page and "chance 10%" not in page
     assert "data seed 11" in page
+    # every truth is the one of the very update attacked: the client's digest of what it sent is the server's
+    assert [c["truth_matches_update"] for c in m["clients"]] == [True, True]
+    from clipleak.fl.client_app import truth_path
+    from clipleak.records import Truth
+    tp = truth_path(data.truth_dir, m["clients"][0]["node_id"], 1)
+    t = Truth.load(tp)
+    t.meta["reply_sha256"] = "0" * 64  # a truth from another run, say
+    t.save(tp)
+    with pytest.raises(ClipleakError, match="belongs to another update"):
+        evaluate_run(spec.out, data.truth_dir, reid_k=5)
     data.seed = 12
     with pytest.raises(ClipleakError, match="seed 11 \\(now 12\\)"):
         run_federated(spec, data, engine="inprocess")
@@ -350,12 +360,13 @@ spec = RunSpec(out={str(tmp_path / 'out')!r}, clients=2, rounds=1, attack='featm
 data = ClientData(weights=None, client_size=4, truth_dir={str(tmp_path / 'truth')!r})
 state = run_federated(spec, data, engine='simulation')
 m = evaluate_run(spec.out, data.truth_dir)
-print(json.dumps({{'rounds': len(state['rounds']), 'scored': m['summary']['scored']}}))
+print(json.dumps({{'rounds': len(state['rounds']), 'scored': m['summary']['scored'],
+                  'matched': [c['truth_matches_update'] for c in m['clients']]}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out == {"rounds": 1, "scored": 2}
+    assert out == {"rounds": 1, "scored": 2, "matched": [True, True]}
     assert (tmp_path / "out" / "report" / "report.html").is_file()
 
 

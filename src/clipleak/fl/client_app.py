@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from ..records import Truth
 from ..seeding import derive_seed
 from .local import ClientData, client_setup, local_update
-from .settings import CONFIG_KEY, ROUND_KEY, Recipe
+from .settings import CONFIG_KEY, ROUND_KEY, Recipe, state_digest
 
 SHARED_KEYS = ("weights", "arch", "data", "split-seed")
 """Run-config entries a client takes from the (server-visible) run config."""
@@ -64,7 +64,8 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
         Truth(images=private.images.index_select(0, idx), labels=private.labels.index_select(0, idx),
               meta={"private_indices": idx.tolist(), "round": rnd, "node_id": int(context.node_id),
                     "partition_id": pid, "part": data.part, "shard_size": int(shard.numel()),
-                    "steps": [s.tolist() for s in res.steps], "data": _facts}).save(
+                    "steps": [s.tolist() for s in res.steps], "data": _facts,
+                    "reply_sha256": state_digest(res.state)}).save(
             truth_path(data.truth_dir, int(context.node_id), rnd))
     content = RecordDict({"arrays": ArrayRecord(res.state),
                           "metrics": MetricRecord({"num-examples": int(shard.numel()), "train-loss": res.loss})})

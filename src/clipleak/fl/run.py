@@ -191,6 +191,19 @@ def _truth_of(truth_dir: str | Path, nodes: list[int], rnd: int) -> Truth:
                        "private_indices": [i for t in truths for i in t.meta.get("private_indices", [])]})
 
 
+def _check_reply(meta: dict[str, Any], truth: Truth, node: int, rnd: int) -> bool | None:
+    """Whether the client's truth belongs to the very update the server attacked (the SHA-256 of the state it
+    sent, as the client wrote it and as the server received it); None when either record predates the digest.
+    A mismatch is an error: the truth folder belongs to another run."""
+    a, b = meta.get("reply_sha256"), truth.meta.get("reply_sha256")
+    if a is None or b is None:
+        return None
+    if a != b:
+        raise ClipleakError(f"node {node}, round {rnd}: the truth belongs to another update (SHA-256 {str(b)[:12]}...) "
+                            f"than the one the server attacked ({str(a)[:12]}...); give the truth folder of this run")
+    return True
+
+
 def evaluate_run(out: str | Path, truth_dir: str | Path, *, reid_k: int = 10) -> dict[str, Any]:
     """Evaluator side: pair every reconstruction with its client's truth, score, write ``OUT/report``
     (``metrics.json``: per update, per round and over the run, every rate with its 95% interval over the
@@ -222,6 +235,8 @@ def evaluate_run(out: str | Path, truth_dir: str | Path, *, reid_k: int = 10) ->
                                      "attack_seconds": rec.meta.get("attack_seconds")}
             if node is None:
                 entry["aggregate_of"] = nodes
+            else:
+                entry["truth_matches_update"] = _check_reply(meta, truth, node, rnd)
             if rec.images.shape != truth.images.shape:
                 entry["error"] = (f"the attack made {rec.images.shape[0]} images, the client(s) used "
                                   f"{truth.images.shape[0]}")

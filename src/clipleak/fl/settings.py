@@ -6,6 +6,7 @@ learning rate eta and the DP setting. What only clients know lives in :class:`cl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +19,18 @@ CONFIG_KEY = "clipleak"
 """The ConfigRecord entry that carries the recipe (a JSON string)."""
 ROUND_KEY = "clipleak-round"
 """The absolute round number (a resumed run starts Flower's own counter at 1 again)."""
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a PEFT state as it goes over the wire: each tensor's name, dtype, shape and bytes, in name
+    order. The client writes it into its truth file and the server into the observation of the reply, so the
+    evaluator can tell that a truth belongs to the very update that was attacked."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        a = state[name].detach().cpu().contiguous().numpy()
+        h.update(f"{name}|{a.dtype.str}|{list(a.shape)}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @dataclass

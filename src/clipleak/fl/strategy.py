@@ -48,7 +48,7 @@ from safetensors.numpy import save_file as save_numpy
 from ..errors import ClipleakError
 from ..privacy import epsilon
 from ..records import Observation, Reconstruction, distinct_images
-from .settings import ROUND_KEY, Recipe
+from .settings import ROUND_KEY, Recipe, state_digest
 
 AttackFn = Callable[[Observation], Reconstruction]
 
@@ -259,7 +259,7 @@ class AttackingStrategy(Strategy):
         meta = {**self.base_meta, "kind": "update", "local_steps": r.local_steps, "batch_size": r.batch_size,
                 "lr": r.lr, "num_examples": n, "distinct_images": distinct_images(r.local_steps, r.batch_size, n),
                 "round": rnd, "node_id": int(reply.metadata.src_node_id), "labels_included": False,
-                "param_shapes": {k: list(v.shape) for k, v in update.items()}}
+                "param_shapes": {k: list(v.shape) for k, v in update.items()}, "reply_sha256": state_digest(state)}
         defended = self.defense_record(epsilon_so_far(self.defense, rnd, r.local_steps, r.batch_size, n))
         if defended is not None:
             meta["defense"] = defended
