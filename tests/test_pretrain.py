@@ -331,6 +331,9 @@ def test_tiny_224_has_vit_b32_geometry():
     assert t224.arch == "tiny-224" and replace(t224, arch="tiny-32", steps=t32.steps) == t32 and t224.steps == 4500
     dec = artifacts.get("tiny-mnist-224-decoder").recipe
     assert (dec.kind, dec.target, dec.arch, dec.work_size) == ("decoder", "tiny-mnist-224", "tiny-224", 28)
+    # tiny-mnist-decoder-aug's recipe (chosen on the validation split: 90% re-identified at K = 4 against 85%)
+    aug = artifacts.get("tiny-mnist-decoder-aug").recipe
+    assert (dec.steps, dec.augment_copies, dec.base) == (aug.steps, aug.augment_copies, aug.base)
     # a field at its default stays out of a recipe's card: the shipped tiny-mnist-decoder's card stays current
     assert "work_size" not in artifacts.get("tiny-mnist-decoder").recipe.to_dict()
     assert dec.to_dict()["work_size"] == 28
@@ -354,6 +357,39 @@ def test_decoder_working_at_a_smaller_side_makes_full_size_images(tmp_path):
     assert isinstance(back, FeatureDecoder) and back.work_size == 28 and torch.equal(again, out)
     with pytest.raises(ClipleakError, match="work_size"):
         FeatureDecoder(128, 224, 1, work_size=4)
+
+
+def test_decoder_with_a_work_size_takes_its_loss_there():
+    """A decoder working at 28 px for 224 px images is trained against the images resized to 28 px (its card
+    says so; a decoder without a work size is not), and its 224 px output is its 28 px output resized."""
+    from clipleak.data import ImageSet
+    from clipleak.training import train_decoder
+
+    torch.manual_seed(0)
+    x = torch.zeros(6, 3, 224, 224)
+    for i in range(6):  # bars at different places: features that differ
+        x[i, :, 32 * i : 32 * i + 48, 40:180] = 1.0
+    public = ImageSet(images=x, labels=torch.arange(6) % 2, classnames=["a", "b"], source="bars", grayscale=True)
+    dec = train_decoder(build_model("tiny-224"), public, steps=3, batch=6, work_size=28)
+    assert dec.card["training"]["recipe"]["loss_at"] == "work size" and dec.work_size == 28
+    f = F.normalize(torch.randn(2, 128), dim=-1)
+    with torch.no_grad():
+        small = torch.sigmoid(dec.work_logits(f))
+        out = dec(f)
+        up = torch.sigmoid(F.interpolate(dec.work_logits(f), size=(224, 224), mode="bilinear", align_corners=False))
+    assert small.shape == (2, 1, 28, 28) and out.shape == (2, 3, 224, 224)
+    assert torch.equal(out, up.expand(-1, 3, -1, -1))
+    plain = train_decoder(build_model("tiny-32"), _bars32(), steps=1, batch=4)
+    assert "loss_at" not in plain.card["training"]["recipe"]
+
+
+def _bars32():
+    from clipleak.data import ImageSet
+
+    x = torch.zeros(4, 3, 32, 32)
+    for i in range(4):
+        x[i, :, 6 * i : 6 * i + 8, 4:28] = 1.0
+    return ImageSet(images=x, labels=torch.arange(4) % 2, classnames=["a", "b"], source="bars", grayscale=True)
 
 
 @pytest.mark.slow

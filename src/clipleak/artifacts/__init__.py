@@ -133,11 +133,12 @@ REGISTRY: dict[str, Callable[[], Artifact]] = {
                                        "49 tokens + class token; width 128, 4 layers) pretrained on the public "
                                        "MNIST split at 224 px with tiny-mnist's recipe", _tiny_mnist_224()),
     "tiny-mnist-224-decoder": lambda: Artifact("tiny-mnist-224-decoder", "feature-to-image decoder for "
-                                               "tiny-mnist-224 (224 px): tiny-mnist-decoder's recipe with its "
-                                               "convolutions at MNIST's own 28 px (resized to 224) and 600 "
-                                               "steps, trained on the public MNIST split",
+                                               "tiny-mnist-224 (224 px): tiny-mnist-decoder-aug's recipe (2 random "
+                                               "affine copies of every public digit, twice the channels, 4,000 "
+                                               "steps) with its convolutions and its loss at MNIST's own 28 px "
+                                               "(resized to 224)",
                                                PriorRecipe("decoder", "tiny-mnist-224", "tiny-224",
-                                                           steps=600, work_size=28)),
+                                                           steps=4000, augment_copies=2, base=128, work_size=28)),
 }
 """Name -> a function that returns the artifact with a fresh recipe (tests register small ones here)."""
 

@@ -88,14 +88,19 @@ class FeatureDecoder(nn.Module):
             self.in_mean.copy_(mean.float())
             self.in_proj.copy_(proj.float())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1] from normalised features ``(B, E)``."""
+    def work_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid output ``(B, channels, S, S)`` at the side the convolutions work at (``work_size``, else
+        the image size), from normalised features ``(B, E)``."""
         if features.dim() != 2 or features.shape[1] != self.embed_dim:
             raise ClipleakError(f"this decoder takes (B, {self.embed_dim}) features, got {tuple(features.shape)}")
         if self.whiten:
             features = (features - self.in_mean) @ self.in_proj
         h = self.fc(features).view(features.shape[0], self.base, self.start, self.start)
-        out = self.head(self.blocks(h))
+        return self.head(self.blocks(h))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] from normalised features ``(B, E)``."""
+        out = self.work_logits(features)
         if self.work_size is not None:
             out = F.interpolate(out, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return expand_gray(torch.sigmoid(out))
