@@ -87,8 +87,8 @@ def prior_train(
              "and --base 128: 21.5 dB on tiny-mnist's validation digits against 20.3 without)")] = 0,
     base: Annotated[int, typer.Option(help="decoder: widest channel count")] = 64,
     work_size: Annotated[int | None, typer.Option(
-        help="decoder: the side its convolutions work at, its output resized to the image size (e.g. 28 for "
-             "MNIST digits at 224 px; default: the image size)")] = None,
+        help="decoder: the side its convolutions work at and its loss is taken at, its output resized to the "
+             "image size (e.g. 28 for MNIST digits at 224 px; default: the image size)")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
     device: DeviceOpt = "auto",
@@ -97,7 +97,7 @@ def prior_train(
 
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
 
-    Example: clipleak prior train --kind decoder --weights tiny-mnist-224 --arch tiny-224 --work-size 28 --steps 600 --out runs/decoder224.safetensors
+    Example: clipleak prior train --kind decoder --weights tiny-mnist-224 --arch tiny-224 --work-size 28 --augment-copies 2 --base 128 --steps 4000 --out runs/decoder224.safetensors
 
     Example: clipleak prior train --kind vae --out runs/vae.safetensors --steps 2000
 
