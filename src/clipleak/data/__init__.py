@@ -7,7 +7,7 @@ photos), ``folder:PATH`` (an ImageFolder tree). The private part is reachable on
 """
 
 from .augment import AffineRange, random_affine
-from .sources import DIGIT_NAMES, IMAGE_EXTENSIONS, ImageSet, load_all, read_image, square_image
+from .sources import DIGIT_NAMES, IMAGE_EXTENSIONS, ImageSet, load_all, read_image, resize_images, square_image
 from .spec import CROPS_PER_PHOTO, FOLDER_PREFIX, DataSpec, available_datasets, check_image_size
 from .split import (
     PARTS,
@@ -27,5 +27,5 @@ __all__ = [
     "CROPS_PER_PHOTO", "DIGIT_NAMES", "FOLDER_PREFIX", "IMAGE_EXTENSIONS", "PARTS", "AffineRange", "DataSpec",
     "ImageSet", "Part", "Split", "available_datasets", "check_image_size", "check_same_split", "load_all",
     "load_part", "load_public", "load_validation", "public_for_observation", "random_affine", "read_image",
-    "spec_of_observation", "split_indices", "split_of", "square_image",
+    "resize_images", "spec_of_observation", "split_indices", "split_of", "square_image",
 ]

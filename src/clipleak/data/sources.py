@@ -111,7 +111,7 @@ class ImageSet:
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+def resize_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear antialiased resize of ``(N, C, H, W)`` float to ``image_size`` square, clamped to [0,1]."""
     if x.shape[-2:] != (image_size, image_size):
         size = (image_size, image_size)
@@ -125,7 +125,7 @@ def _gray_to_set(
     flat = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, 1, side, side) / scale
     # 3 identical channels as a stride-0 view: the cached full set costs one channel of memory, and an
     # accidental in-place write into the cache fails loudly. ``subset`` materialises real copies.
-    images = _resize(flat, image_size).expand(-1, 3, -1, -1)
+    images = resize_images(flat, image_size).expand(-1, 3, -1, -1)
     labels = torch.as_tensor(np.asarray(y), dtype=torch.long)
     return ImageSet(images, labels, list(DIGIT_NAMES), True, source)
 
@@ -174,7 +174,7 @@ def _photo_crops(photos: list[tuple[str, np.ndarray]], image_size: int, source: 
             top = int(rng.integers(0, h - size + 1))
             left = int(rng.integers(0, w - size + 1))
             crop = photo[None, :, top : top + size, left : left + size]
-            images.append(_resize(crop, image_size)[0])
+            images.append(resize_images(crop, image_size)[0])
             labels.append(k)
     return ImageSet(
         torch.stack(images), torch.tensor(labels, dtype=torch.long), [n for n, _ in photos], False, source
@@ -253,7 +253,7 @@ def square_image(arr: np.ndarray, image_size: int) -> torch.Tensor:
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     x = torch.from_numpy(np.ascontiguousarray(arr[top : top + s, left : left + s])).permute(2, 0, 1)
-    return _resize(x[None], image_size)[0]
+    return resize_images(x[None], image_size)[0]
 
 
 def read_image(path: Path) -> tuple[np.ndarray, bool]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation, random_affine
+from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation, random_affine, resize_images
 from ..errors import ClipleakError
 from ..evaluation import psnr
 from ..models import ClipModel, build_model, image_features
@@ -167,10 +167,7 @@ def train_decoder(
 
     def targets(images: torch.Tensor) -> torch.Tensor:  # what the loss compares with (at the work size)
         t = _train_images(public, images)
-        if loss_side is not None:
-            t = F.interpolate(t, size=(loss_side, loss_side), mode="bilinear", antialias=True,
-                              align_corners=False).clamp(0, 1)
-        return t
+        return resize_images(t, loss_side) if loss_side is not None else t
 
     # one copy at a time (a copy of 4,000 digits at 224 px is 2.4 GB): its targets and its features
     xs, fs = [targets(public.images)], [image_features(clip, public.images)]
@@ -197,7 +194,7 @@ def train_decoder(
         if feature_noise > 0:
             noise = torch.randn(f.shape, generator=g).to(dev)  # the CPU generator of the batch order
             f = F.normalize(f + feature_noise / math.sqrt(f.shape[1]) * noise, dim=-1)
-        out = torch.sigmoid(dec.work_logits(f)) if dec.work_size is not None else dec(f)
+        out = torch.sigmoid(dec.work_logits(f)) if loss_side is not None else dec(f)
         out = out[:, :1] if x.shape[1] == 1 else out
         return F.l1_loss(out, xb) + F.mse_loss(out, xb)
 
