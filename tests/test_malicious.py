@@ -87,6 +87,33 @@ def test_batch_of_32_comes_back_from_crafted_weights_and_not_from_honest_ones(wo
     assert max(clustered) <= 0.25, clustered
 
 
+def test_the_modelled_update_tells_single_image_bins_and_sends_spare_slots_to_crowded_ones(world):
+    """One group at the task's width, batch 32: with the crafted adapter's gradient model, the bins that hold
+    one image (known here from the true features) are exactly the ones confirmed, and the slots of images no
+    bin shows alone repeat bins that hold several; without the model nothing is confirmed."""
+    from clipleak.recover.adapter import AdapterGradientModel
+
+    _, _, val, _ = world
+    _, malicious, server = setup(world, 4, 1)
+    x, y, _ = sample_batch(val, 32, seed=13)
+    obs = share(malicious, x, y)
+    model = AdapterGradientModel(malicious)
+    est = imprint_features(obs, server.plan, model=model)
+    with torch.no_grad():
+        true = F.normalize(malicious.raw_image_features(x), dim=-1)
+    bins = server.plan.bins(true)[:, 0]
+    count = {int(k): int((bins == k).sum()) for k in bins.unique() if int(k) > 0}
+    feats = F.normalize(est.features.double(), dim=-1)
+    own_bin = server.plan.bins(feats.float())[:, 0]
+    alone = [k for k, c in count.items() if c == 1]
+    assert 4 <= est.separated == len(alone) < 32, (est.separated, count)
+    assert sorted(int(k) for k in own_bin[: est.separated]) == sorted(alone)
+    assert exact_share(est.features[: est.separated], malicious, x) == 1.0  # every confirmed image is exact
+    spare = own_bin[len(count):]  # the slots beyond one per non-empty bin
+    assert len(spare) == 32 - len(count) > 0 and all(count[int(k)] >= 2 for k in spare), (spare, count)
+    assert imprint_features(obs, server.plan).separated == 0
+
+
 def test_task_width_gives_back_part_of_a_batch_of_32(world):
     """At the task's width (32 units for 32 images, one group) a share of the batch still comes back exactly,
     far above the honest update's."""

@@ -29,6 +29,7 @@ from ..peft import Victim
 from ..priors import FeatureDecoder, decoder_images
 from ..records import Observation, Reconstruction, gradient_view
 from ..recover import public_features
+from ..recover.adapter import AdapterGradientModel
 from ..recover.malicious import ImprintPlan, craft_imprint, imprint_features
 from .settings import Recipe
 from .strategy import AttackingStrategy
@@ -78,7 +79,10 @@ class MaliciousServer:
         t0 = time.perf_counter()
         digest = obs.digest()
         obs = gradient_view(obs)
-        est = imprint_features(obs, self.plan)
+        model = AdapterGradientModel(victim)  # the update of the crafted weights, as a function of the batch
+        model.w1 = self.state["adapter.fc1.weight"].to(model.w1.device).double()
+        model.w2 = self.state["adapter.fc2.weight"].to(model.w2.device).double()
+        est = imprint_features(obs, self.plan, model=model)
         feats = est.features.to(victim.fixed_text.device)
         with torch.no_grad():  # the server's zero-shot class of each feature (the text tower is public)
             labels = (F.normalize(feats, dim=-1) @ victim.text_features().t()).argmax(-1)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipleakError
 from ..records import Observation
+from .adapter import AdapterGradientModel
 
 MATCH_TOLERANCE = 1e-3
 """Two bin vectors whose difference is this small relative to their norm are one image's ``s_j f_j``."""
@@ -129,7 +130,8 @@ class ImprintFeatures:
     separated: int
 
 
-def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_TOLERANCE) -> ImprintFeatures:
+def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_TOLERANCE,
+                     model: AdapterGradientModel | None = None) -> ImprintFeatures:
     """The batch's features from one update of the crafted adapter (:func:`craft_imprint`).
 
     Bin vectors are the differences of neighbouring rows of the ``W1`` gradient within a group. With one
@@ -137,7 +139,13 @@ def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_
     which). With several, a bin vector that equals the vector of its bin in another group is one image (the
     one matched in the most groups first); it is peeled off its bin in every group, and the peeling repeats
     until nothing new is confirmed. The remaining non-empty bins fill the slots left, the largest first.
-    ``tol``: the relative difference under which two bin vectors are equal."""
+    ``tol``: the relative difference under which two bin vectors are equal.
+
+    ``model``: the adapter gradient of the crafted weights as a function of features and labels
+    (:class:`~clipleak.recover.adapter.AdapterGradientModel`). A bin that holds one image holds exactly that
+    image's own update, scale included, so a bin whose vector the modelled update of its direction reproduces
+    (under some label, to :data:`SINGLE_TOLERANCE`) is one image; the others hold several, and the slots of the
+    batch's images that no bin shows alone go to them, the largest first, instead of to the largest bins."""
     if "adapter.fc1.weight" not in obs.gradients:
         raise ClipleakError("the imprint read-out needs an 'adapter' observation")
     g1 = obs.gradients["adapter.fc1.weight"].double()
@@ -175,17 +183,47 @@ def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_
         _peel(resid, x, plan, ga)
     left = resid.reshape(gn * n, -1)
     feats = [_oriented(x, plan) for x in found]
-    separated = len(feats)
     norms = left.norm(dim=-1)
+    rest: list[tuple[torch.Tensor, bool]] = []  # the other non-empty bins, the largest first: (direction, alone)
     for i in torch.argsort(norms, descending=True).tolist():
-        if len(feats) >= b or float(norms[i]) <= empty:
+        if len(feats) + len(rest) >= b or float(norms[i]) <= empty:
             break
         v = _oriented(left[i], plan)
-        if all(abs(float(v @ u)) < 1 - 1e-6 for u in feats):
-            feats.append(v)
-    while len(feats) < b:  # fewer non-empty bins than images: the first ones again
-        feats.append(feats[len(feats) % max(1, len(feats))])
+        if all(abs(float(v @ u)) < 1 - 1e-6 for u in feats + [r for r, _ in rest]):
+            alone = model is not None and _alone(model, left[i], v, i // n, i % n, plan, b)
+            rest.append((v, alone))
+    feats += [v for v, alone in rest if alone]
+    separated = len(feats)
+    crowded = [v for v, alone in rest if not alone]
+    feats += crowded
+    spare = crowded if model is not None and crowded else feats[:1]
+    extra = 0
+    while len(feats) < b:  # fewer non-empty bins than images: the bins holding several (else the first) again
+        feats.append(spare[extra % len(spare)])
+        extra += 1
     return ImprintFeatures(torch.stack(feats).float(), separated)
+
+
+SINGLE_TOLERANCE = 1e-3
+"""A bin is one image when the modelled update of its direction reproduces its vector to this relative
+difference (a float32 update leaves about 1e-6; two images' sum misses by far more)."""
+
+
+def _alone(model: AdapterGradientModel, x: torch.Tensor, v: torch.Tensor, group: int, k: int, plan: ImprintPlan,
+           batch: int) -> bool:
+    """Whether bin ``k`` of ``group`` (vector ``x``, direction ``v``) is exactly one image's update: the update
+    of ``v`` alone, under its best label, divided by the batch size (the client's loss is a batch mean)."""
+    n = plan.per_group
+    xn = float(x.norm())
+    rows = slice(group * n, (group + 1) * n)
+    w1_size = model.w1.numel()
+    for y in range(model.k):
+        g = model.gradient(v[None].to(model.w1.device), torch.tensor([y]))[:w1_size].view_as(model.w1)[rows]
+        g = g.to(x.device) / batch
+        pred = g[k] - (g[k + 1] if k + 1 < n else 0.0)
+        if float((pred - x).norm()) <= SINGLE_TOLERANCE * xn:
+            return True
+    return False
 
 
 def _oriented(x: torch.Tensor, plan: ImprintPlan) -> torch.Tensor:
