@@ -79,10 +79,8 @@ class MaliciousServer:
         t0 = time.perf_counter()
         digest = obs.digest()
         obs = gradient_view(obs)
-        model = AdapterGradientModel(victim)  # the update of the crafted weights, as a function of the batch
-        model.w1 = self.state["adapter.fc1.weight"].to(model.w1.device).double()
-        model.w2 = self.state["adapter.fc2.weight"].to(model.w2.device).double()
-        est = imprint_features(obs, self.plan, model=model)
+        # the update of the crafted weights as a function of the batch: it confirms the bins that hold one image
+        est = imprint_features(obs, self.plan, model=AdapterGradientModel(victim, weights=self.state))
         feats = est.features.to(victim.fixed_text.device)
         with torch.no_grad():  # the server's zero-shot class of each feature (the text tower is public)
             labels = (F.normalize(feats, dim=-1) @ victim.text_features().t()).argmax(-1)

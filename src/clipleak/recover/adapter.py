@@ -110,13 +110,18 @@ class AdapterGradientModel:
     client clipped it (its norm is scale-invariant too, so unit features still stand in). Without it a fit of
     a clipped update stays far above the noise floor even with no noise at all (benchmarks/clip_fit_isolation.py).
     Clipping rescales each image's term only, so the spans the root search reads are unchanged.
+    ``weights``: the adapter state the client trained from (``adapter.fc1.weight``, ``adapter.fc2.weight``), when
+    it is not the victim's own (a malicious server's crafted weights).
     """
 
-    def __init__(self, victim: Victim, clip: float | None = None):
+    def __init__(self, victim: Victim, clip: float | None = None, weights: dict[str, torch.Tensor] | None = None):
         if victim.adapter is None:
             raise ClipleakError("the adapter gradient model needs an 'adapter' victim")
-        self.w1 = victim.adapter.fc1.weight.detach().double()
-        self.w2 = victim.adapter.fc2.weight.detach().double()
+        dev = victim.adapter.fc1.weight.device
+        fc1 = weights["adapter.fc1.weight"] if weights is not None else victim.adapter.fc1.weight
+        fc2 = weights["adapter.fc2.weight"] if weights is not None else victim.adapter.fc2.weight
+        self.w1 = fc1.detach().to(dev).double()
+        self.w2 = fc2.detach().to(dev).double()
         self.ratio = float(victim.cfg.adapter_ratio)
         self.text = victim.text_features().detach().double()
         self.scale = float(victim.logit_scale().detach())

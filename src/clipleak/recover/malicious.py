@@ -151,9 +151,7 @@ def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_
     g1 = obs.gradients["adapter.fc1.weight"].double()
     b = obs.batch_size
     gn, n = plan.groups, plan.per_group
-    rows = g1[: gn * n].view(gn, n, -1)
-    nxt = torch.cat([rows[:, 1:], torch.zeros_like(rows[:, :1])], dim=1)
-    bins = rows - nxt  # (G, n, E): bins[g, k] sums the images with beta_k < r_g <= beta_{k+1}
+    bins = _bin_vectors(g1, plan)
     scale = float(bins.norm(dim=-1).max())
     if scale == 0.0:
         raise ClipleakError("the update's W1 gradient is zero: no image fired a crafted unit")
@@ -196,11 +194,9 @@ def imprint_features(obs: Observation, plan: ImprintPlan, *, tol: float = MATCH_
     separated = len(feats)
     crowded = [v for v, alone in rest if not alone]
     feats += crowded
+    # fewer non-empty bins than images: the bins holding several (else the first) again
     spare = crowded if model is not None and crowded else feats[:1]
-    extra = 0
-    while len(feats) < b:  # fewer non-empty bins than images: the bins holding several (else the first) again
-        feats.append(spare[extra % len(spare)])
-        extra += 1
+    feats += [spare[i % len(spare)] for i in range(b - len(feats))]
     return ImprintFeatures(torch.stack(feats).float(), separated)
 
 
@@ -213,17 +209,21 @@ def _alone(model: AdapterGradientModel, x: torch.Tensor, v: torch.Tensor, group:
            batch: int) -> bool:
     """Whether bin ``k`` of ``group`` (vector ``x``, direction ``v``) is exactly one image's update: the update
     of ``v`` alone, under its best label, divided by the batch size (the client's loss is a batch mean)."""
-    n = plan.per_group
     xn = float(x.norm())
-    rows = slice(group * n, (group + 1) * n)
     w1_size = model.w1.numel()
     for y in range(model.k):
-        g = model.gradient(v[None].to(model.w1.device), torch.tensor([y]))[:w1_size].view_as(model.w1)[rows]
-        g = g.to(x.device) / batch
-        pred = g[k] - (g[k + 1] if k + 1 < n else 0.0)
+        g1 = model.gradient(v[None].to(model.w1.device), torch.tensor([y]))[:w1_size].view_as(model.w1)
+        pred = _bin_vectors(g1.to(x.device) / batch, plan)[group, k]
         if float((pred - x).norm()) <= SINGLE_TOLERANCE * xn:
             return True
     return False
+
+
+def _bin_vectors(g1: torch.Tensor, plan: ImprintPlan) -> torch.Tensor:
+    """The bin vectors ``(G, n, E)`` of a ``W1`` gradient ``(hidden, E)``: differences of neighbouring rows within
+    a group, so that ``[g, k]`` sums the images with ``beta_k < r_g <= beta_{k+1}`` (the last bin is unbounded)."""
+    rows = g1[: plan.groups * plan.per_group].reshape(plan.groups, plan.per_group, -1)
+    return rows - torch.cat([rows[:, 1:], torch.zeros_like(rows[:, :1])], dim=1)
 
 
 def _oriented(x: torch.Tensor, plan: ImprintPlan) -> torch.Tensor:
