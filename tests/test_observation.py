@@ -217,3 +217,13 @@ def test_make_observation_takes_a_peft_config():
     assert not all(torch.equal(full.gradients[k], coop.gradients[k]) for k in full.gradients)
     with pytest.raises(TypeError, match="method"):  # the flat PEFT keywords are gone: one PeftConfig
         make_observation(peft=PeftConfig(method="coop"), method="adapter")
+
+
+def test_digests_match_checks_and_names_both_digests():
+    from clipleak.records import digests_match
+
+    assert digests_match("a" * 64, "a" * 64, "{truth} {attacked}") is True
+    assert digests_match(None, "b" * 64, "unused") is None  # a record made before digests: unchecked
+    assert digests_match("a" * 64, None, "unused") is None
+    with pytest.raises(ClipleakError, match=r"^truth bbbbbbbbbbbb, attacked aaaaaaaaaaaa$"):
+        digests_match("a" * 64, "b" * 64, "truth {truth}, attacked {attacked}")

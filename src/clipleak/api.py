@@ -38,7 +38,7 @@ from .models import arch_config, build_model, read_card
 from .peft import PeftConfig, build_victim, rebuild_victim
 from .priors import check_prior, load_prior
 from .privacy import PER_EXAMPLE_METHODS, Defense, DpSetting, parse_defense
-from .records import Observation, ProgressFn, Reconstruction, Truth
+from .records import Observation, ProgressFn, Reconstruction, Truth, digests_match
 from .report import write_report
 from .training import ContrastiveConfig, FinetuneConfig, contrastive_finetune, finetune
 
@@ -320,14 +320,10 @@ def evaluate_reconstruction(
 def truth_matches(rec: Reconstruction, truth: Truth) -> bool | None:
     """True when the truth belongs to the observation the reconstruction attacked (same digest); None when
     either file predates the digest (unchecked); a mismatch is a :class:`ClipleakError`."""
-    a, b = rec.meta.get("observation_digest"), truth.meta.get("observation_digest")
-    if a is None or b is None:
-        return None
-    if a != b:
-        raise ClipleakError(f"the ground truth belongs to another observation (digest {str(b)[:12]}...) than the "
-                            f"one this reconstruction attacked ({str(a)[:12]}...); give the truth file `clipleak "
-                            "share` wrote beside that observation")
-    return True
+    return digests_match(rec.meta.get("observation_digest"), truth.meta.get("observation_digest"),
+                         "the ground truth belongs to another observation (digest {truth}...) than the one this "
+                         "reconstruction attacked ({attacked}...); give the truth file `clipleak share` wrote beside "
+                         "that observation")
 
 
 def client_images(*, weights: str | None = "tiny-mnist", arch: str = "tiny-32", data: str = "mnist",

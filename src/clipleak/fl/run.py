@@ -31,7 +31,7 @@ from ..evaluation import (
 )
 from ..models import build_model
 from ..peft import PeftConfig, build_victim
-from ..records import Reconstruction, Truth
+from ..records import Reconstruction, Truth, digests_match
 from ..report.html import save_comparison
 from ..report.page import Section, image, interval_text, paragraph, table, write_page
 from .client_app import make_client_app, truth_path
@@ -195,13 +195,9 @@ def _check_reply(meta: dict[str, Any], truth: Truth, node: int, rnd: int) -> boo
     """Whether the client's truth belongs to the very update the server attacked (the SHA-256 of the state it
     sent, as the client wrote it and as the server received it); None when either record predates the digest.
     A mismatch is an error: the truth folder belongs to another run."""
-    a, b = meta.get("reply_sha256"), truth.meta.get("reply_sha256")
-    if a is None or b is None:
-        return None
-    if a != b:
-        raise ClipleakError(f"node {node}, round {rnd}: the truth belongs to another update (SHA-256 {str(b)[:12]}...) "
-                            f"than the one the server attacked ({str(a)[:12]}...); give the truth folder of this run")
-    return True
+    return digests_match(meta.get("reply_sha256"), truth.meta.get("reply_sha256"),
+                         f"node {node}, round {rnd}: the truth belongs to another update (SHA-256 {{truth}}...) "
+                         "than the one the server attacked ({attacked}...); give the truth folder of this run")
 
 
 def evaluate_run(out: str | Path, truth_dir: str | Path, *, reid_k: int = 10) -> dict[str, Any]:

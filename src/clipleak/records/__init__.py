@@ -13,12 +13,12 @@ from .files import (
     write_json_atomic,
     write_text_atomic,
 )
-from .observation import Observation, Truth, distinct_images, gradient_view, tensor_path
+from .observation import Observation, Truth, digests_match, distinct_images, gradient_view, tensor_path
 from .progress import ProgressEvent, ProgressFn
 from .reconstruction import Reconstruction
 
 __all__ = [
-    "Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "distinct_images", "gradient_view",
-    "latest_checkpoint", "load_checkpoint", "tensor_path", "write_atomic", "write_checkpoint", "write_json_atomic",
-    "write_text_atomic",
+    "Observation", "ProgressEvent", "ProgressFn", "Reconstruction", "Truth", "digests_match", "distinct_images",
+    "gradient_view", "latest_checkpoint", "load_checkpoint", "tensor_path", "write_atomic", "write_checkpoint",
+    "write_json_atomic", "write_text_atomic",
 ]

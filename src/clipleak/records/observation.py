@@ -127,6 +127,18 @@ UPDATE_KEYS = ("local_steps", "lr", "num_examples")
 """What an update observation (``meta["kind"] == "update"``) must record besides the gradient keys."""
 
 
+def digests_match(attacked: object, truth: object, mismatch: str) -> bool | None:
+    """Whether a ground truth belongs to the very update an attack read: True when the digest the truth records
+    equals the attacked one's, None when either record predates digests (unchecked). A mismatch is a
+    :class:`ClipleakError` with ``mismatch``, whose ``{truth}`` and ``{attacked}`` are the digests' first 12
+    characters."""
+    if attacked is None or truth is None:
+        return None
+    if attacked != truth:
+        raise ClipleakError(mismatch.format(truth=str(truth)[:12], attacked=str(attacked)[:12]))
+    return True
+
+
 def distinct_images(local_steps: int, batch_size: int, num_examples: int) -> int:
     """How many different images E local steps at batch B touch on a client holding n of them.
 
