@@ -34,10 +34,9 @@ def truth_path(truth_dir: str | Path, node_id: int, rnd: int) -> Path:
     return Path(truth_dir) / f"node-{node_id}" / f"round-{rnd:03d}.truth.safetensors"
 
 
-def client_train(msg: Message, context: Context, defaults: ClientData | None = None) -> Message:
-    """One round of local training (the body of the ClientApp's ``train``)."""
+def _identity(msg: Message, context: Context, defaults: ClientData | None) -> tuple[ClientData, int, int, int]:
+    """The client's data settings, partition id, number of partitions and the round of ``msg``."""
     cfg = msg.content.config_records["config"]
-    recipe = Recipe.from_json(str(cfg[CONFIG_KEY]))
     rnd = int(cfg.get(ROUND_KEY, cfg.get("server-round", 1)))  # type: ignore[arg-type]
     node_cfg: dict[str, Any] = dict(context.node_config)
     # the run config (shared with the server) may name the model and the data set; everything private
@@ -46,7 +45,21 @@ def client_train(msg: Message, context: Context, defaults: ClientData | None = N
     # the node config's "device" (else the defaults') says where this client computes
     own = {**defaults.to_dict(), "device": defaults.device} if defaults else {}
     data = ClientData.from_config({**own, **shared, **node_cfg})
-    pid, nparts = int(node_cfg.get("partition-id", 0)), int(node_cfg.get("num-partitions", 1))
+    return data, int(node_cfg.get("partition-id", 0)), int(node_cfg.get("num-partitions", 1)), rnd
+
+
+def round_seed(msg: Message, context: Context, defaults: ClientData | None, purpose: str) -> int:
+    """A seed for one private draw of this client in the round of ``msg`` (from the client's own seed)."""
+    data, pid, _, rnd = _identity(msg, context, defaults)
+    return derive_seed(data.seed, purpose, pid, rnd)
+
+
+def client_train(msg: Message, context: Context, defaults: ClientData | None = None) -> Message:
+    """One round of local training (the body of the ClientApp's ``train``)."""
+    cfg = msg.content.config_records["config"]
+    recipe = Recipe.from_json(str(cfg[CONFIG_KEY]))
+    data, pid, nparts, rnd = _identity(msg, context, defaults)
+    node_cfg: dict[str, Any] = dict(context.node_config)
     torch.set_num_threads(int(node_cfg.get("threads", 1)))
     peft = recipe.peft.to_dict()
     victim, private, shard, _facts = client_setup(data, peft, pid, nparts)

@@ -132,7 +132,7 @@ class SecAggSettings:
 def legacy_train(msg: Message, context: Context, defaults: ClientData | None = None) -> Message:
     """A legacy ``FitIns`` message (what the SecAgg+ workflow sends) through :func:`client_train`; the reply
     as a legacy ``FitRes`` (``secaggplus_mod`` masks its parameters and clears them before it leaves)."""
-    from .client_app import client_train  # the client side only: the server never imports it
+    from .client_app import client_train, round_seed  # the client side only: the server never imports it
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config: dict[str, Any] = dict(fitins.config)
@@ -145,6 +145,9 @@ def legacy_train(msg: Message, context: Context, defaults: ClientData | None = N
     msg.content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
     try:
         reply = client_train(msg, context, defaults)
+        # secaggplus_mod quantises the reply next, rounding stochastically with numpy's global generator:
+        # seeded from the client's own seed, the round's aggregate (and what the server reads) repeats
+        np.random.seed(round_seed(msg, context, defaults, "secagg-rounding") % 2**32)
     finally:
         msg.content = original
     new = reply.content.array_records["arrays"].to_torch_state_dict()
