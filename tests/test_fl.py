@@ -79,13 +79,15 @@ def _one_round(tmp_path, method="adapter", clients=3, **recipe_kw):
                                              grid))
         replies = list(grid.send_and_receive(msgs))
         arrays, metrics = strategy.aggregate_train(1, replies)
-        plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, replies)
+        in_node_order = sorted(replies, key=lambda m: int(m.metadata.src_node_id))  # as the strategy passes them
+        plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, in_node_order)
     return recipe, data, server, strategy, start, replies, arrays, plain
 
 
 def test_wrapping_other_strategies_aggregates_as_they_do(tmp_path):
     """AttackingStrategy around FedAdam / FedProx / FedMedian: the same arrays as the strategy alone on the
-    same replies, its own configure_train (FedProx's proximal-mu reaches the clients), every update recorded."""
+    same replies (in node order), its own configure_train (FedProx's proximal-mu reaches the clients), every
+    update recorded."""
     recipe, _, server, _, start, replies, _, fedavg = _one_round(tmp_path, local_steps=2, batch_size=1, lr=0.5)
     kw = {"min_train_nodes": 3, "min_available_nodes": 3}
     grid = InProcessGrid(make_client_app(ClientData(weights=None, client_size=5, seed=11,
@@ -98,7 +100,8 @@ def test_wrapping_other_strategies_aggregates_as_they_do(tmp_path):
                                                 grid))
             list(alone.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}), grid))
             got, _ = wrapped.aggregate_train(1, copy.deepcopy(replies))  # FedMedian pops the replies' arrays
-            ref, _ = alone.aggregate_train(1, copy.deepcopy(replies))
+            in_node_order = sorted(copy.deepcopy(replies), key=lambda m: int(m.metadata.src_node_id))
+            ref, _ = alone.aggregate_train(1, in_node_order)
         name = type(alone).__name__
         assert len(msgs) == 3 and all(m.content.config_records["config"][ROUND_KEY] == 1 for m in msgs)
         if name == "FedProx":
@@ -489,6 +492,24 @@ def test_secagg_server_reads_only_the_aggregate_and_attacks_it(tmp_path):
     (entry,) = m["clients"]
     assert entry["aggregate_of"] == [1, 2, 3] and entry["images"] == 3 and "error" not in entry
     assert m["summary"]["images"] == 3 and m["secure_aggregation"] == spec.secagg
+
+
+def test_plain_round_repeats_bitwise_whatever_order_flower_samples(tmp_path):
+    """Flower samples the round's nodes with Python's unseeded global generator; the replies reach the wrapped
+    FedAvg in node order, so its float sum (the next global state) is the same bit for bit in every run."""
+    import random
+
+    from safetensors.torch import load_file
+
+    states = []
+    for name, scramble in (("a", 1), ("b", 2)):
+        _, data, spec = _setup(tmp_path / name, clients=5, local_steps=1, batch_size=1, lr=0.5)
+        random.seed(scramble)
+        with server_identity():
+            server_main(InProcessGrid(make_client_app(data), 5), spec)
+        states.append(load_file(str(tmp_path / name / "out" / "rounds" / "round-001" / "global.safetensors")))
+    a, b = states
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_secagg_round_repeats_bitwise(tmp_path):

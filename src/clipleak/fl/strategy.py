@@ -157,7 +157,8 @@ class AttackingStrategy(Strategy):
     attacks it, and otherwise is the strategy it wraps.
 
     ``configure_train`` / ``aggregate_train`` record around the wrapped strategy's own hooks (it gets the
-    same arguments and the same replies, and its result is returned unchanged); ``configure_evaluate``,
+    same arguments and the same replies, in node order so that its float sums repeat, and its result is
+    returned unchanged); ``configure_evaluate``,
     ``aggregate_evaluate`` and ``summary`` are its own. ``start`` is Flower's loop over these hooks.
 
     Args:
@@ -320,7 +321,9 @@ class AttackingStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.absolute(server_round)
-        replies = list(replies)
+        # in node order: Flower samples the nodes with Python's unseeded global generator, and a float sum in
+        # another order rounds differently, so the aggregate (and every later round) would not repeat
+        replies = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
         valid = [m for m in replies if not m.has_error()]
         obs = [self.observe(rnd, m) for m in valid]
         obs.sort(key=lambda o: int(o.meta["node_id"]))
