@@ -32,6 +32,7 @@ from clipleak.fl import (
 )
 from clipleak.fl.server_app import Server, finished_rounds, load_state
 from clipleak.fl.settings import CONFIG_KEY, ROUND_KEY
+from clipleak.fl.strategy import in_content_order
 from clipleak.peft import PeftConfig
 from clipleak.privacy import DpSetting
 from clipleak.records import Truth, distinct_images, gradient_view
@@ -79,14 +80,14 @@ def _one_round(tmp_path, method="adapter", clients=3, **recipe_kw):
                                              grid))
         replies = list(grid.send_and_receive(msgs))
         arrays, metrics = strategy.aggregate_train(1, replies)
-        in_node_order = sorted(replies, key=lambda m: int(m.metadata.src_node_id))  # as the strategy passes them
-        plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, in_node_order)
+        ordered = in_content_order(replies)  # as the strategy passes them
+        plain, _ = FedAvg(min_train_nodes=clients, min_available_nodes=clients).aggregate_train(1, ordered)
     return recipe, data, server, strategy, start, replies, arrays, plain
 
 
 def test_wrapping_other_strategies_aggregates_as_they_do(tmp_path):
     """AttackingStrategy around FedAdam / FedProx / FedMedian: the same arrays as the strategy alone on the
-    same replies (in node order), its own configure_train (FedProx's proximal-mu reaches the clients), every
+    same replies (in content order), its own configure_train (FedProx's proximal-mu reaches the clients), every
     update recorded."""
     recipe, _, server, _, start, replies, _, fedavg = _one_round(tmp_path, local_steps=2, batch_size=1, lr=0.5)
     kw = {"min_train_nodes": 3, "min_available_nodes": 3}
@@ -100,8 +101,7 @@ def test_wrapping_other_strategies_aggregates_as_they_do(tmp_path):
                                                 grid))
             list(alone.configure_train(1, ArrayRecord(start), ConfigRecord({CONFIG_KEY: recipe.to_json()}), grid))
             got, _ = wrapped.aggregate_train(1, copy.deepcopy(replies))  # FedMedian pops the replies' arrays
-            in_node_order = sorted(copy.deepcopy(replies), key=lambda m: int(m.metadata.src_node_id))
-            ref, _ = alone.aggregate_train(1, in_node_order)
+            ref, _ = alone.aggregate_train(1, in_content_order(copy.deepcopy(replies)))
         name = type(alone).__name__
         assert len(msgs) == 3 and all(m.content.config_records["config"][ROUND_KEY] == 1 for m in msgs)
         if name == "FedProx":
@@ -132,6 +132,8 @@ def test_strategy_records_every_update_and_aggregates_as_fedavg(tmp_path):
         assert all(torch.equal(o.peft_state[k], start[k]) for k in start)  # the round's global state
         assert max(float(v.abs().max()) for v in o.gradients.values()) > 0
     assert arrays is not None and plain is not None
+    # the order the wrapped strategy sums in does not depend on the order the replies arrived in
+    assert [id(m) for m in in_content_order(replies[::-1])] == [id(m) for m in in_content_order(replies)]
     got, ref = arrays.to_torch_state_dict(), plain.to_torch_state_dict()
     weights = torch.tensor([float(o.meta["num_examples"]) for o in obs])
     for k in start:
@@ -496,7 +498,8 @@ def test_secagg_server_reads_only_the_aggregate_and_attacks_it(tmp_path):
 
 def test_plain_round_repeats_bitwise_whatever_order_flower_samples(tmp_path):
     """Flower samples the round's nodes with Python's unseeded global generator; the replies reach the wrapped
-    FedAvg in node order, so its float sum (the next global state) is the same bit for bit in every run."""
+    FedAvg in the order of their contents, so its float sum (the next global state) is the same bit for bit in
+    every run; and that order does not depend on the node ids (random in Flower's simulation)."""
     import random
 
     from safetensors.torch import load_file

@@ -152,13 +152,27 @@ def epsilon_so_far(defense: dict[str, Any] | None, rounds: int, local_steps: int
                          str(defense.get("accountant") or "rdp")))
 
 
+def in_content_order(replies: Iterable[Message]) -> list[Message]:
+    """The round's replies ordered by the SHA-256 of the state each carries (errors last, node id among equal
+    states). Flower samples the nodes with Python's unseeded global generator and, in simulation, numbers them
+    at random, so the order replies arrive in changes from run to run; a float sum in another order rounds
+    differently, and the aggregate (and every later round) would not repeat bit for bit. The order of the
+    contents does not depend on the run."""
+    def key(m: Message) -> tuple[bool, str, int]:
+        if m.has_error():
+            return True, "", int(m.metadata.src_node_id)
+        return False, state_digest(m.content.array_records["arrays"].to_torch_state_dict()), int(m.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
 class AttackingStrategy(Strategy):
     """A Flower strategy that records each client update of each round as an ``update`` observation and
     attacks it, and otherwise is the strategy it wraps.
 
     ``configure_train`` / ``aggregate_train`` record around the wrapped strategy's own hooks (it gets the
-    same arguments and the same replies, in node order so that its float sums repeat, and its result is
-    returned unchanged); ``configure_evaluate``,
+    same arguments and the same replies, in :func:`in_content_order` so that its float sums repeat, and its
+    result is returned unchanged); ``configure_evaluate``,
     ``aggregate_evaluate`` and ``summary`` are its own. ``start`` is Flower's loop over these hooks.
 
     Args:
@@ -321,9 +335,7 @@ class AttackingStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.absolute(server_round)
-        # in node order: Flower samples the nodes with Python's unseeded global generator, and a float sum in
-        # another order rounds differently, so the aggregate (and every later round) would not repeat
-        replies = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+        replies = in_content_order(replies)
         valid = [m for m in replies if not m.has_error()]
         obs = [self.observe(rnd, m) for m in valid]
         obs.sort(key=lambda o: int(o.meta["node_id"]))
