@@ -159,7 +159,7 @@ def in_content_order(replies: Iterable[Message]) -> list[Message]:
     differently, and the aggregate (and every later round) would not repeat bit for bit. The order of the
     contents does not depend on the run."""
     def key(m: Message) -> tuple[bool, str, int]:
-        if m.has_error():
+        if m.has_error() or "arrays" not in m.content.array_records:  # the checks after say what is wrong
             return True, "", int(m.metadata.src_node_id)
         return False, state_digest(m.content.array_records["arrays"].to_torch_state_dict()), int(m.metadata.src_node_id)
 
@@ -172,8 +172,8 @@ class AttackingStrategy(Strategy):
 
     ``configure_train`` / ``aggregate_train`` record around the wrapped strategy's own hooks (it gets the
     same arguments and the same replies, in :func:`in_content_order` so that its float sums repeat, and its
-    result is returned unchanged); ``configure_evaluate``,
-    ``aggregate_evaluate`` and ``summary`` are its own. ``start`` is Flower's loop over these hooks.
+    result is returned unchanged); ``configure_evaluate``, ``aggregate_evaluate`` and ``summary`` are its own.
+    ``start`` is Flower's loop over these hooks.
 
     Args:
         recipe: the round's local training (E, B, eta, method, DP), sent to every client.
