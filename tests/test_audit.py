@@ -473,3 +473,48 @@ def test_audit_on_two_ray_workers_gives_the_serial_table_and_resumes(tmp_path):
     (tmp_path / "resumed" / "cells.json").write_text(json.dumps(cells))
     resumed = run_audit(cfg, tmp_path / "resumed", threads=1, workers=2)
     assert resumed["computed"] == 2 and _untimed(resumed["rows"]) == _untimed(serial["rows"])
+
+
+def test_audit_decoder_killed_while_training_continues_from_its_checkpoint(tmp_path, short_run, monkeypatch):
+    """An audit killed while its automatic decoder trains: the rerun continues that training (the target's
+    features of the public images are not computed again, the schedule goes on from the checkpoint)."""
+    import clipleak.training.priors as tp
+    from clipleak.audit.decoder import auto_decoder, decoder_path
+    from clipleak.models import build_model
+
+    monkeypatch.setenv("CLIPLEAK_CACHE", str(tmp_path / "cache"))
+    import functools
+
+    import clipleak.audit.decoder as ad
+
+    monkeypatch.setattr(ad, "PriorCheckpoints", functools.partial(tp.PriorCheckpoints, every=3))
+    clip = build_model("tiny-32", short_run[0])
+    spec = DataSpec()
+    public = load_public(spec, 32)
+
+    def kill(event):
+        if event.phase == "run" and event.step >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        auto_decoder(clip, str(short_run[0]), spec, public, seconds=600.0, progress=kill)
+    path = decoder_path(clip, public, 600.0)
+    ckpt = path.with_name(path.stem + ".ckpt")
+    assert (ckpt / "features.safetensors").is_file() and (ckpt / "latest").is_file() and not path.exists()
+
+    def no_features(*a, **k):
+        raise AssertionError("the resumed decoder training recomputed the target's features")
+
+    monkeypatch.setattr(tp, "image_features", no_features)
+    monkeypatch.setattr(tp, "prior_quality", lambda *a, **k: {})  # the quality check runs the target: not here
+    seen: list[int] = []
+
+    def stop_soon(event):  # the rest of the 600 s schedule is not needed: a second kill after a few more steps
+        if event.phase == "run":
+            seen.append(event.step)
+            if event.step >= 8:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        auto_decoder(clip, str(short_run[0]), spec, public, seconds=600.0, progress=stop_soon)
+    assert seen[0] == 4  # continued after the checkpoint of step 3

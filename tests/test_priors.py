@@ -370,3 +370,88 @@ def test_cli_decoder_feature_noise(tmp_path, tiny):
     assert dec.card["training"]["recipe"]["feature_noise"] == 0.05 and dec.whiten
     assert main(["prior", "train", "--kind", "vae", "--out", str(tmp_path / "v.safetensors"), "--steps", "2",
                  "--feature-noise", "0.05"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ resuming
+
+
+class _Kill(KeyboardInterrupt):
+    pass
+
+
+def _kill_at(step: int):
+    """A progress callback that stops the run like Ctrl-C once ``step`` steps are done."""
+    def cb(event):
+        if event.phase == "run" and event.step >= step:
+            raise _Kill()
+    return cb
+
+
+def test_killed_decoder_training_resumes_bitwise_without_recomputing_features(tiny, mnist32, tmp_path,
+                                                                              monkeypatch):
+    public, _ = mnist32
+    small = public.subset(list(range(0, len(public), 40)))
+    recipe = {"steps": 9, "batch": 16, "seed": 3, "augment_copies": 1, "feature_noise": 0.05}
+    whole = training.train_decoder(tiny, small, **recipe)
+    ckpt = training.PriorCheckpoints(tmp_path / "dec.ckpt", every=4)
+    with pytest.raises(_Kill):
+        training.train_decoder(tiny, small, **recipe, checkpoints=ckpt, progress=_kill_at(6))
+    assert (tmp_path / "dec.ckpt" / "latest").read_text().strip().endswith("0000004")
+    # resumed: the features come from the checkpoint (the target is not run again) and the weights are bitwise
+    import clipleak.training.priors as tp
+
+    def no_features(*a, **k):
+        raise AssertionError("the resumed run recomputed the target's features")
+    monkeypatch.setattr(tp, "image_features", no_features)
+    again = training.PriorCheckpoints(tmp_path / "dec.ckpt", resume=True, every=4)
+    resumed = training.train_decoder(tiny, small, **recipe, checkpoints=again)
+    for (k, va), vb in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert resumed.card["training"]["resumed_from_steps"] == [4]
+    assert resumed.card["training"]["steps_done"] == 9
+    # a checkpoint of other settings is refused, naming them; without resume it is cleared and training restarts
+    with pytest.raises(ClipleakError, match="base"):
+        training.train_decoder(tiny, small, **{**recipe, "base": 32}, checkpoints=again)
+    fresh = training.PriorCheckpoints(tmp_path / "dec.ckpt", resume=False)
+    monkeypatch.undo()
+    restarted = training.train_decoder(tiny, small, **{**recipe, "base": 32}, checkpoints=fresh)
+    assert "resumed_from_steps" not in restarted.card["training"]
+    fresh.clear()
+    assert not (tmp_path / "dec.ckpt").exists()
+
+
+def test_killed_vae_and_cnn_training_resume_bitwise(mnist32, tmp_path):
+    public, _ = mnist32
+    small = public.subset(list(range(0, len(public), 40)))
+    for train, kw in ((training.train_vae, {"width": 8}), (training.train_cnn, {"width": 4})):
+        whole = train(small, steps=7, batch=16, seed=2, **kw)
+        root = tmp_path / f"{train.__name__}.ckpt"
+        with pytest.raises(_Kill):
+            train(small, steps=7, batch=16, seed=2, **kw, progress=_kill_at(5),
+                  checkpoints=training.PriorCheckpoints(root, every=2))
+        resumed = train(small, steps=7, batch=16, seed=2, **kw,
+                        checkpoints=training.PriorCheckpoints(root, resume=True, every=2))
+        for (k, va), vb in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(va, vb), (train.__name__, k)
+        assert resumed.card["training"]["resumed_from_steps"] == [4]
+
+
+def test_cli_prior_train_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "vae.safetensors"
+    args = ["prior", "train", "--kind", "vae", "--out", str(out), "--steps", "450", "--latent", "8", "--threads", "1"]
+    import clipleak.training.priors as tp
+    real_fit = tp._fit
+
+    def fit_killed(*a, **k):  # Ctrl-C after the checkpoint of step 200
+        k["progress"] = _kill_at(210)
+        return real_fit(*a, **k)
+    monkeypatch.setattr(tp, "_fit", fit_killed)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "vae.ckpt" in err and "--resume" in err, err
+    assert not out.exists() and (tmp_path / "vae.ckpt" / "latest").is_file()
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    card = priors.load_prior(out).card["training"]
+    assert card["resumed_from_steps"] == [200] and card["steps_done"] == 450
+    assert not (tmp_path / "vae.ckpt").exists()  # removed once the prior is saved

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ClipleakError
 from ..models import arch_config, card_path, file_sha256, read_card
@@ -31,6 +31,7 @@ from ..training import (
     DEFAULT_DECODER_STEPS,
     DEFAULT_VAE_STEPS,
     PretrainConfig,
+    PriorCheckpoints,
     build_prior,
     checkpoint_dir,
     pretrain,
@@ -268,28 +269,42 @@ def resolve(name: str, progress: ProgressFn | None = None, *, rebuild: bool = Fa
               f"({art.description}); later uses load the file.", file=sys.stderr, flush=True)
         task = f"build {name}"
         recipe = art.recipe
+        resume = checkpoint_dir(path).is_dir() and not rebuild
         if isinstance(recipe, PretrainConfig):
-            resume = checkpoint_dir(path).is_dir() and not rebuild
-            try:
-                pretrain(recipe, path, resume=resume, progress=progress, threads=art.threads, task=task)
-            except ClipleakError as e:  # a checkpoint of an older recipe, or a damaged one
-                if not resume:
-                    raise
-                print(f"[clipleak] not resuming ({e}); starting over", file=sys.stderr, flush=True)
-                pretrain(recipe, path, resume=False, progress=progress, threads=art.threads, task=task)
+            _resuming(lambda again: pretrain(recipe, path, resume=again, progress=progress, threads=art.threads,
+                                             task=task), resume)
         else:
             target = resolve(recipe.target, progress) if recipe.kind == "decoder" else None
-            prior = build_prior(recipe.kind, data=recipe.data, arch=recipe.arch,
-                                weights=str(target) if target else None, split_seed=recipe.split_seed,
-                                steps=recipe.steps, seed=recipe.seed, latent=recipe.latent,
-                                augment_copies=recipe.augment_copies, base=recipe.base,
-                                work_size=recipe.work_size, progress=progress,
-                                task=task)
-            save_prior(prior, path)
+
+            def train(again: bool) -> PriorCheckpoints:
+                ckpt = PriorCheckpoints(checkpoint_dir(path), resume=again)
+                prior = build_prior(recipe.kind, data=recipe.data, arch=recipe.arch,
+                                    weights=str(target) if target else None, split_seed=recipe.split_seed,
+                                    steps=recipe.steps, seed=recipe.seed, latent=recipe.latent,
+                                    augment_copies=recipe.augment_copies, base=recipe.base,
+                                    work_size=recipe.work_size, progress=progress, task=task, checkpoints=ckpt)
+                save_prior(prior, path)
+                return ckpt
+
+            _resuming(train, resume).clear()
         _stamp(path, name, expected)
         if not _is_current(path, expected):
             raise ClipleakError(f"building artifact {name!r} did not produce a usable file at {path}")
     return path
+
+
+T = TypeVar("T")
+
+
+def _resuming(run: Callable[[bool], T], resume: bool) -> T:
+    """``run(resume)``; when resuming fails (a checkpoint of an older recipe, or a damaged one), ``run(False)``."""
+    try:
+        return run(resume)
+    except ClipleakError as e:
+        if not resume:
+            raise
+        print(f"[clipleak] not resuming ({e}); starting over", file=sys.stderr, flush=True)
+        return run(False)
 
 
 def resolve_path(text: str | None, progress: ProgressFn | None = None) -> str | None:

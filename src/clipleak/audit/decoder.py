@@ -18,15 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import artifacts
 from ..data import DataSpec, ImageSet
 from ..errors import ClipleakError
 from ..models import ClipModel
 from ..priors import check_prior, load_prior, save_prior
 from ..records import ProgressFn
-from ..training import build_prior
+from ..training import PriorCheckpoints, build_prior, checkpoint_dir
 from .cells import AUTO_DECODER, DEFAULT_TARGET
 
 RECIPE: dict[str, Any] = {"kind": "decoder", "seed": 0, "augment_copies": 0, "base": 64, "feature_noise": 0.0}
@@ -39,15 +37,6 @@ FOLDER = "audit-decoders"
 """Sub-folder of the artifact cache that holds the automatic decoders."""
 
 
-def data_digest(public: ImageSet) -> str:
-    """SHA-256 of what a decoder learns from: the public images' pixels and labels and the class names."""
-    h = hashlib.sha256()
-    h.update(json.dumps(list(public.classnames)).encode())
-    h.update(np.ascontiguousarray(public.labels.cpu().numpy()).tobytes())
-    h.update(np.ascontiguousarray(public.images.detach().cpu().float().numpy()).tobytes())
-    return h.hexdigest()
-
-
 def _recipe(clip: ClipModel, seconds: float) -> dict[str, Any]:
     recipe = {**RECIPE, "seconds": float(seconds)}
     if clip.image_size > WORK_SIZE and "work_size" in inspect.signature(build_prior).parameters:
@@ -57,7 +46,7 @@ def _recipe(clip: ClipModel, seconds: float) -> dict[str, Any]:
 
 def decoder_path(clip: ClipModel, public: ImageSet, seconds: float) -> Path:
     """Where the automatic decoder for ``clip``'s weights, these public images and this budget is cached."""
-    parts = {"weights_sha256": clip.weights_sha256, "data": data_digest(public), "recipe": _recipe(clip, seconds)}
+    parts = {"weights_sha256": clip.weights_sha256, "data": public.digest(), "recipe": _recipe(clip, seconds)}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     return artifacts.cache_dir() / FOLDER / f"decoder-{clip.arch}-{key}.safetensors"
 
@@ -88,11 +77,14 @@ def auto_decoder(clip: ClipModel, weights: str, spec: DataSpec, public: ImageSet
               f"the public split ({seconds:g} s budget); later audits reuse it.", file=sys.stderr, flush=True)
         recipe = _recipe(clip, seconds)
         extra = {"work_size": recipe["work_size"]} if "work_size" in recipe else {}
+        # its progress is kept beside it, so that an audit killed while the decoder trains continues it
+        ckpt = PriorCheckpoints(checkpoint_dir(path), resume=True)
         prior = build_prior("decoder", data=spec.name, arch=clip.arch, weights=weights, split_seed=spec.split_seed,
                             seconds=float(seconds), seed=int(recipe["seed"]), feature_noise=recipe["feature_noise"],
                             augment_copies=int(recipe["augment_copies"]), base=int(recipe["base"]), progress=progress,
-                            task="train decoder (audit)", **extra)
-        save_prior(prior, path, {"audit_decoder": {"recipe": recipe, "data_sha256": data_digest(public)}})
+                            task="train decoder (audit)", checkpoints=ckpt, **extra)
+        save_prior(prior, path, {"audit_decoder": {"recipe": recipe, "data_sha256": public.digest()}})
+        ckpt.clear()
     if not _usable(path, clip, spec):
         raise ClipleakError(f"training the audit's decoder did not produce a usable file at {path}")
     return path

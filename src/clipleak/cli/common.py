@@ -61,7 +61,7 @@ def interrupt_note(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str:
             return _kept(Path(out) / "checkpoint" if out is not None else None, "finished restarts are",
                          "rerun the same command to resume")
         return "nothing was kept (--no-resume); rerun the command to start over"
-    if key == "train.pretrain":
+    if key in ("train.pretrain", "train.prior_train"):
         ckpt = Path(out).with_name(Path(out).stem + ".ckpt") if out is not None else None
         return _kept(ckpt, "the latest checkpoint is", "rerun the same command with --resume to continue")
     if key == "train.train":

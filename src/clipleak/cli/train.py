@@ -91,9 +91,15 @@ def prior_train(
              "image size (e.g. 28 for MNIST digits at 224 px; default: the image size)")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the public/validation/private split")] = 0,
     seed: Annotated[int, typer.Option(help="seed of the init and the data order")] = 0,
+    resume: Annotated[bool, typer.Option(
+        help="continue from the checkpoint beside OUT (<stem>.ckpt/, written as it trains)")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (1 is faster on a busy machine)")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train an image prior on the PUBLIC split and save it with a card (quality on the validation split).
+
+    Progress is saved beside OUT (<stem>.ckpt/, with a decoder's target features); after a kill, the same
+    command with --resume continues where it stopped. The folder is removed once the prior is written.
 
     Example: clipleak prior train --kind decoder --weights tiny-mnist --out runs/decoder.safetensors --seconds 120
 
@@ -106,20 +112,26 @@ def prior_train(
     from ..artifacts import resolve_path
     from ..devices import resolve_device
     from ..priors import save_prior
-    from ..training import build_prior
+    from ..training import PriorCheckpoints, build_prior, checkpoint_dir
 
     dev = resolve_device(device)
     if out.suffix != ".safetensors":
         raise ClipleakError(f"--out must end in .safetensors, got {out}")
     check_writable(out, folder=False)
-    _check_common(steps=steps)
+    _check_common(steps=steps, threads=threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
     check_range("--seconds", seconds, low=0, high=1e7, low_open=True)
+    ckpt = PriorCheckpoints(checkpoint_dir(out), resume=resume)
     with progress_bar() as cb:
         prior = build_prior(kind, data=data, arch=arch, weights=resolve_path(weights, cb), split_seed=split_seed,
                             steps=steps, seconds=seconds, seed=seed, latent=latent, feature_noise=feature_noise,
                             augment_copies=augment_copies, base=base, work_size=work_size, progress=cb,
-                            device=dev)
+                            device=dev, checkpoints=ckpt)
     path = save_prior(prior, out)
+    ckpt.clear()
     tr = prior.card["training"]
     console.print(f"{kind}: [bold]{path}[/] ({tr['steps_done']} steps, {tr['train_seconds']:.0f} s of training)")
     q = prior.card.get("quality", {})

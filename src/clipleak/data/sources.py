@@ -26,6 +26,8 @@ Resizing is bilinear with antialiasing (``torch.nn.functional.interpolate``) and
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -94,6 +96,17 @@ class ImageSet:
         if not 0 <= int(k) < self.n_classes:
             raise ClipleakError(f"class {k} out of range: this set has {self.n_classes} classes")
         return self.subset(torch.nonzero(self.labels == int(k)).reshape(-1))
+
+    def digest(self) -> str:
+        """SHA-256 of what a model trained on this set learns from: the class names, the labels and the pixels
+        (what keys a cached decoder and a resumable prior training; a copy of the same images gives the same
+        digest)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(list(self.classnames)).encode())
+        h.update(np.ascontiguousarray(self.labels.cpu().numpy()).tobytes())
+        for i in range(0, len(self), 256):  # in chunks: 4,000 RGB digits at 224 px are 2.4 GB as one array
+            h.update(np.ascontiguousarray(self.images[i:i + 256].detach().cpu().float().numpy()).tobytes())
+        return h.hexdigest()
 
     def prototypes(self) -> torch.Tensor:
         """Exact mean image of each class, ``(n_classes, 3, H, W)``; every class must be present."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from ..data import ImageSet
@@ -11,13 +9,6 @@ from ..models import ClipModel, image_features
 
 _BANK: dict[tuple[str, str, str], torch.Tensor] = {}
 _MAX_ENTRIES = 32
-
-
-def _images_digest(images: ImageSet) -> str:
-    h = hashlib.sha256()
-    h.update(str(tuple(images.images.shape)).encode())
-    h.update(images.images.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def public_features(clip: ClipModel, public: ImageSet, pool: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +19,7 @@ def public_features(clip: ClipModel, public: ImageSet, pool: torch.Tensor | None
     Returned on the model's device (the memo holds them where the public images are, the CPU).
     """
     sel = public if pool is None else public.subset(pool)
-    key = (clip.weights_sha256, clip.arch, _images_digest(sel))
+    key = (clip.weights_sha256, clip.arch, sel.digest())
     if key not in _BANK:
         if len(_BANK) >= _MAX_ENTRIES:
             _BANK.pop(next(iter(_BANK)))

@@ -18,6 +18,7 @@ from .priors import (
     DEFAULT_CNN_STEPS,
     DEFAULT_DECODER_STEPS,
     DEFAULT_VAE_STEPS,
+    PriorCheckpoints,
     build_prior,
     cnn_quality,
     prior_quality,
@@ -28,7 +29,8 @@ from .priors import (
 
 __all__ = [
     "DEFAULT_CNN_STEPS", "DEFAULT_DECODER_STEPS", "DEFAULT_VAE_STEPS", "EVAL_PROMPT", "Budget", "ContrastiveConfig",
-    "FinetuneConfig", "FinetuneRun", "LoopState", "PretrainConfig", "accuracy_from_raw", "build_prior",
+    "FinetuneConfig", "FinetuneRun", "LoopState", "PretrainConfig", "PriorCheckpoints", "accuracy_from_raw",
+    "build_prior",
     "checkpoint_dir", "cnn_quality", "contrastive_dp", "contrastive_finetune", "derive_seed", "finetune", "finetune_dp",
     "load_caption_csv", "lr_at", "pretrain", "prior_quality", "train_cnn", "train_decoder", "train_loop", "train_vae",
 ]

@@ -3,13 +3,18 @@ training loop."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import AffineRange, DataSpec, ImageSet, load_public, load_validation, random_affine, resize_images
@@ -17,8 +22,8 @@ from ..errors import ClipleakError
 from ..evaluation import psnr
 from ..models import ClipModel, build_model, image_features
 from ..priors import KINDS, ConvVAE, FeatureDecoder, Prior, PriorCNN, bn_statistics_loss, decoder_images, vae_codes
-from ..records import ProgressEvent, ProgressFn
-from .loop import Budget, train_loop
+from ..records import ProgressEvent, ProgressFn, load_checkpoint, write_checkpoint
+from .loop import Budget, LoopState, train_loop
 
 DEFAULT_VAE_STEPS = 2000
 DEFAULT_DECODER_STEPS = 2000
@@ -31,16 +36,110 @@ def _cosine_lr(base: float, step: int, total: int | None) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
+T = TypeVar("T")
+CKPT_FORMAT = "clipleak-prior-checkpoint-1"
+DEFAULT_CHECKPOINT_EVERY = 200
+
+
+@dataclass
+class PriorCheckpoints:
+    """Where a prior's training keeps its progress, so that a killed run continues instead of starting over.
+
+    ``root`` holds the latest checkpoint (the prior's weights and buffers as safetensors, Adam's state via
+    ``torch.save``, re-read with ``weights_only=True``, the batch order and its generator, the loop's
+    step and schedule), written every ``every`` steps and when a time budget stops the run, and, for a
+    decoder, the target's features of the public images (computed once: with a large target they are most of
+    the cost). ``resume=False`` starts over (the checkpoints are cleared); ``resume=True`` continues from the latest
+    checkpoint when its settings are the run's and starts from step 0 when there is none: the resumed run
+    continues bitwise. ``clear()`` removes ``root`` (once the prior is saved)."""
+
+    root: Path
+    resume: bool = False
+    every: int = DEFAULT_CHECKPOINT_EVERY
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if isinstance(self.every, bool) or int(self.every) < 1:
+            raise ClipleakError(f"checkpoints every {self.every!r} steps: give a positive number")
+
+    def clear(self) -> None:
+        """Remove the checkpoints (the prior they led to is saved)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def begin(self, key: dict[str, Any], read_files: Callable[[Path], T]) -> tuple[dict[str, Any], T] | None:
+        """Without ``resume``, clear the checkpoints (a decoder's features, just written by this run, stay) and
+        return ``None``. With it, the latest checkpoint's state and ``read_files(folder)``, ``None`` when there
+        is none; a checkpoint made with other settings than ``key`` is refused, naming them."""
+        if not self.resume:
+            for entry in self.root.iterdir() if self.root.is_dir() else []:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name not in (FEATURES_FILE, FEATURES_KEY):
+                    entry.unlink()
+            return None
+        saved = load_checkpoint(self.root, read_files, hint=f"delete {self.root} to start over")
+        if saved is None:
+            return None
+        old = saved[0].get("key", {})
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if saved[0].get("format") != CKPT_FORMAT or diff:
+            raise ClipleakError(f"cannot resume from {self.root}: it was started with different settings "
+                                f"({', '.join(diff) or 'format'}); use the same ones or delete {self.root} to "
+                                "start over")
+        return saved
+
+    def cached_features(self, key: dict[str, Any]) -> torch.Tensor | None:
+        """The features an earlier run of these settings (``key``) kept, when resuming; else ``None``."""
+        path = self.root / FEATURES_FILE
+        if not (self.resume and path.is_file()):
+            return None
+        try:
+            if json.loads((self.root / FEATURES_KEY).read_text()) != key:
+                return None
+            return load_file(str(path))["features"]
+        except Exception:  # noqa: BLE001 - a damaged file: they are computed again
+            return None
+
+    def keep_features(self, feats: torch.Tensor, key: dict[str, Any]) -> None:
+        """Keep ``feats`` (made with settings ``key``) for a resumed run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / FEATURES_FILE
+        path.unlink(missing_ok=True)  # then the key, then the file: a kill anywhere leaves no file to mistrust
+        (self.root / FEATURES_KEY).write_text(json.dumps(key))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"features": feats.detach().cpu().contiguous()}, str(tmp))
+        tmp.replace(path)
+
+
+FEATURES_FILE = "features.safetensors"
+FEATURES_KEY = "features.json"
+
+
 def _fit(model: nn.Module, n_items: int, loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *,
          budget: Budget, lr: float, batch: int, seed: int, task: str,
-         progress: ProgressFn | None) -> dict[str, Any]:
-    """Adam with cosine decay over shuffled mini-batches of ``range(n_items)``, run by :func:`train_loop`."""
+         progress: ProgressFn | None, checkpoints: PriorCheckpoints | None = None,
+         key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Adam with cosine decay over shuffled mini-batches of ``range(n_items)``, run by :func:`train_loop`;
+    with ``checkpoints``, saved as it goes and continued from there (``key``: the run's settings)."""
     if n_items < 2:
         raise ClipleakError("need at least 2 training images")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch = min(batch, n_items)
     order: dict[str, Any] = {"perm": torch.randperm(n_items, generator=g), "pos": 0}
+    full_key = {**(key or {}), "n_items": int(n_items), "lr": lr, "batch": batch, "seed": seed,
+                "steps": budget.steps}
+    state: LoopState | None = None
+    resumed_from: list[int] = []
+    saved = checkpoints.begin(full_key, _read_fit) if checkpoints is not None else None
+    if saved is not None:
+        st_dict, (sd, opt_sd, extra) = saved
+        model.load_state_dict(sd, strict=True)
+        opt.load_state_dict(opt_sd)
+        g.set_state(extra["generator"])
+        order["perm"], order["pos"] = extra["perm"], int(st_dict["pos"])
+        state = LoopState.from_dict(st_dict)
+        resumed_from = [*st_dict.get("resumed_from", []), state.step]
 
     def step(s: int, total: int | None) -> float:
         if order["pos"] + batch > n_items:
@@ -56,11 +155,32 @@ def _fit(model: nn.Module, n_items: int, loss_fn: Callable[[torch.Tensor, torch.
         opt.step()
         return float(loss.detach())
 
+    def save(st: LoopState) -> None:
+        assert checkpoints is not None
+
+        def write(d: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+                      str(d / "model.safetensors"))
+            torch.save(opt.state_dict(), d / "optimizer.pt")
+            save_file({"generator": g.get_state(), "perm": order["perm"].contiguous()}, str(d / "order.safetensors"))
+
+        write_checkpoint(checkpoints.root, st.step, {"format": CKPT_FORMAT, "key": full_key, "pos": order["pos"],
+                                                     "resumed_from": resumed_from, **st.to_dict()}, write)
+
     model.train()
-    st = train_loop(step, budget, task=task, progress=progress, lr_of=lambda s, t: _cosine_lr(lr, s, t))
+    st = train_loop(step, budget, task=task, state=state, progress=progress,
+                    lr_of=lambda s, t: _cosine_lr(lr, s, t), checkpoint=save if checkpoints is not None else None,
+                    checkpoint_every=checkpoints.every if checkpoints is not None else 10**9)
     model.eval()
     return {"steps_done": st.step, "schedule_steps": st.total, "train_seconds": round(st.train_seconds, 3),
-            "final_loss": st.running_loss(), "stopped_early": st.stopped}
+            "final_loss": st.running_loss(), "stopped_early": st.stopped,
+            **({"resumed_from_steps": resumed_from} if resumed_from else {})}
+
+
+def _read_fit(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
+    return (load_file(str(d / "model.safetensors")),
+            torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True),
+            load_file(str(d / "order.safetensors")))
 
 
 def _train_images(public: ImageSet, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +207,7 @@ def train_vae(
     progress: ProgressFn | None = None,
     task: str = "train vae",
     device: str | torch.device = "cpu",
+    checkpoints: PriorCheckpoints | None = None,
 ) -> ConvVAE:
     """Train a :class:`ConvVAE` on public images (BCE reconstruction + ``beta`` x KL, summed per image).
 
@@ -94,6 +215,7 @@ def train_vae(
     Deterministic for fixed ``steps`` and thread count (``seconds`` alone fits the step count to the
     time budget, which depends on the machine). The training record is in ``vae.card["training"]``.
     Trained on ``device`` (init, batch order and noise drawn on the CPU); returned on the CPU.
+    ``checkpoints``: save progress there and continue from it (:class:`PriorCheckpoints`).
     """
     x = _train_images(public).to(device)
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_VAE_STEPS, seconds)
@@ -108,8 +230,10 @@ def train_vae(
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / xb.shape[0]
         return rec + beta * kl
 
+    key = None if checkpoints is None else {"kind": "vae", "data": public.digest(), "latent": latent, "beta": beta,
+                                            "width": width}
     info = _fit(vae, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
-                progress=progress)
+                progress=progress, checkpoints=checkpoints, key=key)
     vae.requires_grad_(False).cpu()
     vae.card = {"training": {"recipe": {"loss": "BCE + beta*KL (sum per image)", "beta": beta, "optimizer": "Adam",
                                         "lr": lr, "decay": "cosine", "batch": batch, "seed": seed, "latent": latent,
@@ -135,6 +259,7 @@ def train_decoder(
     progress: ProgressFn | None = None,
     task: str = "train decoder",
     device: str | torch.device | None = None,
+    checkpoints: PriorCheckpoints | None = None,
 ) -> FeatureDecoder:
     """Train a :class:`FeatureDecoder` for the frozen target ``clip`` on public (feature, image) pairs.
 
@@ -149,7 +274,8 @@ def train_decoder(
     stack works at (resized to the image size; default: the image size); the loss is then taken there, against
     the images resized to it (bilinear, antialiased, as the data are): the same target up to the resize, at a
     fraction of the cost (1/64 of the pixels for a 224 px decoder at 28 px). Trained on ``device`` (default:
-    the target's), returned on the CPU.
+    the target's), returned on the CPU. ``checkpoints``: save progress there, with the features, and continue
+    from it (:class:`PriorCheckpoints`).
     """
     dev = torch.device(device) if device is not None else clip.model.logit_scale.device
     if public.images.shape[-1] != clip.image_size:
@@ -169,16 +295,26 @@ def train_decoder(
         t = _train_images(public, images)
         return resize_images(t, loss_side) if loss_side is not None else t
 
+    # what the features depend on, and the rest of the run's settings
+    fkey = {"target": clip.weights_sha256, "arch": clip.arch, "data": public.digest() if checkpoints else None,
+            "augment_copies": augment_copies, "seed": seed}
+    key = {"kind": "decoder", **fkey, "feature_noise": feature_noise, "base": base, "whiten": whiten,
+           "work_size": work_size}
+    kept = None if checkpoints is None else checkpoints.cached_features(fkey)
     # one copy at a time (a copy of 4,000 digits at 224 px is 2.4 GB): its targets and its features
-    xs, fs = [targets(public.images)], [image_features(clip, public.images)]
+    xs = [targets(public.images)]
+    fs = [image_features(clip, public.images)] if kept is None else []
     g_aug = torch.Generator().manual_seed(seed + 7919)
     for _ in range(augment_copies):
         copy = random_affine(public.images, AffineRange(), g_aug, public.grayscale)
         xs.append(targets(copy))
-        fs.append(image_features(clip, copy))
+        if kept is None:
+            fs.append(image_features(clip, copy))
         del copy
-    x, feats = torch.cat(xs).to(dev), torch.cat(fs).to(dev)
+    x, feats = torch.cat(xs).to(dev), (torch.cat(fs) if kept is None else kept).to(dev)
     del xs, fs
+    if checkpoints is not None and kept is None:
+        checkpoints.keep_features(feats, fkey)
     feat_seconds = time.perf_counter() - t_feat
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_DECODER_STEPS, seconds)
     with torch.random.fork_rng(devices=[]):
@@ -199,7 +335,7 @@ def train_decoder(
         return F.l1_loss(out, xb) + F.mse_loss(out, xb)
 
     info = _fit(dec, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
-                progress=progress)
+                progress=progress, checkpoints=checkpoints, key=key if checkpoints else None)
     info["n_pairs"] = int(x.shape[0])
     dec.requires_grad_(False).cpu()
     dec.card = {
@@ -228,6 +364,7 @@ def train_cnn(
     progress: ProgressFn | None = None,
     task: str = "train cnn",
     device: str | torch.device = "cpu",
+    checkpoints: PriorCheckpoints | None = None,
 ) -> PriorCNN:
     """Train GradViT's prior network, a :class:`PriorCNN` classifier, on the public images (cross-entropy,
     Adam with cosine decay, default :data:`DEFAULT_CNN_STEPS` steps), then calibrate its BatchNorm running
@@ -243,8 +380,9 @@ def train_cnn(
     def loss_fn(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(net(x[idx]), y[idx])
 
+    key = None if checkpoints is None else {"kind": "cnn", "data": public.digest(), "width": width, "depth": depth}
     info = _fit(net, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
-                progress=progress)
+                progress=progress, checkpoints=checkpoints, key=key)
     net.calibrate(x)
     net.requires_grad_(False).cpu()
     net.card = {"training": {"recipe": {"loss": "cross-entropy", "optimizer": "Adam", "lr": lr, "decay": "cosine",
@@ -316,6 +454,7 @@ def build_prior(
     quality: bool = True,
     task: str | None = None,
     device: str | torch.device = "cpu",
+    checkpoints: PriorCheckpoints | None = None,
 ) -> Prior:
     """Train a prior of ``kind`` for target ``arch``/``weights`` (a file) on ``data``'s public split.
 
@@ -326,6 +465,8 @@ def build_prior(
     small random affine copies of every public image and ``base`` (decoder only) is its widest channel
     count and ``work_size`` (decoder only) the side its convolutions work at (:func:`train_decoder`).
     ``device``: where the target and the prior compute; the prior comes back on the CPU (what is saved).
+    ``checkpoints``: save progress there and continue from it (:class:`PriorCheckpoints`; call its
+    ``clear()`` once the prior is saved).
     """
     if kind not in KINDS:
         raise ClipleakError(f"unknown prior kind {kind!r}; choose vae, decoder or cnn")
@@ -348,14 +489,14 @@ def build_prior(
     name = task or f"train {kind}"
     if kind == "cnn":
         prior: Prior = train_cnn(public, steps=steps, seconds=seconds, seed=seed, progress=progress, task=name,
-                                 device=device)
+                                 device=device, checkpoints=checkpoints)
     elif kind == "vae":
         prior = train_vae(public, latent=latent, steps=steps, seconds=seconds, seed=seed, progress=progress,
-                                 task=name, device=device)
+                          task=name, device=device, checkpoints=checkpoints)
     else:
         prior = train_decoder(clip, public, steps=steps, seconds=seconds, seed=seed, feature_noise=feature_noise,
                               augment_copies=augment_copies, base=base, work_size=work_size, progress=progress,
-                              task=name, device=device)
+                              task=name, device=device, checkpoints=checkpoints)
     prior.card["data_spec"] = spec.to_dict()
     prior.card["for_arch"] = arch
     if quality:
