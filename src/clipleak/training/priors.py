@@ -39,6 +39,8 @@ def _cosine_lr(base: float, step: int, total: int | None) -> float:
 T = TypeVar("T")
 CKPT_FORMAT = "clipleak-prior-checkpoint-1"
 DEFAULT_CHECKPOINT_EVERY = 200
+FEATURES_FILE = "features.safetensors"
+FEATURES_KEY = "features.json"
 
 
 @dataclass
@@ -109,10 +111,6 @@ class PriorCheckpoints:
         tmp = path.with_name(path.name + ".tmp")
         save_file({"features": feats.detach().cpu().contiguous()}, str(tmp))
         tmp.replace(path)
-
-
-FEATURES_FILE = "features.safetensors"
-FEATURES_KEY = "features.json"
 
 
 def _fit(model: nn.Module, n_items: int, loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *,
