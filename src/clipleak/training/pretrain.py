@@ -480,7 +480,8 @@ class _Trainer:
 
 
 def checkpoint_dir(out_path: str | Path) -> Path:
-    """Where :func:`pretrain` keeps its checkpoints for ``out_path``: ``<stem>.ckpt/`` beside it."""
+    """Where :func:`pretrain` (and ``clipleak prior train``, :class:`~clipleak.training.PriorCheckpoints`) keeps
+    its checkpoints for ``out_path``: ``<stem>.ckpt/`` beside it."""
     p = Path(out_path)
     return p.with_name(p.stem + ".ckpt")
 

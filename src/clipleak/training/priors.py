@@ -293,12 +293,13 @@ def train_decoder(
         t = _train_images(public, images)
         return resize_images(t, loss_side) if loss_side is not None else t
 
-    # what the features depend on, and the rest of the run's settings
-    fkey = {"target": clip.weights_sha256, "arch": clip.arch, "data": public.digest() if checkpoints else None,
-            "augment_copies": augment_copies, "seed": seed}
-    key = {"kind": "decoder", **fkey, "feature_noise": feature_noise, "base": base, "whiten": whiten,
-           "work_size": work_size}
-    kept = None if checkpoints is None else checkpoints.cached_features(fkey)
+    kept = fkey = key = None
+    if checkpoints is not None:  # what the features depend on, and the rest of the run's settings
+        fkey = {"target": clip.weights_sha256, "arch": clip.arch, "data": public.digest(),
+                "augment_copies": augment_copies, "seed": seed}
+        key = {"kind": "decoder", **fkey, "feature_noise": feature_noise, "base": base, "whiten": whiten,
+               "work_size": work_size}
+        kept = checkpoints.cached_features(fkey)
     # one copy at a time (a copy of 4,000 digits at 224 px is 2.4 GB): its targets and its features
     xs = [targets(public.images)]
     fs = [image_features(clip, public.images)] if kept is None else []
@@ -311,7 +312,7 @@ def train_decoder(
         del copy
     x, feats = torch.cat(xs).to(dev), (torch.cat(fs) if kept is None else kept).to(dev)
     del xs, fs
-    if checkpoints is not None and kept is None:
+    if checkpoints is not None and fkey is not None and kept is None:
         checkpoints.keep_features(feats, fkey)
     feat_seconds = time.perf_counter() - t_feat
     budget = Budget(steps if steps is not None or seconds is not None else DEFAULT_DECODER_STEPS, seconds)
@@ -333,7 +334,7 @@ def train_decoder(
         return F.l1_loss(out, xb) + F.mse_loss(out, xb)
 
     info = _fit(dec, x.shape[0], loss_fn, budget=budget, lr=lr, batch=batch, seed=seed, task=task,
-                progress=progress, checkpoints=checkpoints, key=key if checkpoints else None)
+                progress=progress, checkpoints=checkpoints, key=key)
     info["n_pairs"] = int(x.shape[0])
     dec.requires_grad_(False).cpu()
     dec.card = {
